@@ -1,0 +1,216 @@
+"""SimCLR augmentations on whole batches, with per-image random parameters (no loop over images).
+
+Views are made from uint8 images (B, 3, H, W) on whatever device they live on:
+random resized crop + horizontal flip (one ``affine_grid``/``grid_sample`` call), colour jitter
+(brightness, contrast, saturation, hue, in that order, applied with probability ``jitter_p``),
+random grayscale, optional Gaussian blur, then normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma weights, as used for grayscale conversion.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Augmentation settings; defaults follow the SimCLR paper's CIFAR-10 setting."""
+
+    out_size: int = 32  # side of the output views (px)
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area as a fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1  # hue shift range, in turns (0.5 = half the colour wheel)
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in px
+
+    @classmethod
+    def from_config(cls, cfg: object, image_size: int) -> AugmentParams:
+        s = float(cfg.jitter_strength)  # type: ignore[attr-defined]
+        return cls(
+            out_size=int(cfg.view_size) or image_size,  # type: ignore[attr-defined]
+            scale=(cfg.crop_scale_min, cfg.crop_scale_max),  # type: ignore[attr-defined]
+            flip_p=cfg.flip_p, jitter_p=cfg.jitter_p,  # type: ignore[attr-defined]
+            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
+            gray_p=cfg.gray_p, blur_p=cfg.blur_p,  # type: ignore[attr-defined]
+        )
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device: torch.device
+             ) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+
+def _bernoulli(n: int, p: float, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) < p
+
+
+def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None) -> torch.Tensor:
+    """Random resized crop and horizontal flip, each image with its own box.
+
+    Crop sides are drawn as in the paper (area fraction from ``scale``, log-uniform aspect ratio
+    from ``ratio``); a side longer than the image is clipped to it. The crop is resampled
+    bilinearly to ``out_size``.
+
+    Args:
+        x: (B, C, H, W) float images.
+    Returns:
+        (B, C, out_size, out_size)
+    """
+    b, dev = x.shape[0], x.device
+    area = _uniform(b, p.scale[0], p.scale[1], g, dev)  # (B,)
+    log_r = _uniform(b, math.log(p.ratio[0]), math.log(p.ratio[1]), g, dev)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)  # crop width, fraction of image width
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    # Centre in normalised coords [-1, 1], so the box stays inside the image.
+    cx = (torch.rand(b, generator=g, device=dev) * 2 - 1) * (1 - w)
+    cy = (torch.rand(b, generator=g, device=dev) * 2 - 1) * (1 - h)
+    flip = torch.where(_bernoulli(b, p.flip_p, g, dev), -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)  # (B, 2, 3) affine maps
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, x.shape[1], p.out_size, p.out_size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g_, b = x[:, 0], x[:, 1], x[:, 2]
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    v = maxc
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
+    dc = delta.clamp_min(1e-8)
+    rc, gc, bc = (maxc - r) / dc, (maxc - g_) / dc, (maxc - b) / dc
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g_, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack((h, s, v), dim=1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x[:, 0], x[:, 1], x[:, 2]
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # Each sextant i picks (r, g, b) from (v, t, p, q).
+    r = torch.stack((v, q, p, p, t, v), dim=1).gather(1, i.unsqueeze(1)).squeeze(1)
+    g_ = torch.stack((t, v, v, q, p, p), dim=1).gather(1, i.unsqueeze(1)).squeeze(1)
+    b = torch.stack((p, p, t, v, v, q), dim=1).gather(1, i.unsqueeze(1)).squeeze(1)
+    return torch.stack((r, g_, b), dim=1)
+
+
+def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue jitter with per-image factors.
+
+    Each image is jittered with probability ``p.jitter_p``; others pass unchanged.
+
+    Args:
+        x: (B, 3, H, W) float images in [0, 1].
+    Returns:
+        (B, 3, H, W) in [0, 1].
+    """
+    b, dev = x.shape[0], x.device
+    apply = _bernoulli(b, p.jitter_p, g, dev).view(b, 1, 1, 1)
+    # Draw every factor for every image so the random stream does not depend on `apply`.
+    fb = _uniform(b, 1 - p.brightness, 1 + p.brightness, g, dev).clamp_min(0).view(b, 1, 1, 1)
+    fc = _uniform(b, 1 - p.contrast, 1 + p.contrast, g, dev).clamp_min(0).view(b, 1, 1, 1)
+    fs = _uniform(b, 1 - p.saturation, 1 + p.saturation, g, dev).clamp_min(0).view(b, 1, 1, 1)
+    fh = _uniform(b, -p.hue, p.hue, g, dev).view(b, 1, 1)
+    y = (x * fb).clamp(0, 1)
+    mean = grayscale(y).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+    y = ((y - mean) * fc + mean).clamp(0, 1)
+    gray = grayscale(y)
+    y = ((y - gray) * fs + gray).clamp(0, 1)
+    if p.hue > 0:
+        hsv = _rgb_to_hsv(y)
+        hsv = torch.cat(((hsv[:, :1] + fh.unsqueeze(1)) % 1.0, hsv[:, 1:]), dim=1)
+        y = _hsv_to_rgb(hsv).clamp(0, 1)
+    return torch.where(apply, y, x)
+
+
+def random_grayscale(x: torch.Tensor, prob: float, g: torch.Generator | None = None
+                     ) -> torch.Tensor:
+    """Replace each image by its luma (on all 3 channels) with probability ``prob``."""
+    b = x.shape[0]
+    apply = _bernoulli(b, prob, g, x.device).view(b, 1, 1, 1)
+    return torch.where(apply, grayscale(x).expand_as(x), x)
+
+
+def gaussian_blur(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Separable Gaussian blur, per-image sigma, applied with probability ``p.blur_p``.
+
+    Kernel size is about 10% of the image side (odd), as in the paper.
+    """
+    b, c, hgt, wid = x.shape
+    dev = x.device
+    apply = _bernoulli(b, p.blur_p, g, dev).view(b, 1, 1, 1)
+    sigma = _uniform(b, p.blur_sigma[0], p.blur_sigma[1], g, dev)  # (B,)
+    k = max(3, int(0.1 * hgt) // 2 * 2 + 1)
+    r = torch.arange(k, device=dev, dtype=x.dtype) - k // 2  # (k,)
+    kern = torch.exp(-(r.view(1, k) ** 2) / (2 * sigma.view(b, 1) ** 2))
+    kern = kern / kern.sum(dim=1, keepdim=True)  # (B, k)
+    kern = kern.repeat_interleave(c, dim=0)  # (B*C, k): one kernel per channel per image
+    y = x.reshape(1, b * c, hgt, wid)
+    y = F.pad(y, (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)
+    y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c)
+    return torch.where(apply, y.view(b, c, hgt, wid), x)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel; ``mean``/``std`` are (3,) in [0, 1] units."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [0, 1]."""
+    return x.float().div_(255.0)
+
+
+def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None) -> torch.Tensor:
+    """One random view of every image, before normalisation.
+
+    Args:
+        x: (B, 3, H, W) uint8 images.
+        p: augmentation settings.
+        g: random generator on ``x``'s device (None = torch's global one).
+    Returns:
+        (B, 3, out_size, out_size) float in [0, 1].
+    """
+    v = crop_flip(to_float(x), p, g)
+    if p.jitter_p > 0:
+        v = color_jitter(v, p, g)
+    if p.gray_p > 0:
+        v = random_grayscale(v, p.gray_p, g)
+    if p.blur_p > 0:
+        v = gaussian_blur(v, p, g)
+    return v.clamp_(0, 1)
+
+
+def two_views(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent random views of every image (x_i, x_j in the paper), before normalisation."""
+    both = augment(torch.cat((x, x)), p, g)  # (2B, 3, S, S): one pass, independent params
+    return both[: len(x)], both[len(x):]

@@ -1,0 +1,232 @@
+"""One typed configuration for a run, named presets, and validation.
+
+Every field has a default and a comment (units, intent). Presets are small named sets of
+overrides applied on top of the defaults; explicit overrides win over the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from selfsup.errors import ConfigError
+
+DATA_DIR_ENV = "SELFSUP_DATA"
+
+
+def _default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV, "./data")
+
+
+@dataclass
+class Config:
+    """Everything that defines a run. Saved as ``config.json`` and inside every checkpoint."""
+
+    # --- data ---
+    dataset: str = "cifar10"  # cifar10 | digits | folder (image folder at data_dir)
+    data_dir: str = field(default_factory=_default_data_dir)  # $SELFSUP_DATA or ./data
+    image_size: int = 0  # folder images are resized to this side (px); 0 = size of the first image
+    download: bool = True  # fetch CIFAR-10 when absent (checked against its published MD5)
+    # --- augmentation (two views per image per step; SimCLR appendix B.9 for CIFAR) ---
+    view_size: int = 0  # side of the augmented views during pretraining (px); 0 = image side
+    crop_scale_min: float = 0.08  # random resized crop: smallest area fraction
+    crop_scale_max: float = 1.0  # random resized crop: largest area fraction
+    flip_p: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.8  # probability of colour jitter per view
+    jitter_strength: float = 0.5  # s: brightness/contrast/saturation 0.8s, hue 0.2s
+    gray_p: float = 0.2  # probability of grayscale per view
+    blur_p: float = 0.0  # probability of Gaussian blur per view (off for 32x32 images)
+    # --- model ---
+    model: str = "small_cnn"  # encoder name in selfsup.models.ENCODERS
+    width: int = 32  # base channel width of the encoder (small_cnn: first stage)
+    proj_hidden: int = 512  # hidden width of the 2-layer projection head
+    proj_dim: int = 128  # output width z of the projection head
+    # --- loss ---
+    temperature: float = 0.5  # tau in NT-Xent
+    # --- optimisation ---
+    optimizer: str = "sgd"  # sgd | lars
+    lr: float = 0.06  # learning rate per 256 images; peak lr = lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not applied to biases and norm parameters
+    warmup_epochs: float = 1.0  # linear warm-up length, then cosine decay to 0
+    epochs: int = 10
+    steps: int = 0  # total optimiser steps; 0 = epochs * steps per epoch (overrides epochs)
+    batch_size: int = 512  # images per step (each gives two views)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto picks from the hardware
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)
+    seed: int = 0  # seeds model init, data order and augmentation
+    # --- evaluation ---
+    knn_k: int = 200
+    knn_t: float = 0.1  # temperature of the kNN vote weights exp(sim / t)
+    probe_val_frac: float = 0.1  # part of the training set held out to choose regularisation
+    tsne_points: int = 2000  # test points shown in the t-SNE map (subsampled, stratified)
+    eval_batch_size: int = 1024
+    # --- output ---
+    out_dir: str = "runs"
+    name: str = ""  # run folder name under out_dir; "" = <dataset>-<preset>-<time>
+    preset: str = ""  # the preset these values started from (informational)
+    progress: bool = True  # show a progress bar (a line per epoch when not on a terminal)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("cifar10", "digits", "folder"),
+    "optimizer": ("sgd", "lars"),
+    "precision": ("auto", "fp32", "bf16"),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A first look in a minute or two on a laptop CPU.
+    "quick": dict(epochs=3, batch_size=256, width=16, view_size=16, warmup_epochs=0.5,
+                  tsne_points=1000),
+    # The best linear probe ~20 minutes of a 2-core CPU buys (see BENCHMARKS.md).
+    "cpu": dict(model="small_cnn", width=32, view_size=16, batch_size=512, epochs=30,
+                lr=0.06, temperature=0.2, warmup_epochs=1.0, crop_scale_min=0.2),
+    # The paper's CIFAR recipe on a GPU: ResNet-18, batch 512, 500 epochs.
+    "gpu": dict(model="resnet18", width=64, batch_size=512, epochs=500, lr=0.06,
+                temperature=0.5, warmup_epochs=10, crop_scale_min=0.08, proj_hidden=2048),
+}
+
+# Defaults that suit a data set better than the general ones; presets and options still win.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # 1,437 tiny 16x16 digits: smaller batches for more steps; no flips (a mirrored 2 is no 2).
+    "digits": dict(batch_size=256, epochs=40, flip_p=0.0, crop_scale_min=0.3),
+}
+
+FIELD_NAMES = tuple(f.name for f in fields(Config))
+
+
+def field_types() -> dict[str, type]:
+    """The Python type of every field (bool, int, float or str)."""
+    defaults = Config()
+    return {name: type(getattr(defaults, name)) for name in FIELD_NAMES}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return out
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def make_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build and validate a config: defaults, the data set's defaults, the preset, the overrides.
+
+    Args:
+        preset: name in ``PRESETS`` or None/"" for plain defaults.
+        overrides: field name -> value (strings are converted to the field's type).
+
+    Raises:
+        ConfigError: unknown preset or key (the message lists the valid ones), ill-typed or
+            out-of-range value.
+    """
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    preset_values = PRESETS[preset] if preset else {}
+    dataset = overrides.get("dataset", preset_values.get("dataset", Config.dataset))
+    values.update(DATASET_DEFAULTS.get(dataset, {}))
+    values.update(preset_values)
+    if preset:
+        values["preset"] = preset
+    values.update(overrides)
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Validate a mapping of field values into a Config (missing keys take defaults)."""
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELD_NAMES)}"
+        )
+    cfg = Config(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and names; raise ConfigError saying what is allowed."""
+    from selfsup.models import ENCODERS  # registry lives with the models
+
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            value = getattr(cfg, key)
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.model not in ENCODERS:
+        raise ConfigError(f"unknown model {cfg.model!r}; valid models: {', '.join(ENCODERS)}")
+    checks = [
+        (cfg.batch_size >= 2, "batch_size must be at least 2 (NT-Xent needs negatives)"),
+        (cfg.temperature > 0, "temperature must be > 0"),
+        (cfg.lr > 0, "lr must be > 0"),
+        (cfg.epochs >= 1, "epochs must be >= 1"),
+        (cfg.steps >= 0, "steps must be >= 0 (0 = from epochs)"),
+        (cfg.width >= 1 and cfg.proj_hidden >= 1 and cfg.proj_dim >= 1, "widths must be >= 1"),
+        (0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1,
+         "need 0 < crop_scale_min <= crop_scale_max <= 1"),
+        (all(0 <= p <= 1 for p in (cfg.flip_p, cfg.jitter_p, cfg.gray_p, cfg.blur_p)),
+         "probabilities (flip_p, jitter_p, gray_p, blur_p) must be in [0, 1]"),
+        (cfg.jitter_strength >= 0, "jitter_strength must be >= 0"),
+        (cfg.weight_decay >= 0 and cfg.momentum >= 0, "weight_decay and momentum must be >= 0"),
+        (cfg.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (cfg.view_size >= 0 and cfg.image_size >= 0, "view_size and image_size must be >= 0"),
+        (cfg.knn_k >= 1 and cfg.knn_t > 0, "knn_k must be >= 1 and knn_t > 0"),
+        (0 < cfg.probe_val_frac < 1, "probe_val_frac must be in (0, 1)"),
+        (cfg.tsne_points >= 0, "tsne_points must be >= 0"),
+        (cfg.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+        (cfg.threads >= 0, "threads must be >= 0"),
+        (cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.startswith("cuda"),
+         "device must be auto, cpu, cuda, cuda:N or mps"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# Keys that may differ when resuming a run: they do not change what is being trained.
+RESUMABLE_KEYS = ("epochs", "steps", "progress", "device", "threads", "out_dir", "name",
+                  "eval_batch_size", "tsne_points", "knn_k", "knn_t", "probe_val_frac")
+
+
+def diff_keys(old: Config, new: Config, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """Keys whose values differ between two configs, ignoring the ``allowed`` ones."""
+    a, b = old.to_dict(), new.to_dict()
+    return sorted(k for k in a if k not in allowed and a[k] != b[k])

@@ -1,0 +1,65 @@
+"""Atomic file writes: write to a temporary file in the same folder, then rename over the target.
+
+A reader (or a crash) sees either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_with(path: str | Path, writer: Callable[[IO[bytes]], None], suffix: str = "") -> None:
+    with atomic_path(path, suffix) as tmp, open(tmp, "wb") as f:
+        writer(f)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically."""
+    _write_with(path, lambda f: torch.save(obj, f))
+
+
+def save_npy(array: np.ndarray, path: str | Path) -> None:
+    """np.save, atomically."""
+    _write_with(path, lambda f: np.save(f, array))
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """JSON (indented, sorted keys), atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    _write_with(path, write)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """A matplotlib figure as PNG, atomically."""
+    _write_with(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
+                suffix=".png")

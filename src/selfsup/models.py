@@ -1,0 +1,160 @@
+"""Encoders by name, and the projection head.
+
+Every encoder maps (B, 3, H, W) images to pooled features h of width ``feature_dim``; the
+projection head g maps h to z (SimCLR section 2.1). Register a new encoder with ``@register``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ENCODERS: dict[str, Callable[[int], Encoder]] = {}
+
+
+class Encoder(nn.Module):
+    """Base class: ``forward`` returns pooled features (B, feature_dim)."""
+
+    feature_dim: int
+
+
+def register(name: str) -> Callable[[Callable[[int], Encoder]], Callable[[int], Encoder]]:
+    """Decorator: make an encoder constructor ``f(width) -> Encoder`` available by name."""
+
+    def deco(fn: Callable[[int], Encoder]) -> Callable[[int], Encoder]:
+        ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_encoder(name: str, width: int) -> Encoder:
+    """Construct a registered encoder.
+
+    Raises:
+        KeyError: unknown name (the message lists the valid ones).
+    """
+    if name not in ENCODERS:
+        raise KeyError(f"unknown model {name!r}; valid models: {', '.join(ENCODERS)}")
+    return ENCODERS[name](width)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+class SmallCNN(Encoder):
+    """A fast 4-stage CNN: conv-BN-ReLU at widths w, 2w, 4w, 8w, max-pool after the first three.
+
+    With w=32 it has 0.39 M parameters and 256-d features; it is the CPU default.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv_bn_relu(3, w), nn.MaxPool2d(2),
+            *_conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2),
+            *_conv_bn_relu(4 * w, 8 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 8 * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (B, 8w)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.short = _shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.short = _shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class CifarResNet(Encoder):
+    """ResNet with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool (SimCLR B.9)."""
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int],
+                 width: int = 64) -> None:
+        super().__init__()
+        # CIFAR stem: keeps the 32x32 resolution for the first stage.
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages: list[nn.Module] = []
+        cin = width
+        for i, n in enumerate(layers):
+            planes = width * 2**i
+            for j in range(n):
+                stages.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1))
+                cin = planes * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x)))  # (B, feature_dim)
+
+
+@register("small_cnn")
+def small_cnn(width: int) -> Encoder:
+    return SmallCNN(width)
+
+
+@register("resnet18")
+def resnet18(width: int) -> Encoder:
+    return CifarResNet(BasicBlock, [2, 2, 2, 2], width)  # 512-d features at width 64
+
+
+@register("resnet50")
+def resnet50(width: int) -> Encoder:
+    return CifarResNet(Bottleneck, [3, 4, 6, 3], width)  # 2048-d features at width 64
+
+
+class ProjectionHead(nn.Module):
+    """g(h) = W2 ReLU(BN(W1 h)): the 2-layer MLP of SimCLR, (B, in_dim) -> (B, out_dim)."""
+
+    def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)

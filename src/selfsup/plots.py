@@ -1,0 +1,198 @@
+"""Figures of a run, readable at a glance: title, axis labels, a legend where there are series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from selfsup.config import Config  # noqa: E402
+from selfsup.data import ImageData  # noqa: E402
+from selfsup.files import save_figure  # noqa: E402
+
+
+def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
+    save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None = None,
+               untrained_floor: float | None = None) -> Path:
+    """NT-Xent per step, with a moving average; ``untrained_floor`` marks log(2N-1)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
+    w = max(1, len(losses) // 50)
+    if w > 1:
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"moving average ({w} steps)")
+    if untrained_floor is not None:
+        ax.axhline(untrained_floor, ls="--", c="gray", lw=1, label="log(2N-1): chance level")
+    ax.set(title="Pretraining loss (NT-Xent)", xlabel="optimiser step", ylabel="loss")
+    if steps_per_epoch:
+        spe = float(steps_per_epoch)
+        top = ax.secondary_xaxis("top", functions=(lambda s: np.asarray(s) / spe,
+                                                   lambda e: np.asarray(e) * spe))
+        top.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _close_and_save(fig, path)
+
+
+def confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: str) -> Path:
+    """Counts and row-normalised confusion matrices side by side."""
+    n = len(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * n * 2), max(4.5, 0.55 * n + 1.5)))
+    rows = cm.sum(1, keepdims=True).clip(min=1)
+    for ax, mat, sub, fmt in ((axes[0], cm, "counts", "d"),
+                              (axes[1], cm / rows, "row-normalised (recall)", ".2f")):
+        im = ax.imshow(mat, cmap="Blues")
+        ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class",
+               title=sub)
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        if n <= 20:
+            hi = mat.max() / 2
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=7,
+                            color="white" if mat[i, j] > hi else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _close_and_save(fig, path)
+
+
+def _scatter(xy: np.ndarray, labels: np.ndarray | None, classes: list[str], path: str | Path,
+             title: str, xlabel: str, ylabel: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.6)
+    else:
+        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        for c, name in enumerate(classes):
+            m = labels == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.7, color=cmap(c % cmap.N), label=name)
+        ax.legend(markerscale=3, fontsize=8, loc="best", title="class")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _close_and_save(fig, path)
+
+
+def pca_map(features: np.ndarray, labels: np.ndarray | None, classes: list[str],
+            path: str | Path, title: str = "PCA of test embeddings") -> Path:
+    """First two principal components of the features, coloured by class."""
+    x = features - features.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    xy = x @ vt[:2].T
+    var = s**2 / (s**2).sum()
+    return _scatter(xy, labels, classes, path, f"{title} ({len(x)} points)",
+                    f"PC 1 ({var[0]:.0%} of variance)", f"PC 2 ({var[1]:.0%} of variance)")
+
+
+def subsample(labels: np.ndarray | None, n: int, count: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``count`` of ``n`` points (stratified by label when there are labels)."""
+    rng = np.random.default_rng(seed)
+    if count >= n:
+        return np.arange(n)
+    if labels is None:
+        return np.sort(rng.choice(n, count, replace=False))
+    classes = np.unique(labels)
+    per = max(1, count // len(classes))
+    idx = [rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]
+    return np.sort(np.concatenate(idx))
+
+
+def tsne_map(features: np.ndarray, labels: np.ndarray | None, classes: list[str],
+             path: str | Path, points: int = 2000, seed: int = 0,
+             title: str = "t-SNE of test embeddings") -> Path:
+    """t-SNE (scikit-learn, PCA init) of a stratified subsample; the title says how many points."""
+    from sklearn.manifold import TSNE
+
+    idx = subsample(labels, len(features), points, seed)
+    x = features[idx]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    lab = None if labels is None else labels[idx]
+    return _scatter(xy, lab, classes, path,
+                    f"{title} ({len(idx)} of {len(features)} points)", "t-SNE 1", "t-SNE 2")
+
+
+def augmentation_grid(originals: np.ndarray, view1: np.ndarray, view2: np.ndarray,
+                      path: str | Path) -> Path:
+    """Rows of (original, view 1, view 2); arrays are (n, H, W, 3) floats in [0, 1]."""
+    n = len(originals)
+    fig, axes = plt.subplots(n, 3, figsize=(4.5, 1.5 * n + 0.6), squeeze=False)
+    for i in range(n):
+        for j, (img, name) in enumerate(((originals[i], "original"), (view1[i], "view 1"),
+                                         (view2[i], "view 2"))):
+            ax = axes[i, j]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name)
+    fig.suptitle("Two random views of each image")
+    fig.tight_layout()
+    return _close_and_save(fig, path)
+
+
+def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) -> dict[str, str]:
+    """Draw every figure a run's files allow; returns {figure name: file name}.
+
+    ``data`` (the run's data set) is needed only for the augmentation grid.
+    """
+    import json
+    import math
+
+    import torch
+
+    from selfsup.augment import AugmentParams, two_views
+
+    run_dir = Path(run_dir)
+    out: dict[str, str] = {}
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    classes = list(metrics.get("classes", []))
+    if (run_dir / "loss.npy").is_file():
+        losses = np.load(run_dir / "loss.npy")
+        train_size = int(metrics.get("train_size", 0))
+        batch = min(cfg.batch_size, train_size) if train_size else cfg.batch_size
+        steps_per_epoch = train_size // batch if train_size else None
+        loss_curve(losses, run_dir / "loss.png", steps_per_epoch, math.log(2 * batch - 1))
+        out["loss"] = "loss.png"
+    if "confusion" in metrics:
+        acc = metrics.get("linear_probe", {}).get("trained")
+        title = "Linear probe on the trained encoder, test set"
+        if acc is not None:
+            title += f" (accuracy {acc:.1%})"
+        confusion(np.asarray(metrics["confusion"]), classes, run_dir / "confusion.png", title)
+        out["confusion"] = "confusion.png"
+    for split in ("test", "train"):
+        emb = run_dir / f"{split}_emb.npy"
+        if emb.is_file():
+            feats = np.load(emb)
+            lbl_path = run_dir / f"{split}_lbl.npy"
+            labels = np.load(lbl_path) if lbl_path.is_file() else None
+            names = classes if labels is not None else []
+            pca_map(feats, labels, names, run_dir / "pca.png", f"PCA of {split} embeddings")
+            tsne_map(feats, labels, names, run_dir / "tsne.png", cfg.tsne_points, cfg.seed,
+                     f"t-SNE of {split} embeddings")
+            out.update(pca="pca.png", tsne="tsne.png")
+            break
+    if data is not None:
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = data.train_x[:8].cpu()
+        v1, v2 = two_views(x, AugmentParams.from_config(cfg, x.shape[-1]), g)
+
+        def hwc(t: torch.Tensor) -> np.ndarray:
+            return t.permute(0, 2, 3, 1).numpy()
+
+        augmentation_grid(hwc(x.float() / 255), hwc(v1), hwc(v2), run_dir / "augmentations.png")
+        out["augmentations"] = "augmentations.png"
+    return out

@@ -1,0 +1,431 @@
+"""Pretraining: device and precision choice, optimiser and schedule, the loop, checkpoints.
+
+The loop reads top to bottom: take a batch of indices from this epoch's permutation, make two
+views on the device, embed both in one forward pass, NT-Xent, step. A checkpoint is written
+atomically at the end of every epoch (and on Ctrl-C); ``resume`` continues from it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from selfsup import dist
+from selfsup.augment import AugmentParams, normalize, two_views
+from selfsup.config import Config, config_from_dict, diff_keys
+from selfsup.data import ImageData, channel_stats
+from selfsup.errors import CheckpointError, SelfsupError
+from selfsup.files import save_json, save_npy, save_torch
+from selfsup.losses import nt_xent
+from selfsup.models import Encoder, ProjectionHead, build_encoder
+
+M = TypeVar("M", bound=nn.Module)
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.pt"
+
+
+# --- device and precision -------------------------------------------------------------------
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then CPU. Otherwise the named device, checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SelfsupError(f"--device {name}: CUDA is not available here; use cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SelfsupError("--device mps: Apple MPS is not available here; use cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
+
+
+def select_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None = fp32) and why it was chosen.
+
+    ``auto`` takes bf16 only where the hardware runs it natively: on CPUs with AVX-512 BF16 or
+    AMX (elsewhere bf16 is emulated and several times slower than fp32), and on CUDA GPUs that
+    support it.
+    """
+    if name == "fp32":
+        return None, "fp32 (asked for)"
+    if name == "bf16":
+        return torch.bfloat16, "bf16 autocast (asked for)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16 autocast (auto: this GPU supports bf16)"
+        return None, "fp32 (auto: this GPU lacks bf16)"
+    if device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        if cpu_has_fast_bf16():
+            return torch.bfloat16, f"bf16 autocast (auto: CPU has native bf16, {cap})"
+        return None, f"fp32 (auto: CPU has no native bf16, {cap}; bf16 would be emulated)"
+    return None, f"fp32 (auto: {device.type})"
+
+
+# --- optimiser and schedule -----------------------------------------------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by SimCLR.
+
+    Parameters with one dimension (biases, norm weights) get neither weight decay nor the trust
+    ratio, as in the paper's implementation.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.norm(p), torch.linalg.norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(d).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum) or LARS; biases and norm parameters get no weight decay."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for m in modules:
+        for p in m.parameters():
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (per step)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- model construction ---------------------------------------------------------------------
+
+
+def init_encoder(cfg: Config) -> Encoder:
+    """The encoder at its initial weights: a function of the config's model, width and seed.
+
+    The untrained baseline is this same call, so it is the exact network pretraining started from.
+    """
+    torch.manual_seed(cfg.seed)
+    return build_encoder(cfg.model, cfg.width)
+
+
+def init_head(cfg: Config, feature_dim: int) -> ProjectionHead:
+    torch.manual_seed(cfg.seed + 1)
+    return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
+
+
+def prepare(model: M, device: torch.device, channels_last: bool) -> M:
+    """Move a model to the device, in NHWC memory format when ``channels_last``."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint or encoder file safely (``weights_only=True``: no code runs).
+
+    Raises:
+        CheckpointError: missing, damaged, or not a selfsup file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or "config" not in obj:
+        raise CheckpointError(f"{path} is not a selfsup checkpoint")
+    return obj
+
+
+def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[float],
+                 std: list[float]) -> None:
+    """``encoder.pt``: weights, config, feature width and the input normalisation."""
+    from selfsup import __version__
+
+    save_torch(dict(state_dict=encoder.state_dict(), config=cfg.to_dict(),
+                    feature_dim=encoder.feature_dim, mean=mean, std=std, version=__version__),
+               path)
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainResult:
+    encoder: Encoder
+    losses: list[float]
+    steps: int
+    epochs: float  # passes over the data completed
+    seconds: float  # wall time of the training steps (this invocation)
+    images_per_s: float  # images (pairs of views) per second over those steps
+    precision: str
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; a line every ``every`` steps elsewhere (logs stay readable)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every: int) -> None:
+        self.tty = sys.stderr.isatty()
+        self.enabled, self.every, self.total = enabled, every, total
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.t0, self.s0 = time.perf_counter(), initial
+
+    def update(self, step: int, loss: float, lr: float, ips: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+        elif step % self.every == 0 or step == self.total:
+            left = (self.total - step) * (time.perf_counter() - self.t0) / max(1, step - self.s0)
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  {ips:.0f} img/s  "
+                  f"{left / 60:.1f} min left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _StopOnCtrlC:
+    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once.
+
+    Stopping between steps keeps the checkpoint consistent (a step cut in half would leave
+    batch-norm statistics or half the weights updated).
+    """
+
+    def __init__(self, announce: bool) -> None:
+        self.requested = False
+        self.announce = announce
+        self.previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The permutation of the data for one epoch: a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = False
+             ) -> PretrainResult:
+    """Train encoder + projection head with NT-Xent on ``data.train_x`` (labels unused).
+
+    Writes ``config.json`` (at start), ``checkpoint.pt`` (every epoch, on Ctrl-C),
+    ``encoder.pt`` and ``loss.npy`` (at the end) into ``run_dir``.
+
+    Raises:
+        CheckpointError: ``resume`` without a checkpoint, or with a config that changes the run.
+        SelfsupError: a non-finite loss (names the step).
+        KeyboardInterrupt: after saving a checkpoint on Ctrl-C.
+    """
+    run_dir = Path(run_dir)
+    device = select_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    amp_dtype, precision = select_precision(cfg.precision, device)
+    main = dist.is_main()
+    if main:
+        print(f"device {device}, {torch.get_num_threads()} threads, precision: {precision}",
+              flush=True)
+
+    x_all = data.train_x.to(device)  # (N, 3, H, W) uint8, resident
+    n = x_all.shape[0]
+    batch = min(cfg.batch_size, n)
+    if batch < cfg.batch_size and main:
+        print(f"note: batch_size {cfg.batch_size} > {n} images; using {batch}", flush=True)
+    steps_per_epoch = n // batch
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    peak_lr = cfg.lr * batch / 256
+    mean, std = channel_stats(data.train_x)
+    mean_t = torch.tensor(mean, device=device)
+    std_t = torch.tensor(std, device=device)
+    aug = AugmentParams.from_config(cfg, x_all.shape[-1])
+
+    encoder = prepare(init_encoder(cfg), device, cfg.channels_last)
+    head = prepare(init_head(cfg, encoder.feature_dim), device, False)
+    opt = build_optimizer([encoder, head], cfg, peak_lr)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # augmentation randomness
+    losses: list[float] = []
+    step = 0
+
+    ckpt_path = run_dir / CHECKPOINT
+    if resume:
+        ck = load_checkpoint(ckpt_path)
+        old = config_from_dict(ck["config"])
+        changed = diff_keys(old, cfg)
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {ckpt_path}: the config differs in {', '.join(changed)} "
+                f"(only epochs/steps and run-time settings may change)")
+        encoder.load_state_dict(ck["encoder"])
+        head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["gen_state"])
+        losses, step = list(ck["losses"]), int(ck["step"])
+        if main:
+            print(f"resumed {ckpt_path} at step {step}/{total}", flush=True)
+    if main:
+        save_json(cfg.to_dict(), run_dir / "config.json")
+
+    saved_step = step if resume else 0
+
+    def checkpoint(at_step: int, gen_state: torch.Tensor) -> None:
+        nonlocal saved_step
+        saved_step = at_step
+        if main:
+            save_torch(dict(encoder=encoder.state_dict(), head=head.state_dict(),
+                            optimizer=opt.state_dict(), gen_state=gen_state, step=at_step,
+                            losses=losses, config=cfg.to_dict()), ckpt_path)
+
+    progress = _Progress(total, step, cfg.progress and main, every=max(1, total // 50))
+    encoder.train()
+    head.train()
+    train_time, images, order_epoch = 0.0, 0, -1
+    order = torch.empty(0, dtype=torch.long)
+    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    gen_state = gen.get_state()  # state at the start of step `step`
+    with _StopOnCtrlC(announce=main) as stop:
+        try:
+            while step < total:
+                epoch, i = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = _epoch_order(cfg.seed, epoch, n).to(device), epoch
+                t0 = time.perf_counter()
+                idx = order[i * batch:(i + 1) * batch]  # (B,)
+                v1, v2 = two_views(x_all[idx], aug, gen)  # 2 x (B, 3, S, S) in [0, 1]
+                v = normalize(torch.cat((v1, v2)), mean_t, std_t).contiguous(memory_format=mem)
+                lr = lr_at(step, total, warmup, peak_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    z = head(encoder(v))  # h: (2B, D) -> z: (2B, proj_dim)
+                    loss = nt_xent(z[:batch], z[batch:], cfg.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_value = float(loss.detach())  # syncs; the guard needs it every step
+                if not math.isfinite(loss_value):
+                    raise SelfsupError(
+                        f"loss became {loss_value} at step {step + 1}; the last good checkpoint "
+                        f"is kept. Try a lower lr (now {cfg.lr}) or --precision fp32.")
+                losses.append(loss_value)
+                step += 1
+                gen_state = gen.get_state()  # state at the start of step `step`
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_time += time.perf_counter() - t0
+                images += batch
+                progress.update(step, loss_value, lr, images / max(train_time, 1e-9))
+                if step % steps_per_epoch == 0 or step == total or stop.requested:
+                    checkpoint(step, gen_state)
+                if stop.requested and step < total:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            progress.close()
+            if main:
+                print(f"\ninterrupted: checkpoint at step {saved_step}/{total} in {ckpt_path}; "
+                      f"continue with --resume {run_dir}", file=sys.stderr, flush=True)
+            raise
+    progress.close()
+    encoder.eval()
+    if main:
+        save_encoder(run_dir / ENCODER, encoder, cfg, mean, std)
+        import numpy as np
+
+        save_npy(np.asarray(losses, dtype=np.float32), run_dir / "loss.npy")
+    return PretrainResult(encoder, losses, step, step / steps_per_epoch, train_time,
+                          images / max(train_time, 1e-9), precision, mean, std)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a speed figure depends on: CPU model and capability, threads, GPU, torch version."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = dict(
+        cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_native_bf16=cpu_has_fast_bf16(), threads=torch.get_num_threads(),
+        torch=torch.__version__, device=str(device), world_size=dist.world_size(),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

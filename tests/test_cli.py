@@ -1,0 +1,147 @@
+"""End to end through the command, on CIFAR-format files generated in the real layout."""
+
+import json
+import subprocess
+import sys
+import urllib.error
+
+import numpy as np
+import pytest
+
+from selfsup import data
+from selfsup.cli import main
+
+OUTPUTS = ("encoder.pt", "checkpoint.pt", "train_emb.npy", "test_emb.npy", "train_lbl.npy",
+           "test_lbl.npy", "loss.npy", "config.json", "metrics.json", "loss.png", "confusion.png",
+           "pca.png", "tsne.png", "augmentations.png")
+SMALL = ["--epochs", "2", "--batch-size", "32", "--width", "4", "--proj-hidden", "16",
+         "--proj-dim", "8", "--tsne-points", "40", "--no-progress", "--view-size", "16"]
+
+
+def _run(tmp_path, data_dir, *extra, name="e2e"):
+    return main(["run", "--dataset", "cifar10", "--data-dir", str(data_dir), "--out-dir",
+                 str(tmp_path / "runs"), "--name", name, *SMALL, *extra])
+
+
+def test_run_end_to_end_writes_everything(cifar_dir, tmp_path, capsys):
+    assert _run(tmp_path, cifar_dir) == 0
+    run = tmp_path / "runs" / "e2e"
+    for f in OUTPUTS:
+        assert (run / f).is_file(), f
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ("linear_probe", "knn"):
+        assert 0 <= m[key]["trained"] <= 1 and 0 <= m[key]["untrained"] <= 1
+    for stage in ("load_data", "pretrain", "embed", "linear_probe", "knn", "plots", "total"):
+        assert m["time_s"][stage] >= 0, stage
+    assert m["pretrain"]["steps"] == 2 * (100 // 32) and m["pretrain"]["images_per_s"] > 0
+    assert m["machine"]["cpu_capability"] and m["machine"]["threads"] >= 1
+    emb, lbl = np.load(run / "train_emb.npy"), np.load(run / "train_lbl.npy")
+    assert emb.shape == (100, 32) and lbl.shape == (100,)
+    assert np.load(run / "test_emb.npy").shape == (20, 32)
+    assert len(np.load(run / "loss.npy")) == m["pretrain"]["steps"]
+    out = capsys.readouterr().out
+    assert "linear probe" in out and "untrained" in out and '"batch_size": 32' in out
+    # The parts again, on the finished run.
+    assert main(["evaluate", str(run)]) == 0
+    assert main(["plot", str(run)]) == 0
+    # A second run under the same name is refused; resume with more epochs is allowed.
+    assert _run(tmp_path, cifar_dir) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["run", "--resume", str(run), "--epochs", "3"]) == 0
+    m2 = json.loads((run / "metrics.json").read_text())
+    assert m2["pretrain"]["steps"] == 3 * (100 // 32)
+    assert main(["pretrain", "--resume", str(run), "--width", "8"]) == 2
+    assert "changed width" in capsys.readouterr().err
+
+
+def test_run_from_archive(cifar_archive, tmp_path):
+    assert _run(tmp_path, cifar_archive, "--model", "resnet18") == 0
+    assert (tmp_path / "runs" / "e2e" / "tsne.png").is_file()
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("md5", "is damaged or incomplete: MD5"),
+    ("truncate", "is damaged or incomplete: MD5"),
+    ("pickle", "refused"),
+])
+def test_bad_cifar_files_give_clear_errors(cifar_dir, tmp_path, capsys, monkeypatch, damage,
+                                           expect):
+    import pickle
+
+    target = cifar_dir / data.CIFAR10_DIR / "data_batch_2"
+    if damage == "md5":
+        target.write_bytes(target.read_bytes()[:-1] + b"\x00")
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:1000])
+    else:
+        class Evil:
+            def __reduce__(self):
+                return (exec, ("open('pwned', 'w').write('x')",))
+
+        target.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2))
+        monkeypatch.setattr(data, "CIFAR10_MD5", {**data.CIFAR10_MD5,
+                                                   "data_batch_2": data.md5_of(target)})
+    monkeypatch.chdir(tmp_path)
+    assert _run(tmp_path, cifar_dir) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "data_batch_2" in err and "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_cifar_offline(tmp_path, capsys, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    assert _run(tmp_path, tmp_path / "empty") == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-python.tar.gz" in err and "get it from" in err and "Traceback" not in err
+
+
+def test_console_error_has_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "selfsup", "run", "--dataset", "cifar10",
+                        "--data-dir", str(tmp_path), "--no-download", "--out-dir",
+                        str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "CIFAR-10 not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_config_lists_valid_values(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--optimizer", "adam"])
+    assert e.value.code == 2
+    assert "choose from" in capsys.readouterr().err
+    assert main(["run", "--batch-size", "1"]) == 2
+    assert "batch_size must be at least 2" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("run", "pretrain", "evaluate", "plot"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: selfsup " + cmd in capsys.readouterr().out
+
+
+def test_unlabeled_folder_run(tmp_path):
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "flat", 40, size=16)
+    rc = main(["run", "--dataset", "folder", "--data-dir", str(tmp_path / "flat"), "--out-dir",
+               str(tmp_path / "runs"), "--name", "u", *SMALL])
+    assert rc == 0
+    run = tmp_path / "runs" / "u"
+    assert np.load(run / "train_emb.npy").shape == (40, 32)
+    assert (run / "pca.png").is_file() and not (run / "confusion.png").exists()
+
+
+@pytest.mark.slow
+def test_digits_demo_command(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "selfsup", "run", "--dataset", "digits",
+                        "--out-dir", str(tmp_path), "--name", "d", "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["linear_probe"]["trained"] > 0.5 and m["time_s"]["total"] < 300
+    for f in OUTPUTS:
+        assert (tmp_path / "d" / f).is_file(), f

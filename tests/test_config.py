@@ -1,0 +1,64 @@
+import pytest
+
+from selfsup.config import PRESETS, Config, config_from_dict, diff_keys, make_config
+from selfsup.errors import ConfigError
+
+
+def test_defaults_validate_and_roundtrip():
+    cfg = make_config()
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_preset_then_overrides():
+    cfg = make_config("quick", {"epochs": "7"})
+    assert cfg.epochs == 7 and cfg.width == PRESETS["quick"]["width"] and cfg.preset == "quick"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_is_valid(preset):
+    make_config(preset)
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown config key.*bach_size.*valid keys:.*batch_size"):
+        config_from_dict({"bach_size": 4})
+
+
+def test_unknown_preset_and_model_list_valid_names():
+    with pytest.raises(ConfigError, match="valid presets: quick, cpu, gpu"):
+        make_config("laptop")
+    with pytest.raises(ConfigError, match="valid models:.*small_cnn.*resnet18"):
+        make_config(None, {"model": "vgg"})
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("batch_size", 1, "batch_size must be at least 2"),
+    ("temperature", 0, "temperature must be > 0"),
+    ("temperature", -1.0, "temperature must be > 0"),
+    ("optimizer", "adam", "optimizer must be one of sgd, lars"),
+    ("epochs", "ten", "epochs must be an integer"),
+    ("lr", "nan", "finite"),
+    ("flip_p", 1.5, "probabilities"),
+    ("crop_scale_min", 0.0, "crop_scale_min"),
+    ("channels_last", "maybe", "true or false"),
+])
+def test_invalid_values(key, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        make_config(None, {key: value})
+
+
+def test_diff_keys_allows_epochs_only():
+    a = Config()
+    assert diff_keys(a, make_config(None, {"epochs": 99})) == []
+    assert diff_keys(a, make_config(None, {"model": "resnet18", "width": 8})) == ["model", "width"]
+
+
+def test_dataset_defaults_sit_under_preset_and_options():
+    from selfsup.config import DATASET_DEFAULTS
+
+    d = DATASET_DEFAULTS["digits"]
+    assert make_config(None, {"dataset": "digits"}).epochs == d["epochs"]
+    assert make_config("quick", {"dataset": "digits"}).epochs == PRESETS["quick"]["epochs"]
+    assert make_config(None, {"dataset": "digits", "epochs": 2}).epochs == 2
+    assert make_config(None, {"dataset": "digits"}).flip_p == 0.0
+    assert make_config().flip_p == 0.5

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from selfsup.evaluate import confusion_matrix, embed, knn_predict, linear_probe
+from selfsup.models import build_encoder
+
+
+def test_knn_hand_example():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    q = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_predict(bank, labels, q, 2, k=2, t=0.1).tolist() == [0, 1]
+    # With k = all five, class 1 has more voters but class 0's are far closer to query 0.
+    assert knn_predict(bank, labels, q, 2, k=5, t=0.05).tolist() == [0, 1]
+    # A large temperature makes votes nearly equal: the majority class wins.
+    assert knn_predict(bank, labels, q, 2, k=5, t=100.0).tolist() == [1, 1]
+
+
+def test_knn_is_cosine_not_euclidean():
+    bank = torch.tensor([[10.0, 0.0], [0.1, 0.1]])
+    labels = torch.tensor([0, 1])
+    q = torch.tensor([[1.0, 0.05]])  # Euclidean-nearest is row 1; cosine-nearest is row 0
+    assert knn_predict(bank, labels, q, 2, k=1).tolist() == [0]
+
+
+def _blobs(n, d=8, classes=3, sep=3.0, seed=0):
+    centers = np.random.default_rng(0).normal(size=(classes, d)) * sep  # shared by all calls
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def test_probe_learns_separable_classes():
+    x, y = _blobs(600)
+    xt, yt = _blobs(200, seed=1)
+    r = linear_probe(x, y, xt, yt)
+    assert r.accuracy > 0.95
+    assert set(r.val_accuracy) == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2}
+
+
+def test_probe_choice_ignores_test_labels():
+    x, y = _blobs(400, sep=0.7)
+    xt, yt = _blobs(200, sep=0.7, seed=1)
+    a = linear_probe(x, y, xt, yt)
+    b = linear_probe(x, y, xt, np.random.default_rng(5).permutation(yt))
+    assert a.weight_decay == b.weight_decay and a.val_accuracy == b.val_accuracy
+    assert np.array_equal(a.predictions, b.predictions)
+
+
+def test_probe_chance_on_noise():
+    rng = np.random.default_rng(0)
+    x, xt = rng.normal(size=(500, 16)), rng.normal(size=(500, 16))
+    y, yt = rng.integers(0, 4, 500), rng.integers(0, 4, 500)
+    assert linear_probe(x.astype(np.float32), y, xt.astype(np.float32), yt).accuracy < 0.35
+
+
+def test_embed_frozen_eval_mode_no_grad():
+    torch.manual_seed(0)
+    enc = build_encoder("small_cnn", 4).train()
+    bn = next(m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    x = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    f = embed(enc, x, [0.5] * 3, [0.25] * 3, batch_size=3)
+    assert f.shape == (10, 32) and f.dtype == np.float32
+    assert torch.equal(bn.running_mean, before)  # eval mode: statistics untouched
+    assert enc.training  # mode restored
+    # Batch composition does not matter in eval mode.
+    np.testing.assert_allclose(f, embed(enc, x, [0.5] * 3, [0.25] * 3, batch_size=10), rtol=1e-5,
+                               atol=1e-6)
+    assert all(p.grad is None for p in enc.parameters())
+
+
+def test_confusion_matrix():
+    cm = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.3])
+def test_probe_val_split_is_part_of_train(frac):
+    from selfsup.evaluate import _stratified_split
+
+    y = np.repeat(np.arange(5), 20)
+    fit, val = _stratified_split(y, frac, 0)
+    assert len(set(fit) & set(val)) == 0 and len(fit) + len(val) == 100
+    assert np.bincount(y[val]).tolist() == [round(20 * frac)] * 5

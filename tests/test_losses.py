@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from selfsup.losses import nt_xent
+
+
+def naive_nt_xent(z1, z2, tau):
+    """SimCLR eq. (1), written as loops over anchors and candidates."""
+    z = torch.cat((z1, z2)).double()
+    n2 = z.shape[0]
+    n = n2 // 2
+    sim = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm()))  # noqa: E731
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        den = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(n2) if k != i)
+        total += -math.log(math.exp(sim(z[i], z[j]) / tau) / den)
+    return total / n2
+
+
+@pytest.mark.parametrize("n,d,tau", [(2, 3, 0.5), (5, 8, 0.1), (8, 4, 1.0)])
+def test_matches_naive_loop(n, d, tau):
+    g = torch.Generator().manual_seed(n)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    assert float(nt_xent(z1, z2, tau)) == pytest.approx(naive_nt_xent(z1, z2, tau), rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 7, 64])
+def test_identical_projections_give_log_2n_minus_1(n):
+    z = torch.ones(n, 4)
+    assert float(nt_xent(z, z, 0.3)) == pytest.approx(math.log(2 * n - 1), rel=1e-6)
+
+
+def test_symmetric_in_views():
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert float(nt_xent(z1, z2, 0.2)) == pytest.approx(float(nt_xent(z2, z1, 0.2)), rel=1e-6)
+
+
+def test_scale_invariant_and_lower_for_aligned_views():
+    z1 = torch.randn(16, 8)
+    noise = torch.randn(16, 8)
+    close = nt_xent(z1, z1 + 0.05 * noise, 0.5)
+    far = nt_xent(z1, noise, 0.5)
+    assert close < far
+    assert float(nt_xent(3 * z1, noise, 0.5)) == pytest.approx(float(far), rel=1e-5)
+
+
+def test_falls_under_gradient_steps():
+    torch.manual_seed(0)
+    z1 = torch.randn(16, 8, requires_grad=True)
+    z2 = torch.randn(16, 8, requires_grad=True)
+    opt = torch.optim.SGD([z1, z2], lr=0.5)
+    first = None
+    for _ in range(20):
+        loss = nt_xent(z1, z2, 0.5)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first - 0.3
+
+
+def test_bf16_inputs_give_float32_loss():
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    out = nt_xent(z1.bfloat16(), z2.bfloat16(), 0.5)
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(float(nt_xent(z1, z2, 0.5)), rel=2e-2)

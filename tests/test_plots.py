@@ -1,0 +1,33 @@
+import numpy as np
+from PIL import Image
+
+from selfsup import plots
+
+
+def _png_ok(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
+
+
+def test_each_plot_writes_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    plots.loss_curve(np.linspace(5, 3, 120) + rng.normal(0, 0.05, 120), tmp_path / "l.png", 12,
+                     np.log(511))
+    cm = rng.integers(0, 20, (4, 4))
+    plots.confusion(cm, ["a", "b", "c", "d"], tmp_path / "c.png", "probe")
+    f, y = rng.normal(size=(90, 6)), np.repeat(np.arange(3), 30)
+    plots.pca_map(f, y, ["x", "y", "z"], tmp_path / "p.png")
+    plots.tsne_map(f, y, ["x", "y", "z"], tmp_path / "t.png", points=60)
+    plots.pca_map(f, None, [], tmp_path / "p2.png")
+    imgs = rng.random((3, 8, 8, 3))
+    plots.augmentation_grid(imgs, imgs, imgs, tmp_path / "a.png")
+    for name in ("l", "c", "p", "t", "p2", "a"):
+        _png_ok(tmp_path / f"{name}.png")
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_subsample_is_stratified():
+    y = np.repeat(np.arange(4), [100, 50, 30, 20])
+    idx = plots.subsample(y, len(y), 40)
+    assert np.bincount(y[idx]).tolist() == [10, 10, 10, 10]
+    assert len(plots.subsample(None, 10, 40)) == 10

@@ -1,0 +1,143 @@
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from selfsup import train
+from selfsup.config import make_config
+from selfsup.data import load_digits
+from selfsup.errors import CheckpointError, SelfsupError
+
+
+def test_lr_schedule_warmup_then_cosine_per_step():
+    peak, total, warm = 1.0, 100, 10
+    lrs = [train.lr_at(s, total, warm, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert train.lr_at(total, total, warm, peak) == pytest.approx(0.0)
+    assert train.lr_at(0, 10, 0, 2.0) == pytest.approx(2.0)
+
+
+def test_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    dtype, why = train.select_precision("auto", cpu)
+    assert dtype is None and "no native bf16" in why
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    assert train.select_precision("auto", cpu)[0] is torch.bfloat16
+    assert train.select_precision("fp32", cpu)[0] is None
+    assert train.select_precision("bf16", cpu)[0] is torch.bfloat16
+
+
+def test_device_choice():
+    assert train.select_device("cpu").type == "cpu"
+    assert train.select_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(SelfsupError, match="CUDA is not available"):
+            train.select_device("cuda")
+
+
+def test_optimizer_groups_and_lars_moves_weights():
+    cfg = make_config(None, {"optimizer": "lars", "weight_decay": 1e-4})
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = train.build_optimizer([m], cfg, lr=0.1)
+    assert isinstance(opt, train.LARS)
+    wd = {p.ndim: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert wd == {2: 1e-4, 1: 0.0}
+    before = m[0].weight.clone()
+    m(torch.randn(8, 4)).pow(2).sum().backward()
+    opt.step()
+    step = (m[0].weight - before).norm() / before.norm()
+    # LARS scales the update to eta * lr * ||w|| (trust ratio) on the first step.
+    assert float(step) == pytest.approx(0.001 * 0.1, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def _cfg(**kw):
+    base = dict(dataset="digits", width=4, proj_hidden=16, proj_dim=8, batch_size=128, epochs=2,
+                view_size=8, progress=False, warmup_epochs=0.5)
+    return make_config(None, {**base, **kw})
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.values(), b.values(), strict=True))
+
+
+def test_pretrain_writes_outputs_and_is_reproducible(digits, tmp_path):
+    r1 = train.pretrain(_cfg(), digits, tmp_path / "a")
+    r2 = train.pretrain(_cfg(), digits, tmp_path / "b")
+    assert r1.steps == 2 * (1437 // 128) and len(r1.losses) == r1.steps
+    assert _same_weights(r1.encoder.state_dict(), r2.encoder.state_dict())
+    for f in ("checkpoint.pt", "encoder.pt", "loss.npy", "config.json"):
+        assert (tmp_path / "a" / f).is_file()
+    saved = train.load_checkpoint(tmp_path / "a" / "encoder.pt")
+    assert saved["feature_dim"] == 32 and len(saved["mean"]) == 3
+    assert not _same_weights(r1.encoder.state_dict(), train.init_encoder(_cfg()).state_dict())
+
+
+def _interrupt_at(monkeypatch, call):
+    """Send a real SIGINT to this process during the loss of the given step."""
+    real = train.nt_xent
+    calls = {"n": 0}
+
+    def loss_then_ctrl_c(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "nt_xent", loss_then_ctrl_c)
+    return real
+
+
+@pytest.mark.parametrize("stop_at", [5, 11])  # mid-epoch, and the last step of epoch 1
+def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypatch, stop_at):
+    full = train.pretrain(_cfg(), digits, tmp_path / "full")
+    real = _interrupt_at(monkeypatch, stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        train.pretrain(_cfg(), digits, tmp_path / "cut")
+    ck = train.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ck["step"] == stop_at  # the step in flight finished before saving
+    monkeypatch.setattr(train, "nt_xent", real)
+    resumed = train.pretrain(_cfg(), digits, tmp_path / "cut", resume=True)
+    assert resumed.steps == full.steps
+    assert _same_weights(full.encoder.state_dict(), resumed.encoder.state_dict())
+    assert _same_weights(full.encoder.state_dict(), train.load_checkpoint(
+        tmp_path / "cut" / "encoder.pt")["state_dict"])
+    assert resumed.losses == full.losses
+
+
+def test_resume_with_more_epochs_continues(digits, tmp_path):
+    first = train.pretrain(_cfg(epochs=1), digits, tmp_path / "r")
+    more = train.pretrain(_cfg(epochs=2), digits, tmp_path / "r", resume=True)
+    assert more.steps == 2 * first.steps and more.losses[: first.steps] == first.losses
+
+
+def test_resume_refuses_changed_model(digits, tmp_path):
+    train.pretrain(_cfg(epochs=1), digits, tmp_path / "r")
+    with pytest.raises(CheckpointError, match="differs in width"):
+        train.pretrain(_cfg(epochs=2, width=8), digits, tmp_path / "r", resume=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train.pretrain(_cfg(), digits, tmp_path / "none", resume=True)
+
+
+def test_non_finite_loss_stops_with_step(digits, tmp_path):
+    with pytest.raises(SelfsupError, match=r"loss became nan at step \d+.*lower lr"):
+        train.pretrain(_cfg(lr=1e30), digits, tmp_path / "nan")
+
+
+def test_load_checkpoint_refuses_non_selfsup_and_garbage(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a selfsup checkpoint"):
+        train.load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        train.load_checkpoint(tmp_path / "junk.pt")
