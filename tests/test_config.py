@@ -62,3 +62,9 @@ def test_dataset_defaults_sit_under_preset_and_options():
     assert make_config(None, {"dataset": "digits", "epochs": 2}).epochs == 2
     assert make_config(None, {"dataset": "digits"}).flip_p == 0.0
     assert make_config().flip_p == 0.5
+
+
+@pytest.mark.parametrize("budget", ["20", "5d", "-1m", "m"])
+def test_bad_budget(budget):
+    with pytest.raises(ConfigError, match="budget"):
+        make_config(None, {"budget": budget})

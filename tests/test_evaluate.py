@@ -84,3 +84,20 @@ def test_probe_val_split_is_part_of_train(frac):
     fit, val = _stratified_split(y, frac, 0)
     assert len(set(fit) & set(val)) == 0 and len(fit) + len(val) == 100
     assert np.bincount(y[val]).tolist() == [round(20 * frac)] * 5
+
+
+def test_logreg_gradient_matches_autograd():
+    from selfsup.evaluate import logreg_loss_and_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (50,), generator=g)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.01 * w.pow(2).sum()
+    ref.backward()
+    loss, gw, gb = logreg_loss_and_grad(x, torch.nn.functional.one_hot(y, 4).double(),
+                                        w.detach(), b.detach(), 0.01)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(gw, w.grad)
+    torch.testing.assert_close(gb, b.grad)

@@ -8,7 +8,7 @@ import torch
 from selfsup import train
 from selfsup.config import make_config
 from selfsup.data import load_digits
-from selfsup.errors import CheckpointError, SelfsupError
+from selfsup.errors import CheckpointError, ConfigError, SelfsupError
 
 
 def test_lr_schedule_warmup_then_cosine_per_step():
@@ -53,7 +53,7 @@ def test_optimizer_groups_and_lars_moves_weights():
     opt.step()
     step = (m[0].weight - before).norm() / before.norm()
     # LARS scales the update to eta * lr * ||w|| (trust ratio) on the first step.
-    assert float(step) == pytest.approx(0.001 * 0.1, rel=1e-3)
+    assert float(step.detach()) == pytest.approx(0.001 * 0.1, rel=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,32 @@ def test_load_checkpoint_refuses_non_selfsup_and_garbage(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         train.load_checkpoint(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1.5h", 5400)])
+def test_parse_duration(text, seconds):
+    assert train.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["20", "m", "-5m", "0s", "5d", "nanm"])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(ConfigError, match="unit s, m or h"):
+        train.parse_duration(bad)
+
+
+def test_steps_for_budget_counts_checkpoints():
+    assert train.steps_for_budget(100.0, 0.1, 10, 0.0) == 970
+    assert train.steps_for_budget(100.0, 0.1, 10, 1.0) == 485  # a 1 s checkpoint every 10 steps
+    assert train.steps_for_budget(0.01, 1.0, 10, 0.0) == 1
+
+
+def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path):
+    import json
+
+    budgeted = train.pretrain(_cfg(budget="2s"), digits, tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    n = saved["steps"]
+    assert n == budgeted.steps == budgeted.config.steps and n >= 1 and saved["budget"] == "2s"
+    again = train.pretrain(_cfg(steps=n), digits, tmp_path / "s")
+    assert _same_weights(budgeted.encoder.state_dict(), again.encoder.state_dict())
+    assert budgeted.losses == again.losses

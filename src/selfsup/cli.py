@@ -147,6 +147,7 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     t0 = time.perf_counter()
     result = pretrain(cfg, data, run_dir, resume=resume)
     pretrain_s = time.perf_counter() - t0
+    cfg = result.config  # steps fixed when a budget chose them
     if not main:
         return 0
     metrics = read_metrics(run_dir)

@@ -54,6 +54,7 @@ class Config:
     warmup_epochs: float = 1.0  # linear warm-up length, then cosine decay to 0
     epochs: int = 10
     steps: int = 0  # total optimiser steps; 0 = epochs * steps per epoch (overrides epochs)
+    budget: str = ""  # pretraining time, e.g. 20m: measure speed, fit steps to it (unless steps)
     batch_size: int = 512  # images per step (each gives two views)
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto picks from the hardware
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -65,7 +66,7 @@ class Config:
     knn_t: float = 0.1  # temperature of the kNN vote weights exp(sim / t)
     probe_val_frac: float = 0.1  # part of the training set held out to choose regularisation
     tsne_points: int = 2000  # test points shown in the t-SNE map (subsampled, stratified)
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 128  # images per forward pass when embedding (small: cache-friendly)
     # --- output ---
     out_dir: str = "runs"
     name: str = ""  # run folder name under out_dir; "" = <dataset>-<preset>-<time>
@@ -90,11 +91,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(epochs=3, batch_size=256, width=16, view_size=16, warmup_epochs=0.5,
                   tsne_points=1000),
     # The best linear probe ~20 minutes of a 2-core CPU buys (see BENCHMARKS.md).
-    "cpu": dict(model="small_cnn", width=32, view_size=16, batch_size=512, epochs=30,
+    "cpu": dict(model="small_cnn", width=32, view_size=16, batch_size=512, budget="20m",
                 lr=0.06, temperature=0.2, warmup_epochs=1.0, crop_scale_min=0.2),
     # The paper's CIFAR recipe on a GPU: ResNet-18, batch 512, 500 epochs.
     "gpu": dict(model="resnet18", width=64, batch_size=512, epochs=500, lr=0.06,
-                temperature=0.5, warmup_epochs=10, crop_scale_min=0.08, proj_hidden=2048),
+                temperature=0.5, warmup_epochs=10, crop_scale_min=0.08, proj_hidden=2048,
+                eval_batch_size=1024),
 }
 
 # Defaults that suit a data set better than the general ones; presets and options still win.
@@ -183,6 +185,13 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
+
+
 def validate(cfg: Config) -> None:
     """Check ranges and names; raise ConfigError saying what is allowed."""
     from selfsup.models import ENCODERS  # registry lives with the models
@@ -199,6 +208,8 @@ def validate(cfg: Config) -> None:
         (cfg.lr > 0, "lr must be > 0"),
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (cfg.steps >= 0, "steps must be >= 0 (0 = from epochs)"),
+        (cfg.budget == "" or cfg.budget[-1:].lower() in "smh" and _is_number(cfg.budget[:-1]),
+         "budget must be a positive number with a unit s, m or h (e.g. 20m)"),
         (cfg.width >= 1 and cfg.proj_hidden >= 1 and cfg.proj_dim >= 1, "widths must be >= 1"),
         (0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1,
          "need 0 < crop_scale_min <= crop_scale_max <= 1"),
@@ -222,7 +233,7 @@ def validate(cfg: Config) -> None:
 
 
 # Keys that may differ when resuming a run: they do not change what is being trained.
-RESUMABLE_KEYS = ("epochs", "steps", "progress", "device", "threads", "out_dir", "name",
+RESUMABLE_KEYS = ("epochs", "steps", "budget", "progress", "device", "threads", "out_dir", "name",
                   "eval_batch_size", "tsne_points", "knn_k", "knn_t", "probe_val_frac")
 
 

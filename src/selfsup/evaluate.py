@@ -59,6 +59,27 @@ class ProbeResult:
     predictions: np.ndarray  # (M,) predicted test labels
 
 
+@torch.no_grad()
+def logreg_loss_and_grad(x: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor,
+                         b: torch.Tensor, weight_decay: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy + weight_decay * ||W||^2 of softmax(x W + b), and its gradients.
+
+    Written out by hand: (g^T x)^T is several times faster on a CPU than autograd's x^T g.
+
+    Args:
+        x: (N, D) features; onehot: (N, C) targets; w: (D, C); b: (C,).
+    Returns:
+        loss (scalar), dL/dW (D, C), dL/db (C,).
+    """
+    n = x.shape[0]
+    logp = torch.log_softmax(torch.addmm(b, x, w), dim=1)  # (N, C)
+    loss = -(logp * onehot).sum() / n + weight_decay * w.pow(2).sum()
+    g = (logp.exp() - onehot) / n  # (N, C): dL/dlogits
+    grad_w = ((g.T.contiguous() @ x).T + 2 * weight_decay * w).contiguous()  # (D, C)
+    return loss, grad_w, g.sum(0)
+
+
 def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
                 init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,19 +90,18 @@ def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay
     moves by a few tenths of a point.
     """
     d = x.shape[1]
-    w = (init[0].clone() if init else torch.zeros(d, num_classes)).requires_grad_(True)
-    b = (init[1].clone() if init else torch.zeros(num_classes)).requires_grad_(True)
+    w = init[0].clone() if init else torch.zeros(d, num_classes)
+    b = init[1].clone() if init else torch.zeros(num_classes)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
     params = {id(w), id(b)}
     # The probe's optimiser sees only the probe: never the encoder.
     assert all(id(p) in params for g in opt.param_groups for p in g["params"])
+    onehot = F.one_hot(y, num_classes).to(x.dtype)  # (N, C)
 
     def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + weight_decay * w.pow(2).sum()
-        loss.backward()
+        loss, w.grad, b.grad = logreg_loss_and_grad(x, onehot, w, b, weight_decay)
         return loss
 
     opt.step(closure)

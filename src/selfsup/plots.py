@@ -47,7 +47,8 @@ def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None
 def confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: str) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     n = len(classes)
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * n * 2), max(4.5, 0.55 * n + 1.5)))
+    side = max(4.5, 0.55 * n + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2, side))
     rows = cm.sum(1, keepdims=True).clip(min=1)
     for ax, mat, sub, fmt in ((axes[0], cm, "counts", "d"),
                               (axes[1], cm / rows, "row-normalised (recall)", ".2f")):
@@ -187,7 +188,7 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
             break
     if data is not None:
         g = torch.Generator().manual_seed(cfg.seed)
-        x = data.train_x[:8].cpu()
+        x = data.train_x[torch.linspace(0, len(data.train_x) - 1, 8).long()].cpu()  # spread out
         v1, v2 = two_views(x, AugmentParams.from_config(cfg, x.shape[-1]), g)
 
         def hwc(t: torch.Tensor) -> np.ndarray:

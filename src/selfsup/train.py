@@ -7,6 +7,8 @@ atomically at the end of every epoch (and on Ctrl-C); ``resume`` continues from 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import signal
 import sys
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +26,7 @@ from selfsup import dist
 from selfsup.augment import AugmentParams, normalize, two_views
 from selfsup.config import Config, config_from_dict, diff_keys
 from selfsup.data import ImageData, channel_stats
-from selfsup.errors import CheckpointError, SelfsupError
+from selfsup.errors import CheckpointError, ConfigError, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.losses import nt_xent
 from selfsup.models import Encoder, ProjectionHead, build_encoder
@@ -194,12 +197,135 @@ def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[flo
                path)
 
 
+# --- the method -----------------------------------------------------------------------------
+
+
+class SimCLR:
+    """The SimCLR method: two views of every image, one forward pass, NT-Xent, one update.
+
+    Holds the encoder f, the projection head g and their optimiser; the loop around it owns the
+    data order, the schedule and the checkpoints.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],
+                 std: list[float], peak_lr: float, amp_dtype: torch.dtype | None) -> None:
+        self.encoder = prepare(init_encoder(cfg), device, cfg.channels_last)
+        self.head = prepare(init_head(cfg, self.encoder.feature_dim), device, False)
+        self.opt = build_optimizer([self.encoder, self.head], cfg, peak_lr)
+        self.aug = AugmentParams.from_config(cfg, image_size)
+        self.mean = torch.tensor(mean, device=device)
+        self.std = torch.tensor(std, device=device)
+        self.mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.temperature = cfg.temperature
+        self.amp_dtype = amp_dtype
+        self.device = device
+
+    def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
+        v1, v2 = two_views(x, self.aug, gen)  # 2 x (B, 3, S, S) in [0, 1]
+        return normalize(torch.cat((v1, v2)), self.mean, self.std).contiguous(
+            memory_format=self.mem)
+
+    def update(self, v: torch.Tensor, lr: float) -> torch.Tensor:
+        """One optimiser step on ready views (2B, 3, S, S); returns the detached loss."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        b = v.shape[0] // 2
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            z = self.head(self.encoder(v))  # h: (2B, D) -> z: (2B, proj_dim)
+            loss = nt_xent(z[:b], z[b:], self.temperature)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def step(self, x: torch.Tensor, lr: float, gen: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch (B, 3, H, W) and take one step; returns the detached loss."""
+        return self.update(self.views(x, gen), lr)
+
+    def train(self, mode: bool = True) -> None:
+        self.encoder.train(mode)
+        self.head.train(mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(encoder=self.encoder.state_dict(), head=self.head.state_dict(),
+                    optimizer=self.opt.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock times mean something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# --- time budget ----------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """'20m', '90s', '1.5h' -> seconds.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1])
+        if t[-1:] not in units or not value > 0 or not math.isfinite(value):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"budget must be a positive number with a unit s, m or h (e.g. 20m), "
+                          f"got {text!r}") from None
+    return value * units[t[-1]]
+
+
+def measure_step_seconds(method: SimCLR, x_all: torch.Tensor, batch: int, seed: int,
+                         warm: int = 3, timed: int = 8) -> float:
+    """Median wall time of one full training step, on a throw-away copy of the method.
+
+    The copy has its own random generator, so the real run's weights and random streams are
+    exactly those of a run without the measurement.
+    """
+    probe = copy.deepcopy(method)
+    probe.train()
+    gen = torch.Generator(device=x_all.device).manual_seed(seed + 7919)
+    idx = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))
+    times = []
+    for i in range(warm + timed):
+        j = idx[(i * batch) % max(1, len(x_all) - batch):][:batch].to(x_all.device)
+        t0 = time.perf_counter()
+        probe.step(x_all[j], 1e-6, gen)
+        sync(x_all.device)
+        if i >= warm:
+            times.append(time.perf_counter() - t0)
+    return float(sorted(times)[len(times) // 2])
+
+
+def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
+                     checkpoint_s: float) -> int:
+    """The number of steps that fit ``budget_s``, counting one checkpoint per epoch.
+
+    A 3 % margin absorbs drift in speed over the run.
+    """
+    per_step = step_s + checkpoint_s / max(1, steps_per_epoch)
+    return max(1, int(0.97 * budget_s / per_step))
+
+
 # --- the loop -------------------------------------------------------------------------------
 
 
 @dataclass
 class PretrainResult:
     encoder: Encoder
+    config: Config  # the config as run (with steps fixed when a budget chose them)
     losses: list[float]
     steps: int
     epochs: float  # passes over the data completed
@@ -279,6 +405,10 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
              ) -> PretrainResult:
     """Train encoder + projection head with NT-Xent on ``data.train_x`` (labels unused).
 
+    With ``cfg.budget`` and no ``cfg.steps``, a short measurement on a throw-away copy picks the
+    number of steps that fits the budget; it is written into the saved config, so that
+    ``--steps N`` repeats the run exactly.
+
     Writes ``config.json`` (at start), ``checkpoint.pt`` (every epoch, on Ctrl-C),
     ``encoder.pt`` and ``loss.npy`` (at the end) into ``run_dir``.
 
@@ -303,17 +433,9 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     if batch < cfg.batch_size and main:
         print(f"note: batch_size {cfg.batch_size} > {n} images; using {batch}", flush=True)
     steps_per_epoch = n // batch
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     peak_lr = cfg.lr * batch / 256
     mean, std = channel_stats(data.train_x)
-    mean_t = torch.tensor(mean, device=device)
-    std_t = torch.tensor(std, device=device)
-    aug = AugmentParams.from_config(cfg, x_all.shape[-1])
-
-    encoder = prepare(init_encoder(cfg), device, cfg.channels_last)
-    head = prepare(init_head(cfg, encoder.feature_dim), device, False)
-    opt = build_optimizer([encoder, head], cfg, peak_lr)
+    method = SimCLR(cfg, device, x_all.shape[-1], mean, std, peak_lr, amp_dtype)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # augmentation randomness
     losses: list[float] = []
     step = 0
@@ -327,13 +449,30 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
             raise CheckpointError(
                 f"cannot resume {ckpt_path}: the config differs in {', '.join(changed)} "
                 f"(only epochs/steps and run-time settings may change)")
-        encoder.load_state_dict(ck["encoder"])
-        head.load_state_dict(ck["head"])
-        opt.load_state_dict(ck["optimizer"])
+        method.load_state_dict(ck)
         gen.set_state(ck["gen_state"])
         losses, step = list(ck["losses"]), int(ck["step"])
+        if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
+            cfg = dataclasses.replace(cfg, steps=old.steps)
+    elif cfg.budget and not cfg.steps:
+        budget_s = parse_duration(cfg.budget)
+        t0 = time.perf_counter()
+        step_s = measure_step_seconds(method, x_all, batch, cfg.seed)
+        t1 = time.perf_counter()
+        save_torch(dict(method.state_dict(), config=cfg.to_dict()), run_dir / ".timing.pt")
+        ckpt_s = time.perf_counter() - t1
+        (run_dir / ".timing.pt").unlink()
+        steps = steps_for_budget(budget_s - (time.perf_counter() - t0), step_s, steps_per_epoch,
+                                 ckpt_s)
+        cfg = dataclasses.replace(cfg, steps=steps)
         if main:
-            print(f"resumed {ckpt_path} at step {step}/{total}", flush=True)
+            print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step measured, so {steps} "
+                  f"steps ({steps / steps_per_epoch:.1f} epochs); repeat with --steps {steps}",
+                  flush=True)
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    if resume and main:
+        print(f"resumed {ckpt_path} at step {step}/{total}", flush=True)
     if main:
         save_json(cfg.to_dict(), run_dir / "config.json")
 
@@ -343,16 +482,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         nonlocal saved_step
         saved_step = at_step
         if main:
-            save_torch(dict(encoder=encoder.state_dict(), head=head.state_dict(),
-                            optimizer=opt.state_dict(), gen_state=gen_state, step=at_step,
+            save_torch(dict(method.state_dict(), gen_state=gen_state, step=at_step,
                             losses=losses, config=cfg.to_dict()), ckpt_path)
 
     progress = _Progress(total, step, cfg.progress and main, every=max(1, total // 50))
-    encoder.train()
-    head.train()
+    method.train()
     train_time, images, order_epoch = 0.0, 0, -1
     order = torch.empty(0, dtype=torch.long)
-    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen_state = gen.get_state()  # state at the start of step `step`
     with _StopOnCtrlC(announce=main) as stop:
         try:
@@ -361,20 +497,9 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 if epoch != order_epoch:
                     order, order_epoch = _epoch_order(cfg.seed, epoch, n).to(device), epoch
                 t0 = time.perf_counter()
-                idx = order[i * batch:(i + 1) * batch]  # (B,)
-                v1, v2 = two_views(x_all[idx], aug, gen)  # 2 x (B, 3, S, S) in [0, 1]
-                v = normalize(torch.cat((v1, v2)), mean_t, std_t).contiguous(memory_format=mem)
                 lr = lr_at(step, total, warmup, peak_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    z = head(encoder(v))  # h: (2B, D) -> z: (2B, proj_dim)
-                    loss = nt_xent(z[:batch], z[batch:], cfg.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_value = float(loss.detach())  # syncs; the guard needs it every step
+                idx = order[i * batch:(i + 1) * batch]  # (B,)
+                loss_value = float(method.step(x_all[idx], lr, gen))  # syncs: guard needs it
                 if not math.isfinite(loss_value):
                     raise SelfsupError(
                         f"loss became {loss_value} at step {step + 1}; the last good checkpoint "
@@ -382,8 +507,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 losses.append(loss_value)
                 step += 1
                 gen_state = gen.get_state()  # state at the start of step `step`
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 train_time += time.perf_counter() - t0
                 images += batch
                 progress.update(step, loss_value, lr, images / max(train_time, 1e-9))
@@ -398,13 +522,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                       f"continue with --resume {run_dir}", file=sys.stderr, flush=True)
             raise
     progress.close()
-    encoder.eval()
+    encoder = method.encoder.eval()
     if main:
         save_encoder(run_dir / ENCODER, encoder, cfg, mean, std)
-        import numpy as np
-
         save_npy(np.asarray(losses, dtype=np.float32), run_dir / "loss.npy")
-    return PretrainResult(encoder, losses, step, step / steps_per_epoch, train_time,
+    return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
                           images / max(train_time, 1e-9), precision, mean, std)
 
 

@@ -1,0 +1,95 @@
+"""Pretraining speed of a preset, in three parts, on this machine.
+
+(a) model only: forward, NT-Xent, backward and optimiser step on ready views;
+(b) augmentation only: two views of a batch, normalised, in the model's memory format;
+(c) the full step: batch indices, gather, augment, forward, loss, backward, step.
+
+Each in images/s (one image = one pair of views), median of repeats after a warm-up, and the
+ratio (c)/(a): how much of the model's speed the whole pipeline keeps. Random uint8 images of
+the data set's size stand in for the data (speed does not depend on pixel values).
+
+    python benchmarks/throughput.py --preset cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from selfsup.config import make_config
+from selfsup.train import SimCLR, machine_info, select_device, select_precision, sync
+
+
+def _median_rate(fn, batch: int, device: torch.device, warm: int, repeats: int,
+                 steps: int) -> float:
+    for _ in range(warm):
+        fn()
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        rates.append(batch * steps / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=8192, help="images in the stand-in data set")
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4, help="steps per repeat")
+    args = ap.parse_args()
+    over = {k: v for k, v in (("batch_size", args.batch_size), ("precision", args.precision),
+                              ("device", args.device)) if v is not None}
+    cfg = make_config(args.preset, over)
+    device = select_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    amp, why = select_precision(cfg.precision, device)
+    b = cfg.batch_size
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size),
+                          generator=g, dtype=torch.uint8).to(device)
+    method = SimCLR(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp)
+    method.train()
+    gen = torch.Generator(device=device).manual_seed(0)
+    ready = method.views(x_all[:b], gen)
+    order = torch.randperm(args.images, device=device)
+    pos = {"i": 0}
+
+    def full() -> None:
+        i = pos["i"] = (pos["i"] + b) % (args.images - b)
+        method.step(x_all[order[i:i + b]], 1e-3, gen)
+
+    rate = {}
+    for name, fn in (("model", lambda: method.update(ready, 1e-3)),
+                     ("augment", lambda: method.views(x_all[:b], gen)),
+                     ("full", full)):
+        rate[name] = _median_rate(fn, b, device, args.warm, args.repeats, args.steps)
+
+    info = machine_info(device)
+    print(f"machine: {info['cpu']}, capability {info['cpu_capability']}, native bf16 "
+          f"{info['cpu_native_bf16']}, {info['threads']} threads, torch {info['torch']}, "
+          f"device {device}{', ' + info['gpu'] if 'gpu' in info else ''}")
+    print(f"preset {args.preset}: {cfg.model} width {cfg.width}, views "
+          f"{cfg.view_size or args.image_size}px from {args.image_size}px, batch {b}, "
+          f"precision {why}")
+    print(f"(a) model only        {rate['model']:8.0f} images/s")
+    print(f"(b) augmentation only {rate['augment']:8.0f} images/s")
+    print(f"(c) full step         {rate['full']:8.0f} images/s")
+    print(f"ratio (c)/(a)         {rate['full'] / rate['model']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
