@@ -155,8 +155,8 @@ def test_parse_duration_rejects(bad):
 
 
 def test_steps_for_budget_counts_checkpoints():
-    assert train.steps_for_budget(100.0, 0.1, 10, 0.0) == 970
-    assert train.steps_for_budget(100.0, 0.1, 10, 1.0) == 485  # a 1 s checkpoint every 10 steps
+    assert train.steps_for_budget(100.0, 0.1, 10, 0.0) == 940
+    assert train.steps_for_budget(100.0, 0.1, 10, 1.0) == 470  # a 1 s checkpoint every 10 steps
     assert train.steps_for_budget(0.01, 1.0, 10, 0.0) == 1
 
 

@@ -313,10 +313,11 @@ def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
                      checkpoint_s: float) -> int:
     """The number of steps that fit ``budget_s``, counting one checkpoint per epoch.
 
-    A 3 % margin absorbs drift in speed over the run.
+    A 6 % margin absorbs drift in speed over the run (seen here: a 2-core CPU measured at
+    1,418 images/s for the first steps averaged 1,339 over 20 minutes).
     """
     per_step = step_s + checkpoint_s / max(1, steps_per_epoch)
-    return max(1, int(0.97 * budget_s / per_step))
+    return max(1, int(0.94 * budget_s / per_step))
 
 
 # --- the loop -------------------------------------------------------------------------------
