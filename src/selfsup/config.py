@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -185,11 +186,22 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
-def _is_number(text: str) -> bool:
+def parse_duration(text: str) -> float:
+    """'20m', '90s', '1.5h' -> seconds.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
     try:
-        return 0 < float(text) < float("inf")
+        value = float(t[:-1])
+        if t[-1:] not in units or not value > 0 or not math.isfinite(value):
+            raise ValueError
     except ValueError:
-        return False
+        raise ConfigError(f"budget must be a positive number with a unit s, m or h (e.g. 20m), "
+                          f"got {text!r}") from None
+    return value * units[t[-1]]
 
 
 def validate(cfg: Config) -> None:
@@ -208,8 +220,6 @@ def validate(cfg: Config) -> None:
         (cfg.lr > 0, "lr must be > 0"),
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (cfg.steps >= 0, "steps must be >= 0 (0 = from epochs)"),
-        (cfg.budget == "" or cfg.budget[-1:].lower() in "smh" and _is_number(cfg.budget[:-1]),
-         "budget must be a positive number with a unit s, m or h (e.g. 20m)"),
         (cfg.width >= 1 and cfg.proj_hidden >= 1 and cfg.proj_dim >= 1, "widths must be >= 1"),
         (0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1,
          "need 0 < crop_scale_min <= crop_scale_max <= 1"),
@@ -230,6 +240,8 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.budget:
+        parse_duration(cfg.budget)  # raises ConfigError with the allowed form
 
 
 # Keys that may differ when resuming a run: they do not change what is being trained.

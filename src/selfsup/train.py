@@ -24,9 +24,9 @@ from torch import nn
 
 from selfsup import dist
 from selfsup.augment import AugmentParams, normalize, two_views
-from selfsup.config import Config, config_from_dict, diff_keys
+from selfsup.config import Config, config_from_dict, diff_keys, parse_duration
 from selfsup.data import ImageData, channel_stats
-from selfsup.errors import CheckpointError, ConfigError, SelfsupError
+from selfsup.errors import CheckpointError, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.losses import nt_xent
 from selfsup.models import Encoder, ProjectionHead, build_encoder
@@ -267,24 +267,6 @@ def sync(device: torch.device) -> None:
 
 
 # --- time budget ----------------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> float:
-    """'20m', '90s', '1.5h' -> seconds.
-
-    Raises:
-        ConfigError: anything else.
-    """
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    t = text.strip().lower()
-    try:
-        value = float(t[:-1])
-        if t[-1:] not in units or not value > 0 or not math.isfinite(value):
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"budget must be a positive number with a unit s, m or h (e.g. 20m), "
-                          f"got {text!r}") from None
-    return value * units[t[-1]]
 
 
 def measure_step_seconds(method: SimCLR, x_all: torch.Tensor, batch: int, seed: int,
