@@ -20,6 +20,7 @@ run: install
 	$(BIN)/selfsup run $(ARGS)
 
 test: install
+	./scripts/ensure-browser
 	$(BIN)/python -m pytest -q
 
 lint: install

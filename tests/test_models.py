@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from selfsup.models import ENCODERS, ProjectionHead, build_encoder
+from selfsup.models import ENCODERS, ProjectionHead, build_encoder, nhwc_safe_on_cpu
 
 WIDTHS = {"small_cnn": 8, "resnet18": 8, "resnet50": 4}
 
@@ -44,3 +44,22 @@ def test_small_inputs_work():
 def test_unknown_model():
     with pytest.raises(KeyError, match="valid models"):
         build_encoder("vit", 8)
+
+
+@pytest.mark.parametrize("name,width,safe", [
+    ("small_cnn", 4, True),    # no 1x1 convolutions
+    ("resnet18", 64, True),    # strided 1x1 shortcuts see 64 and 128 channels
+    ("resnet18", 16, True),    # 16 and 32 channels at the strided shortcuts
+    ("resnet18", 8, False),    # 8 channels: below the AVX-512 channel block
+    ("resnet18", 4, False),    # 4 -> 8 channels, stride 2: the hang seen with AVX2
+    ("resnet50", 2, False),    # layer2's shortcut sees 4 * 2 = 8 channels
+])
+def test_nhwc_guard_finds_small_strided_1x1(name, width, safe):
+    enc = build_encoder(name, width)
+    assert nhwc_safe_on_cpu(enc) is safe
+    from selfsup.train import use_channels_last
+
+    cpu = torch.device("cpu")
+    assert use_channels_last(enc, True, cpu, verbose=False) is safe
+    assert use_channels_last(enc, False, cpu, verbose=False) is False
+    assert use_channels_last(enc, True, torch.device("meta"), verbose=False) is True

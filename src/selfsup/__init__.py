@@ -1,3 +1,20 @@
-"""selfsup: image representations learned without labels (SimCLR), measured honestly."""
+"""selfsup: image representations learned without labels (SimCLR), measured honestly.
+
+``selfsup.load_encoder(path)`` loads a trained encoder for use in Python (see
+``selfsup.inference``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = ["load_encoder", "__version__"]
+
+
+def load_encoder(path: Any, device: Any = "cpu") -> Any:
+    """A run's trained encoder with its input normalisation: see ``inference.load_encoder``."""
+    from selfsup.inference import load_encoder as _load
+
+    return _load(path, device)

@@ -1,4 +1,5 @@
-"""The ``selfsup`` command: run (everything), pretrain, evaluate RUN, plot RUN."""
+"""The ``selfsup`` command: run (everything), pretrain, evaluate, plot, finetune,
+label-efficiency, report, embed."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from selfsup.config import (
     make_config,
 )
 from selfsup.errors import CheckpointError, SelfsupError
+from selfsup.finetune import LABEL_FRACTIONS, FinetuneSettings
 
 SUMMARY_ROWS = (("linear_probe", "linear probe"), ("knn", "kNN"))
 
@@ -58,12 +60,49 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", metavar="RUN", default=None,
                        help="continue RUN from its checkpoint (epochs/steps may change)")
         _add_config_options(p)
+    runs: dict[str, argparse.ArgumentParser] = {}
     for name, help_ in (("evaluate", "embed with the trained and the untrained encoder; "
                                      "linear probe and kNN for both"),
-                        ("plot", "draw the figures of a run")):
-        p = sub.add_parser(name, help=help_, description=help_)
+                        ("plot", "draw the figures of a run"),
+                        ("finetune", "train a classifier on a fraction of the labels: fine-tune "
+                                     "the encoder, or a linear head on it frozen (--freeze), or "
+                                     "the same network from scratch (--from-scratch)"),
+                        ("label-efficiency", "probe, fine-tune and train from scratch with 1%%, "
+                                             "10%% and 100%% of the labels; table and plot"),
+                        ("report", "write RUN/report.html: config, timings, metrics, figures"),
+                        ("embed", "embed a folder of images with a run's encoder (.npy)")):
+        p = runs[name] = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("run", metavar="RUN", help="run folder (e.g. runs/NAME)")
-        p.add_argument("--data-dir", default=None, help="where the data are now, if moved")
+        if name not in ("report", "embed"):
+            p.add_argument("--data-dir", default=None, help="where the data are now, if moved")
+    p = runs["finetune"]
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="fraction of the training labels, class-balanced, fixed by the seed "
+                        "(default 1.0)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--freeze", action="store_true",
+                      help="frozen encoder, linear head trained by SGD with augmentation")
+    mode.add_argument("--from-scratch", action="store_true",
+                      help="the same network from random weights: the supervised baseline")
+    runs["label-efficiency"].add_argument(
+        "--fractions", default=",".join(f"{f:g}" for f in LABEL_FRACTIONS),
+        help="comma-separated label fractions (default %(default)s)")
+    for name in ("finetune", "label-efficiency"):
+        g = runs[name].add_argument_group("training (same for every mode)")
+        for field, typ, help_ in (("epochs", int, "passes over the labelled images"),
+                                  ("min_steps", int, "at least this many steps"),
+                                  ("batch_size", int, "images per step"),
+                                  ("lr", float, "head learning rate per 128 images"),
+                                  ("encoder_lr_mult", float, "fine-tuning: encoder lr / head lr"),
+                                  ("seed", int, "label subset, initialisation, order")):
+            default = getattr(FinetuneSettings(), field)
+            g.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
+                           help=f"{help_} (default {default}; seed: the run's)")
+    p = runs["embed"]
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (any depth)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="output .npy (default RUN/embeddings_<DIR name>.npy); the file list "
+                        "goes beside it as .txt, one path per row")
     return parser
 
 
@@ -129,6 +168,7 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup import dist
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json
+    from selfsup.report import write_report
     from selfsup.train import machine_info, pretrain, select_device
 
     start = time.perf_counter()
@@ -155,8 +195,10 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
         config=cfg.to_dict(), machine=machine_info(select_device(cfg.device)),
         pretrain=dict(steps=result.steps, epochs=result.epochs, precision=result.precision,
                       images_per_s=result.images_per_s, train_seconds=result.seconds),
+        knn_history=result.knn_history,
     )
-    metrics.setdefault("time_s", {}).update(load_data=load_s, pretrain=pretrain_s)
+    metrics.setdefault("time_s", {}).update(load_data=load_s, pretrain=pretrain_s,
+                                            knn_monitor=result.knn_seconds)
     save_json(metrics, run_dir / "metrics.json")
     print(f"pretraining: {result.steps} steps ({result.epochs:.2f} epochs) in "
           f"{pretrain_s / 60:.1f} min, {result.images_per_s:.0f} images/s", flush=True)
@@ -165,8 +207,9 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
         metrics = read_metrics(run_dir)
         metrics["time_s"]["total"] = time.perf_counter() - start
         save_json(metrics, run_dir / "metrics.json")
-        print(f"done in {metrics['time_s']['total'] / 60:.1f} min; outputs in {run_dir}",
-              flush=True)
+        report = write_report(run_dir)
+        print(f"done in {metrics['time_s']['total'] / 60:.1f} min; outputs in {run_dir}; "
+              f"open {report}", flush=True)
     return 0
 
 
@@ -211,15 +254,78 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(ns: argparse.Namespace, cfg: Config) -> FinetuneSettings:
+    from selfsup.finetune import settings_from
+
+    return settings_from(cfg, **{k: getattr(ns, k) for k in (
+        "epochs", "min_steps", "batch_size", "lr", "encoder_lr_mult", "seed")})
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    from selfsup.finetune import finetune_run
+
+    cfg = _run_config(ns.run, ns.data_dir)
+    mode = "linear" if ns.freeze else "scratch" if ns.from_scratch else "finetune"
+    r = finetune_run(ns.run, _load_data(cfg), mode, ns.label_fraction, _settings(ns, cfg),
+                     cfg.progress)
+    print(f"{mode}, {ns.label_fraction:g} of the labels ({r.labels} images), {r.steps} steps: "
+          f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s)")
+    return 0
+
+
+def cmd_label_efficiency(ns: argparse.Namespace) -> int:
+    from selfsup.errors import ConfigError
+    from selfsup.finetune import label_efficiency
+    from selfsup.report import write_report
+
+    try:
+        fractions = tuple(float(f) for f in ns.fractions.split(",") if f.strip())
+    except ValueError:
+        raise ConfigError(f"--fractions must be numbers separated by commas, got "
+                          f"{ns.fractions!r}") from None
+    cfg = _run_config(ns.run, ns.data_dir)
+    label_efficiency(ns.run, _load_data(cfg), fractions, _settings(ns, cfg), cfg.progress)
+    print(f"wrote {Path(ns.run) / 'label_efficiency.png'}, {write_report(ns.run)}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from selfsup.report import write_report
+
+    if not (Path(ns.run) / "metrics.json").is_file():
+        raise SelfsupError(f"{ns.run} has no metrics.json: run `selfsup evaluate {ns.run}` "
+                           f"first")
+    print(f"wrote {write_report(ns.run)}")
+    return 0
+
+
+def cmd_embed(ns: argparse.Namespace) -> int:
+    from selfsup.files import atomic_write_text, save_npy
+    from selfsup.inference import load_encoder
+    from selfsup.train import select_device
+
+    cfg = _run_config(ns.run, None)
+    fx = load_encoder(ns.run, select_device(cfg.device))
+    feats, paths = fx.embed_folder(ns.images, cfg.eval_batch_size)
+    out = Path(ns.out) if ns.out else Path(ns.run) / f"embeddings_{Path(ns.images).name}.npy"
+    save_npy(feats, out)
+    atomic_write_text("".join(f"{p}\n" for p in paths), out.with_suffix(".txt"))
+    print(f"embedded {len(paths)} images -> {out} {feats.shape}; "
+          f"file list {out.with_suffix('.txt')}")
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "plot": cmd_plot, "finetune": cmd_finetune,
+            "label-efficiency": cmd_label_efficiency, "report": cmd_report, "embed": cmd_embed}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     ns = build_parser().parse_args(argv)
     try:
         if ns.command in ("run", "pretrain"):
             return cmd_train(ns, everything=ns.command == "run")
-        if ns.command == "evaluate":
-            return cmd_evaluate(ns)
-        return cmd_plot(ns)
+        return COMMANDS[ns.command](ns)
     except SelfsupError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2

@@ -65,6 +65,8 @@ class Config:
     # --- evaluation ---
     knn_k: int = 200
     knn_t: float = 0.1  # temperature of the kNN vote weights exp(sim / t)
+    knn_every: int = 1  # kNN accuracy on a fixed subset every this many epochs (0 = never)
+    knn_monitor_size: int = 1000  # test images it classifies (training bank: 5x as many)
     probe_val_frac: float = 0.1  # part of the training set held out to choose regularisation
     tsne_points: int = 2000  # test points shown in the t-SNE map (subsampled, stratified)
     eval_batch_size: int = 128  # images per forward pass when embedding (small: cache-friendly)
@@ -232,6 +234,8 @@ def validate(cfg: Config) -> None:
         (cfg.knn_k >= 1 and cfg.knn_t > 0, "knn_k must be >= 1 and knn_t > 0"),
         (0 < cfg.probe_val_frac < 1, "probe_val_frac must be in (0, 1)"),
         (cfg.tsne_points >= 0, "tsne_points must be >= 0"),
+        (cfg.knn_every >= 0 and cfg.knn_monitor_size >= 1,
+         "knn_every must be >= 0 and knn_monitor_size >= 1"),
         (cfg.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
         (cfg.threads >= 0, "threads must be >= 0"),
         (cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.startswith("cuda"),
@@ -246,7 +250,8 @@ def validate(cfg: Config) -> None:
 
 # Keys that may differ when resuming a run: they do not change what is being trained.
 RESUMABLE_KEYS = ("epochs", "steps", "budget", "progress", "device", "threads", "out_dir", "name",
-                  "eval_batch_size", "tsne_points", "knn_k", "knn_t", "probe_val_frac")
+                  "eval_batch_size", "tsne_points", "knn_k", "knn_t", "probe_val_frac",
+                  "knn_every", "knn_monitor_size")
 
 
 def diff_keys(old: Config, new: Config, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:

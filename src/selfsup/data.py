@@ -244,7 +244,7 @@ def _missing_cifar_message(root: Path, why: str) -> str:
 # --- image folders --------------------------------------------------------------------------
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -323,7 +323,7 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int
     paths: list[Path] = []
     labels: list[int] = []
     for d in class_dirs:
-        files = _image_files(d)
+        files = image_files(d)
         paths += files
         labels += [names.index(d.name)] * len(files)
     if not paths:
@@ -347,11 +347,11 @@ def load_image_folder(root: str | Path, image_size: int = 0) -> ImageData:
         raise DataError(f"image folder {root} does not exist")
     train, test = root / "train", root / "test"
     if train.is_dir() and test.is_dir() and any(d.is_dir() for d in train.iterdir()):
-        size = image_size or _first_size(_image_files(train)[:1])
+        size = image_size or _first_size(image_files(train)[:1])
         x, y, classes = _labeled_split(train, None, size)
         tx, ty, _ = _labeled_split(test, classes, x.shape[-1])
         return ImageData(x, y, tx, ty, classes, root.name)
-    paths = _image_files(root)
+    paths = image_files(root)
     if not paths:
         raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     x, _ = decode_images(paths, image_size)

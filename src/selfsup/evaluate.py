@@ -26,6 +26,7 @@ from selfsup.models import Encoder
 
 # Regularisation strengths tried by the probe (L2 penalty on the weights, per sample).
 PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+MIN_PER_CLASS_TO_VALIDATE = 10
 
 
 @torch.inference_mode()
@@ -134,25 +135,29 @@ def linear_probe(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
 
     The weight decay is chosen by accuracy on a stratified ``val_frac`` part of the training set
     (standardised with the rest's statistics); the probe is then refit on the whole training set
-    and scored once on the test set.
+    and scored once on the test set. With fewer than ``MIN_PER_CLASS_TO_VALIDATE`` images in some
+    class nothing is held out and the strongest penalty is used.
 
     Args:
         train_f: (N, D) features; train_y: (N,) int labels.
         test_f: (M, D) features; test_y: (M,) int labels.
     """
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    fit_idx, val_idx = _stratified_split(train_y, val_frac, seed)
-    xf, xv = _standardise(torch.from_numpy(train_f[fit_idx]).float(),
-                          torch.from_numpy(train_f[val_idx]).float())
-    yf = torch.from_numpy(train_y[fit_idx]).long()
-    yv = torch.from_numpy(train_y[val_idx]).long()
     val_acc: dict[float, float] = {}
-    init = None
-    # From strongest to weakest penalty, each fit warm-started from the previous one.
-    for wd in sorted(weight_decays, reverse=True):
-        init = _fit_logreg(xf, yf, num_classes, wd, init)
-        val_acc[wd] = float(((xv @ init[0] + init[1]).argmax(1) == yv).float().mean())
-    best = max(val_acc, key=lambda k: (val_acc[k], k))  # ties: the stronger penalty
+    if np.unique(train_y, return_counts=True)[1].min() < MIN_PER_CLASS_TO_VALIDATE:
+        best = max(weight_decays)  # too few labels to hold any out: the strongest penalty
+    else:
+        fit_idx, val_idx = _stratified_split(train_y, val_frac, seed)
+        xf, xv = _standardise(torch.from_numpy(train_f[fit_idx]).float(),
+                              torch.from_numpy(train_f[val_idx]).float())
+        yf = torch.from_numpy(train_y[fit_idx]).long()
+        yv = torch.from_numpy(train_y[val_idx]).long()
+        init = None
+        # From strongest to weakest penalty, each fit warm-started from the previous one.
+        for wd in sorted(weight_decays, reverse=True):
+            init = _fit_logreg(xf, yf, num_classes, wd, init)
+            val_acc[wd] = float(((xv @ init[0] + init[1]).argmax(1) == yv).float().mean())
+        best = max(val_acc, key=lambda k: (val_acc[k], k))  # ties: the stronger penalty
     xtr, xte = _standardise(torch.from_numpy(train_f).float(), torch.from_numpy(test_f).float())
     w, b = _fit_logreg(xtr, torch.from_numpy(train_y).long(), num_classes, best, max_iter=150)
     pred = (xte @ w + b).argmax(1).numpy()
@@ -192,6 +197,38 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
     return float((pred.numpy() == test_y).mean())
 
 
+class KnnMonitor:
+    """kNN accuracy during pretraining on a fixed subset: ``size`` test images (or, without a
+    test split, held-out training images) classified against a bank of ``5 * size`` training
+    images. Chosen once from ``seed``; classifying does not touch any random state."""
+
+    def __init__(self, data: ImageData, size: int, k: int, t: float, seed: int,
+                 batch_size: int) -> None:
+        assert data.train_y is not None
+        rng = np.random.default_rng(seed + 17)
+        n = len(data.train_x)
+        perm = torch.from_numpy(rng.permutation(n))
+        if data.test_x is not None and data.test_y is not None:
+            q = torch.from_numpy(rng.permutation(len(data.test_x))[:size])
+            self.query_x, self.query_y = data.test_x[q], data.test_y[q]
+        else:
+            q, perm = perm[:min(size, n // 2)], perm[min(size, n // 2):]
+            self.query_x, self.query_y = data.train_x[q], data.train_y[q]
+        bank = perm[:5 * size]
+        self.bank_x, self.bank_y = data.train_x[bank], data.train_y[bank].cpu()
+        self.num_classes = len(data.classes)
+        self.k, self.t, self.batch_size = k, t, batch_size
+
+    def accuracy(self, encoder: nn.Module, mean: list[float], std: list[float],
+                 device: torch.device, channels_last: bool) -> float:
+        f = {name: torch.from_numpy(embed(encoder, x, mean, std, self.batch_size, device,
+                                          channels_last))
+             for name, x in (("bank", self.bank_x), ("query", self.query_x))}
+        pred = knn_predict(f["bank"], self.bank_y.long(), f["query"], self.num_classes,
+                           min(self.k, len(self.bank_y)), self.t)
+        return float((pred == self.query_y.cpu()).float().mean())
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, C) counts; row = true class, column = predicted class."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -215,26 +252,33 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     Returns:
         The metrics written.
     """
-    from selfsup.train import ENCODER, init_encoder, load_checkpoint, prepare, select_device
+    from selfsup.train import (
+        ENCODER,
+        load_checkpoint,
+        prepare,
+        pretrained_encoder,
+        select_device,
+        use_channels_last,
+    )
 
     run_dir = Path(run_dir)
     saved = load_checkpoint(run_dir / ENCODER)
     cfg = config_from_dict(saved["config"])
     device = select_device(cfg.device)
     if encoder is None:
-        encoder = init_encoder(cfg)
-        encoder.load_state_dict(saved["state_dict"])
-    encoders = {"trained": encoder, "untrained": init_encoder(cfg)}  # same seed, same init
+        encoder = pretrained_encoder(saved)
+    # The untrained baseline: the exact network pretraining started from (same seed, same init).
+    encoders = {"trained": encoder, "untrained": pretrained_encoder(saved, initial=True)}
     metrics = read_metrics(run_dir)
     times = metrics.setdefault("time_s", {})
     results: dict[str, dict[str, Any]] = {"linear_probe": {}, "knn": {}}
     feats: dict[str, dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
+    nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=False)
     for which, enc in encoders.items():
-        enc = prepare(enc, device, cfg.channels_last)
+        enc = prepare(enc, device, nhwc)
         feats[which] = {
-            split: embed(enc, x, saved["mean"], saved["std"], cfg.eval_batch_size, device,
-                         cfg.channels_last)
+            split: embed(enc, x, saved["mean"], saved["std"], cfg.eval_batch_size, device, nhwc)
             for split, x in (("train", data.train_x), ("test", data.test_x)) if x is not None
         }
     times["embed"] = time.perf_counter() - t0

@@ -49,14 +49,19 @@ def save_npy(array: np.ndarray, path: str | Path) -> None:
     _write_with(path, lambda f: np.save(f, array))
 
 
-def save_json(obj: Any, path: str | Path) -> None:
-    """JSON (indented, sorted keys), atomically."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """UTF-8 text, atomically."""
+    data = text.encode()
 
     def write(f: IO[bytes]) -> None:
         f.write(data)
 
     _write_with(path, write)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """JSON (indented, sorted keys), atomically."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 def save_figure(fig: Any, path: str | Path) -> None:

@@ -41,6 +41,18 @@ def build_encoder(name: str, width: int) -> Encoder:
     return ENCODERS[name](width)
 
 
+def nhwc_safe_on_cpu(model: nn.Module) -> bool:
+    """Whether the CPU convolution kernels handle this model in NHWC (channels-last) format.
+
+    The CPU convolution library under PyTorch (oneDNN) computes the weight gradient of a strided
+    1x1 convolution in NHWC through a workspace that it overruns when the input has fewer
+    channels than its channel block (8 with AVX2, 16 with AVX-512): a hang with 2 threads or a
+    crash, seen here with a ResNet-18 of width 4. Such models must stay NCHW on CPU.
+    """
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                   and m.in_channels < 16 for m in model.modules())
+
+
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -22,9 +23,16 @@ def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
 
 
 def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None = None,
-               untrained_floor: float | None = None) -> Path:
-    """NT-Xent per step, with a moving average; ``untrained_floor`` marks log(2N-1)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+               untrained_floor: float | None = None,
+               knn_history: list[dict[str, float]] | None = None) -> Path:
+    """NT-Xent per step, with a moving average; ``untrained_floor`` marks log(2N-1).
+
+    ``knn_history`` (``[{"step", "epoch", "accuracy"}, ...]``, from pretraining) adds a panel
+    beside the loss: kNN accuracy on a fixed subset against the epoch.
+    """
+    panels = 2 if knn_history else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels - 1 * (panels - 1), 4), squeeze=False)
+    ax = axes[0, 0]
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
     w = max(1, len(losses) // 50)
@@ -41,6 +49,81 @@ def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None
         top.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     ax.legend()
+    if knn_history:
+        ax = axes[0, 1]
+        ep = [h["epoch"] for h in knn_history]
+        acc = [100 * h["accuracy"] for h in knn_history]
+        ax.plot(ep, acc, marker="o", label="kNN accuracy (monitor subset)")
+        for x, y in zip(ep[-1:], acc[-1:], strict=True):
+            ax.annotate(f"{y:.1f}%", (x, y), textcoords="offset points", xytext=(-10, 6))
+        ax.set(title="kNN accuracy during pretraining", xlabel="epoch", ylabel="accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _close_and_save(fig, path)
+
+
+def label_efficiency_plot(table: dict[str, Any], path: str | Path) -> Path:
+    """Test accuracy against the fraction of training labels (log x-axis), one line per way."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    frac = np.asarray(table["fraction"]) * 100
+    for key, label, style in (("finetune", "fine-tuned pretrained encoder", "-o"),
+                              ("probe", "linear probe, pretrained encoder (frozen)", "-s"),
+                              ("scratch", "same network from scratch (supervised)", "--^"),
+                              ("probe_untrained", "linear probe, untrained encoder", ":v")):
+        if table.get(key):
+            ax.plot(frac, 100 * np.asarray(table[key]), style, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(frac)
+    ax.set_xticklabels([f"{f:g}%\n({n})" for f, n in zip(frac, table["labels"], strict=True)])
+    ax.set(title="Label efficiency: test accuracy vs labels used",
+           xlabel="fraction of training labels (images)", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _close_and_save(fig, path)
+
+
+def retrieval_grid(queries: np.ndarray, query_labels: np.ndarray | None,
+                   neighbours: dict[str, np.ndarray], neighbour_labels: dict[str, np.ndarray],
+                   path: str | Path, classes: list[str]) -> Path:
+    """For each query image, its nearest training images under each encoder.
+
+    Args:
+        queries: (Q, H, W, 3) floats in [0, 1].
+        neighbours: encoder name -> (Q, K, H, W, 3) nearest training images, nearest first.
+        neighbour_labels: encoder name -> (Q, K) their labels (green frame: same class as the
+            query, red: another), or empty when unlabeled.
+    """
+    names = list(neighbours)
+    q, k = neighbours[names[0]].shape[:2]
+    rows = q * len(names)
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.1 * (k + 1) + 1.2, 1.15 * rows + 0.8),
+                             squeeze=False)
+    for i in range(q):
+        for j, name in enumerate(names):
+            r = i * len(names) + j
+            ax = axes[r, 0]
+            ax.imshow(queries[i], interpolation="nearest")
+            title = "query" if query_labels is None else f"query: {classes[query_labels[i]]}"
+            ax.set_ylabel(name, fontsize=8)
+            if j == 0:
+                ax.set_title(title, fontsize=8)
+            for c in range(k):
+                ax = axes[r, c + 1]
+                ax.imshow(neighbours[name][i, c], interpolation="nearest")
+                labels = neighbour_labels.get(name)
+                if labels is not None and len(labels) and query_labels is not None:
+                    same = labels[i, c] == query_labels[i]
+                    for spine in ax.spines.values():
+                        spine.set_edgecolor("tab:green" if same else "tab:red")
+                        spine.set_linewidth(2.5)
+            for ax in axes[r]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(f"Nearest training images (cosine similarity of features), {k} per query; "
+                 "frame: green = same class", fontsize=9)
+    fig.tight_layout()
     return _close_and_save(fig, path)
 
 
@@ -165,7 +248,8 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
         train_size = int(metrics.get("train_size", 0))
         batch = min(cfg.batch_size, train_size) if train_size else cfg.batch_size
         steps_per_epoch = train_size // batch if train_size else None
-        loss_curve(losses, run_dir / "loss.png", steps_per_epoch, math.log(2 * batch - 1))
+        loss_curve(losses, run_dir / "loss.png", steps_per_epoch, math.log(2 * batch - 1),
+                   metrics.get("knn_history"))
         out["loss"] = "loss.png"
     if "confusion" in metrics:
         acc = metrics.get("linear_probe", {}).get("trained")
@@ -186,6 +270,11 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
                      f"t-SNE of {split} embeddings")
             out.update(pca="pca.png", tsne="tsne.png")
             break
+    if "label_efficiency" in metrics:
+        label_efficiency_plot(metrics["label_efficiency"], run_dir / "label_efficiency.png")
+        out["label_efficiency"] = "label_efficiency.png"
+    if data is not None and _retrieval(run_dir, data, cfg.seed):
+        out["retrieval"] = "retrieval.png"
     if data is not None:
         g = torch.Generator().manual_seed(cfg.seed)
         x = data.train_x[torch.linspace(0, len(data.train_x) - 1, 8).long()].cpu()  # spread out
@@ -197,3 +286,37 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
         augmentation_grid(hwc(x.float() / 255), hwc(v1), hwc(v2), run_dir / "augmentations.png")
         out["augmentations"] = "augmentations.png"
     return out
+
+
+def _retrieval(run_dir: Path, data: ImageData, seed: int, queries: int = 6, k: int = 8) -> bool:
+    """``retrieval.png`` from the saved embeddings of both encoders; False when they are missing."""
+    files = {name: (run_dir / f"{p}train_emb.npy", run_dir / f"{p}test_emb.npy")
+             for name, p in (("trained", ""), ("untrained", "untrained_"))}
+    if data.test_x is None or not all(f.is_file() for pair in files.values() for f in pair):
+        return False
+    test_y = None if data.test_y is None else data.test_y.cpu().numpy()
+    train_y = None if data.train_y is None else data.train_y.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    if test_y is not None:  # one query from each of the first classes
+        classes = np.unique(test_y)[:queries]
+        q_idx = np.array([rng.choice(np.flatnonzero(test_y == c)) for c in classes])
+    else:
+        q_idx = rng.choice(len(data.test_x), min(queries, len(data.test_x)), replace=False)
+
+    def hwc(x: np.ndarray) -> np.ndarray:
+        return np.moveaxis(x, -3, -1).astype(np.float32) / 255
+
+    train_imgs = data.train_x.cpu().numpy()
+    neighbours, labels = {}, {}
+    for name, (tr_path, te_path) in files.items():
+        tr, te = np.load(tr_path), np.load(te_path)[q_idx]
+        tr = tr / np.linalg.norm(tr, axis=1, keepdims=True).clip(1e-12)
+        te = te / np.linalg.norm(te, axis=1, keepdims=True).clip(1e-12)
+        nn_idx = np.argsort(-(te @ tr.T), axis=1)[:, :k]  # (Q, k), nearest first
+        neighbours[f"{name} encoder"] = hwc(train_imgs[nn_idx])
+        labels[f"{name} encoder"] = train_y[nn_idx] if train_y is not None else np.empty(0)
+    names = list(data.classes) if data.classes else []
+    retrieval_grid(hwc(data.test_x.cpu().numpy()[q_idx]),
+                   None if test_y is None else test_y[q_idx], neighbours, labels,
+                   run_dir / "retrieval.png", names)
+    return True

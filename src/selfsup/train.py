@@ -29,7 +29,7 @@ from selfsup.data import ImageData, channel_stats
 from selfsup.errors import CheckpointError, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.losses import nt_xent
-from selfsup.models import Encoder, ProjectionHead, build_encoder
+from selfsup.models import Encoder, ProjectionHead, build_encoder, nhwc_safe_on_cpu
 
 M = TypeVar("M", bound=nn.Module)
 CHECKPOINT = "checkpoint.pt"
@@ -153,9 +153,35 @@ def init_encoder(cfg: Config) -> Encoder:
     return build_encoder(cfg.model, cfg.width)
 
 
+def pretrained_encoder(saved: dict[str, Any], initial: bool = False) -> Encoder:
+    """The encoder of an ``encoder.pt`` (see ``load_checkpoint``), in eval mode; with ``initial``,
+    the same architecture at the initial weights pretraining started from (the untrained
+    baseline)."""
+    encoder = init_encoder(config_from_dict(saved["config"]))
+    if not initial:
+        try:
+            encoder.load_state_dict(saved["state_dict"])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"the encoder weights do not fit the configured model "
+                                  f"({str(e).splitlines()[0]})") from None
+    return encoder.eval()
+
+
 def init_head(cfg: Config, feature_dim: int) -> ProjectionHead:
     torch.manual_seed(cfg.seed + 1)
     return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
+
+
+def use_channels_last(encoder: nn.Module, requested: bool, device: torch.device,
+                      verbose: bool = True) -> bool:
+    """NHWC when ``requested``, unless this encoder hits a known CPU kernel fault in NHWC."""
+    if requested and device.type == "cpu" and not nhwc_safe_on_cpu(encoder):
+        if verbose:
+            print("note: channels_last off: this encoder has a strided 1x1 convolution with "
+                  "fewer than 16 input channels, which the CPU kernels mishandle in NHWC",
+                  flush=True)
+        return False
+    return requested
 
 
 def prepare(model: M, device: torch.device, channels_last: bool) -> M:
@@ -188,13 +214,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[float],
-                 std: list[float]) -> None:
-    """``encoder.pt``: weights, config, feature width and the input normalisation."""
+                 std: list[float], image_size: int) -> None:
+    """``encoder.pt``: weights, config, feature width, the input normalisation and the side of
+    the images it was trained on."""
     from selfsup import __version__
 
     save_torch(dict(state_dict=encoder.state_dict(), config=cfg.to_dict(),
-                    feature_dim=encoder.feature_dim, mean=mean, std=std, version=__version__),
-               path)
+                    feature_dim=encoder.feature_dim, mean=mean, std=std, image_size=image_size,
+                    version=__version__), path)
 
 
 # --- the method -----------------------------------------------------------------------------
@@ -209,13 +236,16 @@ class SimCLR:
 
     def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],
                  std: list[float], peak_lr: float, amp_dtype: torch.dtype | None) -> None:
-        self.encoder = prepare(init_encoder(cfg), device, cfg.channels_last)
+        encoder = init_encoder(cfg)
+        self.nhwc = use_channels_last(encoder, cfg.channels_last, device,
+                                      verbose=dist.is_main())
+        self.encoder = prepare(encoder, device, self.nhwc)
         self.head = prepare(init_head(cfg, self.encoder.feature_dim), device, False)
         self.opt = build_optimizer([self.encoder, self.head], cfg, peak_lr)
         self.aug = AugmentParams.from_config(cfg, image_size)
         self.mean = torch.tensor(mean, device=device)
         self.std = torch.tensor(std, device=device)
-        self.mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.mem = torch.channels_last if self.nhwc else torch.contiguous_format
         self.temperature = cfg.temperature
         self.amp_dtype = amp_dtype
         self.device = device
@@ -317,6 +347,8 @@ class PretrainResult:
     precision: str
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    knn_history: list[dict[str, float]] = field(default_factory=list)  # {step, epoch, accuracy}
+    knn_seconds: float = 0.0  # spent on those kNN checks (not in seconds or images_per_s)
 
 
 class _Progress:
@@ -421,7 +453,23 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     method = SimCLR(cfg, device, x_all.shape[-1], mean, std, peak_lr, amp_dtype)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # augmentation randomness
     losses: list[float] = []
+    knn_history: list[dict[str, float]] = []
     step = 0
+    monitor = None
+    if cfg.knn_every and data.labeled:
+        from selfsup.evaluate import KnnMonitor
+
+        monitor = KnnMonitor(data, cfg.knn_monitor_size, cfg.knn_k, cfg.knn_t, cfg.seed,
+                             cfg.eval_batch_size)
+    monitor_s = 0.0
+
+    def check_knn(at_step: int) -> float:
+        """Append the monitor's kNN accuracy at ``at_step``; returns the seconds it took."""
+        assert monitor is not None
+        t0 = time.perf_counter()
+        acc = monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
+        knn_history.append(dict(step=at_step, epoch=at_step / steps_per_epoch, accuracy=acc))
+        return time.perf_counter() - t0
 
     ckpt_path = run_dir / CHECKPOINT
     if resume:
@@ -435,18 +483,24 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         method.load_state_dict(ck)
         gen.set_state(ck["gen_state"])
         losses, step = list(ck["losses"]), int(ck["step"])
+        knn_history = list(ck.get("knn_history", []))
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
-    elif cfg.budget and not cfg.steps:
-        budget_s = parse_duration(cfg.budget)
+    if monitor is not None and step == 0:
+        monitor_s += check_knn(0)  # the starting point: the untrained encoder
+    if not resume and cfg.budget and not cfg.steps:
+        budget_s = parse_duration(cfg.budget) - monitor_s
         t0 = time.perf_counter()
         step_s = measure_step_seconds(method, x_all, batch, cfg.seed)
         t1 = time.perf_counter()
         save_torch(dict(method.state_dict(), config=cfg.to_dict()), run_dir / ".timing.pt")
         ckpt_s = time.perf_counter() - t1
         (run_dir / ".timing.pt").unlink()
-        steps = steps_for_budget(budget_s - (time.perf_counter() - t0), step_s, steps_per_epoch,
-                                 ckpt_s)
+        left = budget_s - (time.perf_counter() - t0)
+        steps = steps_for_budget(left, step_s, steps_per_epoch, ckpt_s)
+        if monitor is not None:  # the kNN checks come out of the budget too
+            checks = steps // (steps_per_epoch * cfg.knn_every)
+            steps = steps_for_budget(left - checks * monitor_s, step_s, steps_per_epoch, ckpt_s)
         cfg = dataclasses.replace(cfg, steps=steps)
         if main:
             print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step measured, so {steps} "
@@ -466,7 +520,8 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         saved_step = at_step
         if main:
             save_torch(dict(method.state_dict(), gen_state=gen_state, step=at_step,
-                            losses=losses, config=cfg.to_dict()), ckpt_path)
+                            losses=losses, knn_history=knn_history, config=cfg.to_dict()),
+                       ckpt_path)
 
     progress = _Progress(total, step, cfg.progress and main, every=max(1, total // 50))
     method.train()
@@ -494,7 +549,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 train_time += time.perf_counter() - t0
                 images += batch
                 progress.update(step, loss_value, lr, images / max(train_time, 1e-9))
-                if step % steps_per_epoch == 0 or step == total or stop.requested:
+                epoch_end = step % steps_per_epoch == 0
+                if monitor is not None and (step == total or epoch_end and (
+                        step // steps_per_epoch) % cfg.knn_every == 0):
+                    method.train(False)
+                    monitor_s += check_knn(step)
+                    method.train()
+                if epoch_end or step == total or stop.requested:
                     checkpoint(step, gen_state)
                 if stop.requested and step < total:
                     raise KeyboardInterrupt
@@ -507,10 +568,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     progress.close()
     encoder = method.encoder.eval()
     if main:
-        save_encoder(run_dir / ENCODER, encoder, cfg, mean, std)
+        save_encoder(run_dir / ENCODER, encoder, cfg, mean, std, int(x_all.shape[-1]))
         save_npy(np.asarray(losses, dtype=np.float32), run_dir / "loss.npy")
     return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
-                          images / max(train_time, 1e-9), precision, mean, std)
+                          images / max(train_time, 1e-9), precision, mean, std, knn_history,
+                          monitor_s)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

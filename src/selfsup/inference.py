@@ -1,0 +1,84 @@
+"""Using a trained encoder from Python: ``load_encoder`` and embedding a folder of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfsup.augment import normalize, to_float
+from selfsup.errors import DataError
+
+
+class FeatureExtractor(nn.Module):
+    """A trained encoder with its input normalisation: images in, features h out.
+
+    Call it on a batch of images (B, 3, H, W), uint8 in [0, 255] or float in [0, 1]; it returns
+    (B, feature_dim) features. Built by ``load_encoder`` in eval mode with gradients off; call
+    ``.train()`` and ``.requires_grad_(True)`` to fine-tune it inside your own model.
+    """
+
+    def __init__(self, encoder: nn.Module, mean: list[float], std: list[float],
+                 image_size: int, feature_dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+        self.image_size = image_size  # side of the images it was trained on
+        self.feature_dim = feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images) if images.dtype == torch.uint8 else images
+        return self.encoder(normalize(x, self.mean, self.std))  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Features (N, feature_dim) of images (N, 3, H, W), batch by batch, in eval mode."""
+        was = self.training
+        self.eval()
+        dev = next(self.encoder.parameters()).device
+        out = [self(images[i:i + batch_size].to(dev)).float().cpu()
+               for i in range(0, len(images), batch_size)]
+        self.train(was)
+        return torch.cat(out).numpy() if out else np.zeros((0, self.feature_dim), np.float32)
+
+    def embed_folder(self, folder: str | Path, batch_size: int = 256
+                     ) -> tuple[np.ndarray, list[Path]]:
+        """Features of every image under ``folder`` (resized to the training size), in sorted
+        path order, and those paths (unreadable files are skipped with a warning).
+
+        Raises:
+            DataError: no folder, or no image in it.
+        """
+        from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
+
+        root = Path(folder)
+        if not root.is_dir():
+            raise DataError(f"{root} is not a folder")
+        paths = image_files(root)
+        if not paths:
+            raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+        x, kept = decode_images(paths, self.image_size)
+        return self.embed(x, batch_size), [paths[i] for i in kept]
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """Load a trained encoder (a run's ``encoder.pt``, or the run folder) for use in Python.
+
+    Loading runs no code from the file (``weights_only``).
+
+    Raises:
+        CheckpointError: missing, damaged, or not a selfsup encoder.
+    """
+    from selfsup.train import ENCODER, load_checkpoint, pretrained_encoder
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / ENCODER
+    saved = load_checkpoint(path)
+    size = int(saved.get("image_size", 32))
+    fx = FeatureExtractor(pretrained_encoder(saved), saved["mean"], saved["std"], size,
+                          int(saved["feature_dim"]))
+    return fx.to(device).eval().requires_grad_(False)

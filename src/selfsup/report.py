@@ -1,0 +1,185 @@
+"""``report.html``: one self-contained page about a run (images embedded as data URIs).
+
+The page shows the config, the machine and timings, the metrics table (trained encoder beside
+the untrained baseline: linear probe, kNN, fine-tuning and the label-efficiency table when they
+were run) and every figure. It needs no network and no other file. A small inline script marks
+on ``<body>`` how many images decoded (``data-images-shown="n/m"``) and how many script errors
+occurred (``data-errors``), so that a browser test can check the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from selfsup.files import atomic_write_text
+
+# Figures in the order the page shows them: (file, heading, what it shows).
+FIGURES = (
+    ("loss.png", "Pretraining", "NT-Xent loss per step and, beside it, kNN accuracy on a fixed "
+                                "subset during pretraining."),
+    ("label_efficiency.png", "Label efficiency", "Test accuracy against the fraction of labels "
+                                                 "used."),
+    ("confusion.png", "Confusion matrix", "Linear probe on the trained encoder, test set."),
+    ("retrieval.png", "Nearest neighbours", "Training images nearest to a few test images, "
+                                            "trained encoder vs untrained."),
+    ("tsne.png", "t-SNE map", "Test embeddings of the trained encoder."),
+    ("pca.png", "PCA map", "First two principal components of the test embeddings."),
+    ("augmentations.png", "Augmentations", "Two random views of a few training images."),
+)
+
+_CHECK_SCRIPT = """
+window.__errors = 0;
+window.addEventListener('error', function () { window.__errors += 1; }, true);
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var shown = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images-shown', shown + '/' + imgs.length);
+  document.body.setAttribute('data-errors', String(window.__errors));
+});
+"""
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f2f2f2; }
+.gain { color: #1a7f37; font-weight: 600; } .loss { color: #b42318; font-weight: 600; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+details pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _gain(t: float | None, u: float | None) -> str:
+    if t is None or u is None:
+        return "<td>–</td>"
+    d = 100 * (t - u)
+    return f'<td class="{"gain" if d >= 0 else "loss"}">{d:+.1f}</td>'
+
+
+def _table(head: list[str], rows: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _metrics_table(m: dict[str, Any]) -> str:
+    rows = []
+    for key, label in (("linear_probe", "Linear probe (logistic regression)"),
+                       ("knn", f"kNN (k={m.get('knn', {}).get('k', '?')})")):
+        r = m.get(key)
+        if r and "trained" in r:
+            rows.append(f"<tr><td>{label}</td><td>{_pct(r['trained'])}</td>"
+                        f"<td>{_pct(r['untrained'])}</td>{_gain(r['trained'], r['untrained'])}"
+                        "</tr>")
+    if not rows:
+        return "<p>No labels: embeddings only, no accuracy.</p>"
+    return _table(["test accuracy", "trained encoder", "untrained encoder", "gain (points)"],
+                  rows)
+
+
+def _finetune_table(m: dict[str, Any]) -> str:
+    ft = m.get("finetune")
+    if not ft:
+        return ""
+    rows = [f"<tr><td>{html.escape(k)}</td><td>{r['labels']}</td><td>{r['steps']}</td>"
+            f"<td>{_pct(r['accuracy'])}</td><td>{r['seconds']:.0f}</td></tr>"
+            for k, r in sorted(ft.items())]
+    return "<h3>Classifiers trained with labels</h3>" + _table(
+        ["mode and label fraction", "labels", "steps", "test accuracy", "seconds"], rows)
+
+
+def _label_efficiency_table(m: dict[str, Any]) -> str:
+    le = m.get("label_efficiency")
+    if not le:
+        return ""
+    rows = []
+    for i, f in enumerate(le["fraction"]):
+        cells = "".join(f"<td>{_pct(le[k][i])}</td>"
+                        for k in ("probe", "finetune", "scratch", "probe_untrained"))
+        best = max(le["probe"][i], le["finetune"][i])
+        rows.append(f"<tr><td>{100 * f:g}% ({le['labels'][i]})</td>{cells}"
+                    f"{_gain(best, le['scratch'][i])}</tr>")
+    return "<h3>Label efficiency</h3>" + _table(
+        ["labels used", "probe (pretrained)", "fine-tuned", "from scratch", "probe (untrained)",
+         "best pretrained vs scratch"], rows)
+
+
+def _facts(m: dict[str, Any]) -> str:
+    cfg, mach, pre = m.get("config", {}), m.get("machine", {}), m.get("pretrain", {})
+    t = m.get("time_s", {})
+    items = [
+        ("data", f"{m.get('dataset', cfg.get('dataset', '?'))}: {m.get('train_size', '?')} "
+                 f"training, {m.get('test_size', '?')} test images"),
+        ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}, features "
+                    f"{m.get('feature_dim', '?')}"),
+        ("pretraining", f"{pre.get('steps', '?')} steps ({pre.get('epochs', 0):.1f} epochs), "
+                        f"batch {cfg.get('batch_size', '?')}, {pre.get('precision', '?')}, "
+                        f"{pre.get('images_per_s', 0):.0f} images/s"),
+        ("machine", f"{mach.get('cpu', '?')} ({mach.get('cpu_capability', '?')}), "
+                    f"{mach.get('threads', '?')} threads, device {mach.get('device', '?')}"
+                    + (f", {mach['gpu']}" if mach.get("gpu") else "")
+                    + f", torch {mach.get('torch', '?')}"),
+        ("time", ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in t.items())),
+    ]
+    lis = "".join(f"<li><b>{k}</b>: {html.escape(str(v))}</li>" for k, v in items)
+    return f"<ul>{lis}</ul>"
+
+
+def _figure(path: Path, heading: str, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<h2>{html.escape(heading)}</h2><figure><img alt=\"{html.escape(heading)}\" "
+            f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}"
+            "</figcaption></figure>")
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The HTML page of a run, from its ``metrics.json``, ``config.json`` and figures."""
+    run_dir = Path(run_dir)
+    mpath = run_dir / "metrics.json"
+    m: dict[str, Any] = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    cpath = run_dir / "config.json"
+    cfg = m.get("config") or (json.loads(cpath.read_text()) if cpath.is_file() else {})
+    m.setdefault("config", cfg)
+    figures = [_figure(run_dir / f, h, c) for f, h, c in FIGURES if (run_dir / f).is_file()]
+    known = {f for f, _, _ in FIGURES}
+    figures += [_figure(p, p.stem.replace("_", " "), "") for p in sorted(run_dir.glob("*.png"))
+                if p.name not in known]
+    title = f"selfsup run {run_dir.name}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title><style>{_STYLE}</style>
+<script>{_CHECK_SCRIPT}</script></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="sub">SimCLR pretraining without labels; every accuracy beside the same network at its
+initial weights (untrained), probed the same way.</p>
+{_facts(m)}
+<h2>Results</h2>
+{_metrics_table(m)}
+{_finetune_table(m)}
+{_label_efficiency_table(m)}
+{''.join(figures)}
+<h2>Configuration</h2>
+<details><summary>config.json</summary><pre>{html.escape(json.dumps(cfg, indent=2,
+                                                             sort_keys=True))}</pre></details>
+</body></html>
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` (atomically) and return its path."""
+    path = Path(run_dir) / "report.html"
+    atomic_write_text(build_report(run_dir), path)
+    return path
