@@ -103,3 +103,25 @@ def image_folder(tmp_path: Path) -> Path:
         write_images(root / "train" / name, 8, seed=c, color=c)
         write_images(root / "test" / name, 3, seed=10 + c, suffix=".jpg", color=c)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits as the project reads them (a real, tiny, labelled data set)."""
+    from selfsup.data import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def digits_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's demo, `selfsup run --dataset digits`, run once as a real command."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo")
+    p = subprocess.run([sys.executable, "-m", "selfsup", "run", "--dataset", "digits",
+                        "--out-dir", str(out), "--name", "d", "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return out / "d"

@@ -7,7 +7,6 @@ import torch
 
 from selfsup import train
 from selfsup.config import make_config
-from selfsup.data import load_digits
 from selfsup.errors import CheckpointError, ConfigError, SelfsupError
 
 
@@ -54,11 +53,6 @@ def test_optimizer_groups_and_lars_moves_weights():
     step = (m[0].weight - before).norm() / before.norm()
     # LARS scales the update to eta * lr * ||w|| (trust ratio) on the first step.
     assert float(step.detach()) == pytest.approx(0.001 * 0.1, rel=1e-3)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
 
 
 def _cfg(**kw):

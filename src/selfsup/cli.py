@@ -142,7 +142,7 @@ def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, bool]:
 def _load_data(cfg: Config) -> Any:
     from selfsup.data import load_dataset
 
-    return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download)
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download, cfg.bad_images)
 
 
 def _summary(metrics: dict[str, Any]) -> str:
@@ -173,7 +173,10 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
 
     start = time.perf_counter()
     cfg, run_dir, resume = _resolve(ns)
-    main = dist.is_main()
+    # Under torchrun: join the process group; rank 0's run folder and config hold for all.
+    device = dist.setup(select_device(cfg.device), cfg.dist_timeout)
+    cfg, run_dir, resume = dist.broadcast_object((cfg, run_dir, resume))
+    main, world = dist.is_main(), dist.world_size()
     if main:
         print(f"selfsup {ns.command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
     t0 = time.perf_counter()
@@ -185,14 +188,17 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
               f"{0 if data.test_x is None else len(data.test_x)} test images "
               f"({load_s:.1f} s)", flush=True)
     t0 = time.perf_counter()
-    result = pretrain(cfg, data, run_dir, resume=resume)
+    try:
+        result = pretrain(cfg, data, run_dir, resume=resume)
+    finally:
+        dist.cleanup()  # evaluation runs in rank 0 alone
     pretrain_s = time.perf_counter() - t0
     cfg = result.config  # steps fixed when a budget chose them
     if not main:
         return 0
     metrics = read_metrics(run_dir)
     metrics.update(
-        config=cfg.to_dict(), machine=machine_info(select_device(cfg.device)),
+        config=cfg.to_dict(), machine=dict(machine_info(device), world_size=world),
         pretrain=dict(steps=result.steps, epochs=result.epochs, precision=result.precision,
                       images_per_s=result.images_per_s, train_seconds=result.seconds),
         knn_history=result.knn_history,

@@ -31,6 +31,7 @@ class Config:
     data_dir: str = field(default_factory=_default_data_dir)  # $SELFSUP_DATA or ./data
     image_size: int = 0  # folder images are resized to this side (px); 0 = size of the first image
     download: bool = True  # fetch CIFAR-10 when absent (checked against its published MD5)
+    bad_images: str = "skip"  # image folders: skip unreadable or non-image files (counted), or fail
     # --- augmentation (two views per image per step; SimCLR appendix B.9 for CIFAR) ---
     view_size: int = 0  # side of the augmented views during pretraining (px); 0 = image side
     crop_scale_min: float = 0.08  # random resized crop: smallest area fraction
@@ -62,6 +63,9 @@ class Config:
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)
     seed: int = 0  # seeds model init, data order and augmentation
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    sync_bn: bool = True  # several processes: batch-norm statistics over the global batch
+    dist_timeout: float = 300.0  # several processes: seconds before a silent peer is an error
     # --- evaluation ---
     knn_k: int = 200
     knn_t: float = 0.1  # temperature of the kNN vote weights exp(sim / t)
@@ -87,6 +91,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar10", "digits", "folder"),
     "optimizer": ("sgd", "lars"),
     "precision": ("auto", "fp32", "bf16"),
+    "bad_images": ("skip", "fail"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -234,6 +239,8 @@ def validate(cfg: Config) -> None:
         (cfg.knn_k >= 1 and cfg.knn_t > 0, "knn_k must be >= 1 and knn_t > 0"),
         (0 < cfg.probe_val_frac < 1, "probe_val_frac must be in (0, 1)"),
         (cfg.tsne_points >= 0, "tsne_points must be >= 0"),
+        (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+        (cfg.dist_timeout > 0, "dist_timeout must be > 0"),
         (cfg.knn_every >= 0 and cfg.knn_monitor_size >= 1,
          "knn_every must be >= 0 and knn_monitor_size >= 1"),
         (cfg.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
@@ -251,7 +258,8 @@ def validate(cfg: Config) -> None:
 # Keys that may differ when resuming a run: they do not change what is being trained.
 RESUMABLE_KEYS = ("epochs", "steps", "budget", "progress", "device", "threads", "out_dir", "name",
                   "eval_batch_size", "tsne_points", "knn_k", "knn_t", "probe_val_frac",
-                  "knn_every", "knn_monitor_size")
+                  "knn_every", "knn_monitor_size", "bad_images", "checkpoint_every",
+                  "dist_timeout")
 
 
 def diff_keys(old: Config, new: Config, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:

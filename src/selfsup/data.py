@@ -244,9 +244,33 @@ def _missing_cifar_message(root: Path, why: str) -> str:
 # --- image folders --------------------------------------------------------------------------
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+
+def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
+    """The image files under ``folder`` (by suffix), sorted; other files are skipped with a
+    counted warning, or refused when ``bad_images`` is ``fail`` (hidden files are ignored).
+
+    Raises:
+        DataError: ``fail`` and a file that is not an image.
+    """
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not any(part.startswith(".")
+                                              for part in p.relative_to(folder).parts))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [str(p) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        _bad(bad_images, f"{len(others)} file(s) in {folder} are not images (by their suffix)",
+             others)
+    return images
+
+
+def _bad(policy: str, what: str, examples: list[str]) -> None:
+    """Skip with a counted warning, or fail: the ``bad_images`` policy."""
+    shown = ", ".join(examples[:3]) + (", ..." if len(examples) > 3 else "")
+    if policy == "fail":
+        raise DataError(f"{what}: {shown} (use --bad-images skip to skip such files)")
+    warnings.warn(f"skipped {what}: {shown}", stacklevel=3)
 
 
 def _decode(path: Path, size: int) -> np.ndarray | None:
@@ -275,7 +299,8 @@ def _first_size(paths: Iterable[Path]) -> int:
     return 0
 
 
-def decode_images(paths: list[Path], image_size: int = 0) -> tuple[torch.Tensor, list[int]]:
+def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "skip"
+                  ) -> tuple[torch.Tensor, list[int]]:
     """Decode image files into one (N, 3, S, S) uint8 tensor, on all cores.
 
     Args:
@@ -285,7 +310,10 @@ def decode_images(paths: list[Path], image_size: int = 0) -> tuple[torch.Tensor,
 
     Returns:
         The images and the indices into ``paths`` that decoded (unreadable files are skipped
-        with a counted warning).
+        with a counted warning, or refused when ``bad_images`` is ``fail``).
+
+    Raises:
+        DataError: no readable image, or ``fail`` and an unreadable one.
     """
     from PIL import Image
 
@@ -295,10 +323,9 @@ def decode_images(paths: list[Path], image_size: int = 0) -> tuple[torch.Tensor,
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         arrays = list(pool.map(lambda p: _decode(p, size), paths))
     kept = [i for i, a in enumerate(arrays) if a is not None]
-    skipped = len(paths) - len(kept)
-    if skipped:
-        bad = [str(paths[i]) for i, a in enumerate(arrays) if a is None][:3]
-        warnings.warn(f"skipped {skipped} unreadable file(s), e.g. {', '.join(bad)}", stacklevel=2)
+    bad = [str(paths[i]) for i, a in enumerate(arrays) if a is None]
+    if bad and kept:
+        _bad(bad_images, f"{len(bad)} unreadable image file(s)", bad)
     if not kept:
         raise DataError(f"none of the {len(paths)} files could be read as an image")
 
@@ -313,7 +340,7 @@ def decode_images(paths: list[Path], image_size: int = 0) -> tuple[torch.Tensor,
     return torch.from_numpy(np.stack([arrays[i] for i in kept])), kept  # type: ignore[misc]
 
 
-def _labeled_split(folder: Path, classes: list[str] | None, size: int
+def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str
                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir())
     names = classes if classes is not None else [d.name for d in class_dirs]
@@ -323,38 +350,42 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int
     paths: list[Path] = []
     labels: list[int] = []
     for d in class_dirs:
-        files = image_files(d)
+        files = image_files(d, bad_images)
         paths += files
         labels += [names.index(d.name)] * len(files)
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    x, kept = decode_images(paths, size)
+    x, kept = decode_images(paths, size, bad_images)
     return x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names
 
 
-def load_image_folder(root: str | Path, image_size: int = 0) -> ImageData:
+def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "skip"
+                      ) -> ImageData:
     """Images from a folder: ``train/<class>/*`` and ``test/<class>/*``, or a flat folder.
 
     A folder with ``train/`` and ``test/`` subfolders of class folders gives a labeled data set
     (labels from folder names, sorted). Any other folder gives an unlabeled data set of every
-    image under it (pretraining and embeddings only).
+    image under it (pretraining and embeddings only). Files that are not images, or not
+    readable, are skipped with a counted warning (``bad_images="skip"``) or refused (``fail``).
 
     Raises:
-        DataError: the folder is missing, or holds no readable image.
+        DataError: the folder is missing, or holds no readable image, or a bad file and
+            ``fail``.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
     train, test = root / "train", root / "test"
     if train.is_dir() and test.is_dir() and any(d.is_dir() for d in train.iterdir()):
-        size = image_size or _first_size(image_files(train)[:1])
-        x, y, classes = _labeled_split(train, None, size)
-        tx, ty, _ = _labeled_split(test, classes, x.shape[-1])
+        size = image_size or _first_size(p for p in sorted(train.rglob("*"))
+                                         if p.suffix.lower() in IMAGE_SUFFIXES)
+        x, y, classes = _labeled_split(train, None, size, bad_images)
+        tx, ty, _ = _labeled_split(test, classes, x.shape[-1], bad_images)
         return ImageData(x, y, tx, ty, classes, root.name)
-    paths = image_files(root)
+    paths = image_files(root, bad_images)
     if not paths:
         raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    x, _ = decode_images(paths, image_size)
+    x, _ = decode_images(paths, image_size, bad_images)
     return ImageData(x, None, None, None, [], root.name)
 
 
@@ -381,14 +412,14 @@ def load_digits(size: int = 16, test_frac: float = 0.2) -> ImageData:
 
 
 def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
-                 download: bool = True) -> ImageData:
+                 download: bool = True, bad_images: str = "skip") -> ImageData:
     """Load a data set by name: ``cifar10``, ``digits`` or ``folder`` (image folder at data_dir)."""
     if name == "cifar10":
         return load_cifar10(data_dir, download=download)
     if name == "digits":
         return load_digits()
     if name == "folder":
-        return load_image_folder(data_dir, image_size)
+        return load_image_folder(data_dir, image_size, bad_images)
     raise DataError(f"unknown dataset {name!r}; valid: cifar10, digits, folder")
 
 

@@ -5,8 +5,10 @@ A reader (or a crash) sees either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +17,8 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+
+from selfsup.errors import SelfsupError
 
 
 @contextmanager
@@ -35,8 +39,25 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 def _write_with(path: str | Path, writer: Callable[[IO[bytes]], None], suffix: str = "") -> None:
-    with atomic_path(path, suffix) as tmp, open(tmp, "wb") as f:
-        writer(f)
+    """Write through ``writer`` atomically; a failed write (disk full, ...) leaves the previous
+    file as it was and raises ``SelfsupError`` saying so."""
+    try:
+        with atomic_path(path, suffix) as tmp, open(tmp, "wb") as f:
+            writer(f)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a short write as a RuntimeError of its archive writer.
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e) \
+                and "PytorchStreamWriter" not in str(e):
+            raise
+        parent = Path(path).parent
+        free = shutil.disk_usage(parent).free if parent.is_dir() else -1
+        err = getattr(e, "errno", None)
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or 0 <= free < (1 << 20):
+            why = f"no space left on the device ({free} bytes free)"
+        else:
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        kept = "the previous file is unchanged" if Path(path).exists() else "nothing was written"
+        raise SelfsupError(f"cannot write {path}: {why}; {kept}") from e
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -26,7 +26,8 @@ from selfsup import dist
 from selfsup.augment import AugmentParams, normalize, two_views
 from selfsup.config import Config, config_from_dict, diff_keys, parse_duration
 from selfsup.data import ImageData, channel_stats
-from selfsup.errors import CheckpointError, SelfsupError
+from selfsup.dist import gather_with_grad
+from selfsup.errors import CheckpointError, ConfigError, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.losses import nt_xent
 from selfsup.models import Encoder, ProjectionHead, build_encoder, nhwc_safe_on_cpu
@@ -227,11 +228,25 @@ def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[flo
 # --- the method -----------------------------------------------------------------------------
 
 
+class _EncoderAndHead(nn.Module):
+    """f then g as one module (what DDP wraps): views -> projections z."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(v))  # type: ignore[no-any-return]
+
+
 class SimCLR:
     """The SimCLR method: two views of every image, one forward pass, NT-Xent, one update.
 
     Holds the encoder f, the projection head g and their optimiser; the loop around it owns the
-    data order, the schedule and the checkpoints.
+    data order, the schedule and the checkpoints. In several processes (torchrun) the pair is
+    wrapped in DistributedDataParallel, its batch norms are global (``sync_bn``) and the loss
+    sees every process's projections (``dist.gather_with_grad``); each process passes its own
+    share of the global batch.
     """
 
     def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],
@@ -239,9 +254,12 @@ class SimCLR:
         encoder = init_encoder(cfg)
         self.nhwc = use_channels_last(encoder, cfg.channels_last, device,
                                       verbose=dist.is_main())
-        self.encoder = prepare(encoder, device, self.nhwc)
-        self.head = prepare(init_head(cfg, self.encoder.feature_dim), device, False)
-        self.opt = build_optimizer([self.encoder, self.head], cfg, peak_lr)
+        pair = _EncoderAndHead(prepare(encoder, device, self.nhwc),
+                               prepare(init_head(cfg, encoder.feature_dim), device, False))
+        if dist.world_size() > 1 and cfg.sync_bn:
+            pair = dist.convert_batchnorm(pair, device)  # type: ignore[assignment]
+        self.cfg, self.peak_lr = cfg, peak_lr
+        self._adopt(pair)
         self.aug = AugmentParams.from_config(cfg, image_size)
         self.mean = torch.tensor(mean, device=device)
         self.std = torch.tensor(std, device=device)
@@ -249,6 +267,25 @@ class SimCLR:
         self.temperature = cfg.temperature
         self.amp_dtype = amp_dtype
         self.device = device
+
+    def _adopt(self, pair: _EncoderAndHead) -> None:
+        self.pair = pair
+        self.encoder, self.head = pair.encoder, pair.head
+        self.opt = build_optimizer([self.encoder, self.head], self.cfg, self.peak_lr)
+        self.net: nn.Module = pair
+        if dist.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = next(pair.parameters()).device
+            self.net = DistributedDataParallel(pair, device_ids=[dev] if dev.type == "cuda"
+                                               else None)
+
+    def clone(self) -> SimCLR:
+        """A throw-away copy (own weights, optimiser state and DDP wrapper) for timing steps."""
+        new = copy.copy(self)
+        new._adopt(copy.deepcopy(self.pair))
+        new.opt.load_state_dict(self.opt.state_dict())
+        return new
 
     def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
@@ -263,8 +300,8 @@ class SimCLR:
         b = v.shape[0] // 2
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            z = self.head(self.encoder(v))  # h: (2B, D) -> z: (2B, proj_dim)
-            loss = nt_xent(z[:b], z[b:], self.temperature)
+            z = self.net(v)  # h: (2B, D) -> z: (2B, proj_dim)
+            loss = nt_xent(z[:b], z[b:], self.temperature, gather_with_grad, dist.rank())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -306,7 +343,7 @@ def measure_step_seconds(method: SimCLR, x_all: torch.Tensor, batch: int, seed: 
     The copy has its own random generator, so the real run's weights and random streams are
     exactly those of a run without the measurement.
     """
-    probe = copy.deepcopy(method)
+    probe = method.clone()
     probe.train()
     gen = torch.Generator(device=x_all.device).manual_seed(seed + 7919)
     idx = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))
@@ -410,6 +447,37 @@ class _StopOnCtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def global_rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's and the GPUs' global random states, in types that load with
+    ``weights_only=True``. selfsup draws from its own seeded generators; these are saved so that
+    code added around it (or a library) that draws from the global ones resumes exactly too."""
+    import random
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = dict(
+        python=[list(t) if isinstance(t, tuple) else t for t in random.getstate()],
+        numpy=dict(keys=torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos=int(pos),
+                   has_gauss=int(has_gauss), gauss=float(gauss)),
+        torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``global_rng_state`` saved."""
+    import random
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The permutation of the data for one epoch: a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -433,25 +501,30 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         KeyboardInterrupt: after saving a checkpoint on Ctrl-C.
     """
     run_dir = Path(run_dir)
-    device = select_device(cfg.device)
+    device = dist.setup(select_device(cfg.device), cfg.dist_timeout)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp_dtype, precision = select_precision(cfg.precision, device)
-    main = dist.is_main()
+    main, world, rank = dist.is_main(), dist.world_size(), dist.rank()
     if main:
-        print(f"device {device}, {torch.get_num_threads()} threads, precision: {precision}",
-              flush=True)
+        procs = f", {world} processes" if world > 1 else ""
+        print(f"device {device}, {torch.get_num_threads()} threads{procs}, precision: "
+              f"{precision}", flush=True)
 
     x_all = data.train_x.to(device)  # (N, 3, H, W) uint8, resident
     n = x_all.shape[0]
-    batch = min(cfg.batch_size, n)
+    batch = min(cfg.batch_size, n)  # the global batch, over all processes
     if batch < cfg.batch_size and main:
         print(f"note: batch_size {cfg.batch_size} > {n} images; using {batch}", flush=True)
+    if batch % world:
+        raise ConfigError(f"batch_size {batch} is not divisible by the {world} processes")
+    local = batch // world  # this process's share of every batch
     steps_per_epoch = n // batch
     peak_lr = cfg.lr * batch / 256
     mean, std = channel_stats(data.train_x)
     method = SimCLR(cfg, device, x_all.shape[-1], mean, std, peak_lr, amp_dtype)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # augmentation randomness
+    # Augmentation randomness: its own stream per process, derived from the seed and the rank.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * rank)
     losses: list[float] = []
     knn_history: list[dict[str, float]] = []
     step = 0
@@ -480,27 +553,38 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
             raise CheckpointError(
                 f"cannot resume {ckpt_path}: the config differs in {', '.join(changed)} "
                 f"(only epochs/steps and run-time settings may change)")
+        saved_world = int(ck.get("world_size", 1))
+        if saved_world != world:
+            raise CheckpointError(
+                f"cannot resume {ckpt_path} with {world} process(es): it was written by "
+                f"{saved_world}, and each process's augmentation stream is part of the state. "
+                f"Resume with {saved_world} process(es) (the same global batch).")
         method.load_state_dict(ck)
-        gen.set_state(ck["gen_state"])
+        gen.set_state(ck["gen_states"][rank] if "gen_states" in ck else ck["gen_state"])
+        rngs = ck.get("rng_all") or ([ck["rng"]] if "rng" in ck else [])
+        if rngs:
+            set_global_rng_state(rngs[rank])
         losses, step = list(ck["losses"]), int(ck["step"])
         knn_history = list(ck.get("knn_history", []))
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
-    if monitor is not None and step == 0:
+    if monitor is not None and step == 0 and main:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
     if not resume and cfg.budget and not cfg.steps:
         budget_s = parse_duration(cfg.budget) - monitor_s
         t0 = time.perf_counter()
         step_s = measure_step_seconds(method, x_all, batch, cfg.seed)
         t1 = time.perf_counter()
-        save_torch(dict(method.state_dict(), config=cfg.to_dict()), run_dir / ".timing.pt")
+        if main:  # only rank 0 writes; its figures decide
+            save_torch(dict(method.state_dict(), config=cfg.to_dict()), run_dir / ".timing.pt")
+            (run_dir / ".timing.pt").unlink()
         ckpt_s = time.perf_counter() - t1
-        (run_dir / ".timing.pt").unlink()
         left = budget_s - (time.perf_counter() - t0)
         steps = steps_for_budget(left, step_s, steps_per_epoch, ckpt_s)
         if monitor is not None:  # the kNN checks come out of the budget too
             checks = steps // (steps_per_epoch * cfg.knn_every)
             steps = steps_for_budget(left - checks * monitor_s, step_s, steps_per_epoch, ckpt_s)
+        steps = dist.broadcast_object(steps)  # rank 0's measurement decides for all
         cfg = dataclasses.replace(cfg, steps=steps)
         if main:
             print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step measured, so {steps} "
@@ -518,10 +602,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     def checkpoint(at_step: int, gen_state: torch.Tensor) -> None:
         nonlocal saved_step
         saved_step = at_step
+        gen_states = dist.gather_objects(gen_state)  # every process's stream (collective)
+        rngs = dist.gather_objects(global_rng_state())
         if main:
-            save_torch(dict(method.state_dict(), gen_state=gen_state, step=at_step,
-                            losses=losses, knn_history=knn_history, config=cfg.to_dict()),
-                       ckpt_path)
+            save_torch(dict(method.state_dict(), gen_state=gen_states[0], gen_states=gen_states,
+                            step=at_step, losses=losses, knn_history=knn_history,
+                            config=cfg.to_dict(), rng=rngs[0], rng_all=rngs,
+                            world_size=world), ckpt_path)
 
     progress = _Progress(total, step, cfg.progress and main, every=max(1, total // 50))
     method.train()
@@ -536,8 +623,10 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                     order, order_epoch = _epoch_order(cfg.seed, epoch, n).to(device), epoch
                 t0 = time.perf_counter()
                 lr = lr_at(step, total, warmup, peak_lr)
-                idx = order[i * batch:(i + 1) * batch]  # (B,)
-                loss_value = float(method.step(x_all[idx], lr, gen))  # syncs: guard needs it
+                idx = order[i * batch:(i + 1) * batch]  # (B,) the global batch
+                idx = idx[rank * local:(rank + 1) * local]  # this process's share
+                # The global loss (mean over processes); the float() syncs: the guard needs it.
+                loss_value = dist.all_mean(float(method.step(x_all[idx], lr, gen)))
                 if not math.isfinite(loss_value):
                     raise SelfsupError(
                         f"loss became {loss_value} at step {step + 1}; the last good checkpoint "
@@ -550,12 +639,15 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 images += batch
                 progress.update(step, loss_value, lr, images / max(train_time, 1e-9))
                 epoch_end = step % steps_per_epoch == 0
-                if monitor is not None and (step == total or epoch_end and (
+                if world > 1:  # Ctrl-C reaches the processes at different steps: agree
+                    stop.requested = dist.any_true(stop.requested)
+                periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+                if monitor is not None and main and (step == total or epoch_end and (
                         step // steps_per_epoch) % cfg.knn_every == 0):
                     method.train(False)
                     monitor_s += check_knn(step)
                     method.train()
-                if epoch_end or step == total or stop.requested:
+                if epoch_end or periodic or step == total or stop.requested:
                     checkpoint(step, gen_state)
                 if stop.requested and step < total:
                     raise KeyboardInterrupt
