@@ -284,10 +284,9 @@ def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[floa
             seconds[mode] = r.seconds
         rows["steps"].append(r.steps)
         rows["seconds"].append(seconds)
-        if progress:
-            print(f"labels {frac:g} ({len(idx)}): probe {rows['probe'][-1]:.1%} (untrained "
-                  f"{rows['probe_untrained'][-1]:.1%}), fine-tune {rows['finetune'][-1]:.1%}, "
-                  f"scratch {rows['scratch'][-1]:.1%}", flush=True)
+        print(f"labels {frac:g} ({len(idx)}): probe {rows['probe'][-1]:.1%} (untrained "
+              f"{rows['probe_untrained'][-1]:.1%}), fine-tune {rows['finetune'][-1]:.1%}, "
+              f"scratch {rows['scratch'][-1]:.1%}", flush=True)
     table = dict(rows, settings=asdict(settings))
     metrics = read_metrics(run_dir)
     metrics["label_efficiency"] = table
