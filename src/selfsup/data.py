@@ -244,9 +244,6 @@ def _missing_cifar_message(root: Path, why: str) -> str:
 # --- image folders --------------------------------------------------------------------------
 
 
-BAD_IMAGE_POLICIES = ("skip", "fail")
-
-
 def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
     """The image files under ``folder`` (by suffix), sorted; other files are skipped with a
     counted warning, or refused when ``bad_images`` is ``fail`` (hidden files are ignored).

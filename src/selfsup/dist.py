@@ -133,26 +133,27 @@ def all_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllSum.apply(x)  # type: ignore[no-any-return]
 
 
-def all_mean(value: float) -> float:
-    """The mean of a number over processes (for logs: the global loss)."""
-    if world_size() == 1:
-        return value
+def _all_sum(value: float) -> float:
+    """The sum of a number over processes (on the GPU where the backend is NCCL)."""
     t = torch.tensor([value], dtype=torch.float64)
     if td.get_backend() == "nccl":
         t = t.cuda()
     td.all_reduce(t)
-    return float(t.item()) / world_size()
+    return float(t.item())
+
+
+def all_mean(value: float) -> float:
+    """The mean of a number over processes (for logs: the global loss)."""
+    if world_size() == 1:
+        return value
+    return _all_sum(value) / world_size()
 
 
 def any_true(flag: bool) -> bool:
     """Whether ``flag`` is true in any process (e.g. a Ctrl-C that reached only some)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if td.get_backend() == "nccl":
-        t = t.cuda()
-    td.all_reduce(t)
-    return bool(t.item() > 0)
+    return _all_sum(1.0 if flag else 0.0) > 0
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -54,8 +54,8 @@ def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None
         ep = [h["epoch"] for h in knn_history]
         acc = [100 * h["accuracy"] for h in knn_history]
         ax.plot(ep, acc, marker="o", label="kNN accuracy (monitor subset)")
-        for x, y in zip(ep[-1:], acc[-1:], strict=True):
-            ax.annotate(f"{y:.1f}%", (x, y), textcoords="offset points", xytext=(-10, 6))
+        ax.annotate(f"{acc[-1]:.1f}%", (ep[-1], acc[-1]), textcoords="offset points",
+                    xytext=(-10, 6))
         ax.set(title="kNN accuracy during pretraining", xlabel="epoch", ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")

@@ -644,9 +644,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
                 if monitor is not None and main and (step == total or epoch_end and (
                         step // steps_per_epoch) % cfg.knn_every == 0):
-                    method.train(False)
-                    monitor_s += check_knn(step)
-                    method.train()
+                    monitor_s += check_knn(step)  # embeds in eval mode, then restores train
                 if epoch_end or periodic or step == total or stop.requested:
                     checkpoint(step, gen_state)
                 if stop.requested and step < total:
