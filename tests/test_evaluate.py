@@ -36,7 +36,7 @@ def test_probe_learns_separable_classes():
     xt, yt = _blobs(200, seed=1)
     r = linear_probe(x, y, xt, yt)
     assert r.accuracy > 0.95
-    assert set(r.val_accuracy) == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2}
+    assert set(r.val_accuracy) == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}
 
 
 def test_probe_choice_ignores_test_labels():
@@ -84,6 +84,43 @@ def test_probe_val_split_is_part_of_train(frac):
     fit, val = _stratified_split(y, frac, 0)
     assert len(set(fit) & set(val)) == 0 and len(fit) + len(val) == 100
     assert np.bincount(y[val]).tolist() == [round(20 * frac)] * 5
+
+
+def test_probe_folds_hold_out_every_image_once_spread_over_classes():
+    from selfsup.evaluate import _stratified_folds
+
+    y = np.repeat(np.arange(4), [10, 11, 12, 25])
+    folds = _stratified_folds(y, 5, 0)
+    held = np.concatenate([v for _, v in folds])
+    assert sorted(held.tolist()) == list(range(len(y)))  # each image held out exactly once
+    for fit, val in folds:
+        assert len(set(fit) & set(val)) == 0 and len(fit) + len(val) == len(y)
+        counts = np.bincount(y[val], minlength=4)
+        assert counts[0] == 2 and 2 <= counts[1] <= 3 and 5 <= counts[3] <= 5
+    assert not np.array_equal(folds[0][1], _stratified_folds(y, 5, 1)[0][1])  # seed matters
+
+
+def test_small_probe_training_sets_are_cross_validated(monkeypatch):
+    import selfsup.evaluate as ev
+
+    calls = []
+    real = ev._fit_logreg
+
+    def counting(x, *a, **k):
+        calls.append(len(x))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(ev, "_fit_logreg", counting)
+    x, y = _blobs(300)
+    xt, yt = _blobs(50, seed=1)
+    grid = len(ev.PROBE_WEIGHT_DECAYS)
+    ev.linear_probe(x, y, xt, yt)  # 300 < PROBE_CV_BELOW: k-fold
+    assert len(calls) == ev.PROBE_CV_FOLDS * grid + 1 and calls[-1] == 300
+    assert set(calls[:-1]) == {240}  # each fold fits on 4/5 of the images
+    calls.clear()
+    monkeypatch.setattr(ev, "PROBE_CV_BELOW", 100)
+    ev.linear_probe(x, y, xt, yt)  # one held-out tenth
+    assert len(calls) == grid + 1 and 268 <= calls[0] <= 272  # 9/10 of each class, rounded
 
 
 def test_logreg_gradient_matches_autograd():
