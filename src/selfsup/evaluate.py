@@ -59,7 +59,7 @@ def embed(encoder: nn.Module, x: torch.Tensor, mean: list[float], std: list[floa
 @dataclass
 class ProbeResult:
     accuracy: float  # test accuracy in [0, 1]
-    weight_decay: float  # chosen on the validation split of the training set
+    weight_decay: float  # chosen on held-out parts of the training set
     val_accuracy: dict[float, float]  # held-out accuracy per weight decay tried (over all folds)
     predictions: np.ndarray  # (M,) predicted test labels
 
@@ -142,34 +142,22 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [(t - mu) / sd for t in (train, *others)]
 
 
-@dataclass
-class Probe:
-    """A fitted logistic-regression probe: logits = ((f - mean) / std) @ weight + bias."""
-
-    mean: torch.Tensor  # (1, D) feature means of the training set
-    std: torch.Tensor  # (1, D) feature standard deviations
-    weight: torch.Tensor  # (D, C)
-    bias: torch.Tensor  # (C,)
-    weight_decay: float  # the penalty chosen
-    val_accuracy: dict[float, float]  # held-out accuracy per penalty tried (over all folds)
-
-    def logits(self, f: np.ndarray) -> torch.Tensor:
-        return ((torch.from_numpy(f).float() - self.mean) / self.std) @ self.weight + self.bias
-
-
-def fit_probe(train_f: np.ndarray, train_y: np.ndarray, num_classes: int, val_frac: float = 0.1,
-              seed: int = 0, weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS) -> Probe:
-    """Logistic regression on standardised features, its penalty chosen without test labels.
+def linear_probe(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
+                 test_y: np.ndarray, val_frac: float = 0.1, seed: int = 0,
+                 weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS) -> ProbeResult:
+    """Logistic-regression probe on standardised frozen features.
 
     The weight decay is chosen by accuracy on a stratified ``val_frac`` part of the training set
     (standardised with the rest's statistics), or, for training sets under ``PROBE_CV_BELOW``
     images, by ``PROBE_CV_FOLDS``-fold cross-validation; the probe is then refit on the whole
-    training set. With fewer than ``MIN_PER_CLASS_TO_VALIDATE`` images in some class nothing is
-    held out and the strongest penalty is used.
+    training set and scored once on the test set. With fewer than ``MIN_PER_CLASS_TO_VALIDATE``
+    images in some class nothing is held out and the strongest penalty is used.
 
     Args:
-        train_f: (N, D) features; train_y: (N,) int labels in [0, num_classes).
+        train_f: (N, D) features; train_y: (N,) int labels.
+        test_f: (M, D) features; test_y: (M,) int labels.
     """
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
     val_acc: dict[float, float] = {}
     if np.unique(train_y, return_counts=True)[1].min() < MIN_PER_CLASS_TO_VALIDATE:
         best = max(weight_decays)  # too few labels to hold any out: the strongest penalty
@@ -191,27 +179,10 @@ def fit_probe(train_f: np.ndarray, train_y: np.ndarray, num_classes: int, val_fr
         held_out = sum(len(v) for _, v in splits)
         val_acc = {wd: correct[wd] / held_out for wd in weight_decays}
         best = max(val_acc, key=lambda k: (val_acc[k], k))  # ties: the stronger penalty
-    f = torch.from_numpy(train_f).float()
-    mean, std = f.mean(0, keepdim=True), f.std(0, keepdim=True).clamp_min(1e-6)
-    w, b = _fit_logreg((f - mean) / std, torch.from_numpy(train_y).long(), num_classes, best,
-                       max_iter=150)
-    return Probe(mean, std, w, b, best, val_acc)
-
-
-def linear_probe(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
-                 test_y: np.ndarray, val_frac: float = 0.1, seed: int = 0,
-                 weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS) -> ProbeResult:
-    """``fit_probe`` on the training features, scored once on the test set.
-
-    Args:
-        train_f: (N, D) features; train_y: (N,) int labels.
-        test_f: (M, D) features; test_y: (M,) int labels.
-    """
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    probe = fit_probe(train_f, train_y, num_classes, val_frac, seed, weight_decays)
-    pred = probe.logits(test_f).argmax(1).numpy()
-    return ProbeResult(float((pred == test_y).mean()), probe.weight_decay, probe.val_accuracy,
-                       pred)
+    xtr, xte = _standardise(torch.from_numpy(train_f).float(), torch.from_numpy(test_f).float())
+    w, b = _fit_logreg(xtr, torch.from_numpy(train_y).long(), num_classes, best, max_iter=150)
+    pred = (xte @ w + b).argmax(1).numpy()
+    return ProbeResult(float((pred == test_y).mean()), best, val_acc, pred)
 
 
 def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, query_f: torch.Tensor,
