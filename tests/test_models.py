@@ -1,9 +1,12 @@
 import pytest
 import torch
 
-from selfsup.models import ENCODERS, ProjectionHead, build_encoder, nhwc_safe_on_cpu
+import torch.nn.functional as F
+from torch import nn
 
-WIDTHS = {"small_cnn": 8, "resnet18": 8, "resnet50": 4}
+from selfsup.models import ENCODERS, Conv3x3, ProjectionHead, build_encoder, nhwc_safe_on_cpu
+
+WIDTHS = {"small_cnn": 8, "fast_cnn": 8, "resnet18": 8, "resnet50": 4}
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -63,3 +66,43 @@ def test_nhwc_guard_finds_small_strided_1x1(name, width, safe):
     assert use_channels_last(enc, True, cpu, verbose=False) is safe
     assert use_channels_last(enc, False, cpu, verbose=False) is False
     assert use_channels_last(enc, True, torch.device("meta"), verbose=False) is True
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 3), (5, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv3x3_equals_the_convolution(size, channels_last):
+    """The matrix-product path (inputs up to 2x2) gives the convolution's output and gradients."""
+    torch.manual_seed(0)
+    conv = Conv3x3(6, 10)
+    x = torch.randn(4, 6, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = conv.weight.detach().clone().requires_grad_(True)
+    y, y_ref = conv(x), F.conv2d(x_ref, w_ref, padding=1)
+    assert y.shape == y_ref.shape == (4, 10, *size)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y_ref)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_conv3x3_is_a_drop_in_conv2d():
+    conv, ref = Conv3x3(3, 8), nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert conv.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(conv.state_dict())  # old checkpoints load into it and back
+
+
+def test_fast_cnn_pools_before_norm():
+    """fast_cnn: same parameters as small_cnn, each max-pool before its batch norm and ReLU."""
+    slow, fast = build_encoder("small_cnn", 8), build_encoder("fast_cnn", 8)
+    count = [sum(p.numel() for p in m.parameters()) for m in (slow, fast)]
+    assert count[0] == count[1]
+    kinds = [type(m).__name__ for m in fast.features]
+    assert kinds[:4] == ["Conv3x3", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    assert [type(m).__name__ for m in slow.features][:4] == ["Conv3x3", "BatchNorm2d", "ReLU",
+                                                            "MaxPool2d"]
+    assert fast.feature_dim == 64 and fast(torch.randn(2, 3, 16, 16)).shape == (2, 64)

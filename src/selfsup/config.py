@@ -99,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(epochs=3, batch_size=256, width=16, view_size=16, warmup_epochs=0.5,
                   tsne_points=1000),
     # The best linear probe ~20 minutes of a 2-core CPU buys (see BENCHMARKS.md).
-    "cpu": dict(model="small_cnn", width=32, view_size=16, batch_size=512, budget="20m",
+    "cpu": dict(model="fast_cnn", width=32, view_size=16, batch_size=512, budget="20m",
                 lr=0.06, temperature=0.2, warmup_epochs=1.0, crop_scale_min=0.2),
     # The paper's CIFAR recipe on a GPU: ResNet-18, batch 512, 500 epochs.
     "gpu": dict(model="resnet18", width=64, batch_size=512, epochs=500, lr=0.06,

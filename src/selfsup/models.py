@@ -53,25 +53,57 @@ def nhwc_safe_on_cpu(model: nn.Module) -> bool:
                    and m.in_channels < 16 for m in model.modules())
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True)]
+class Conv3x3(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 convolution without bias, computed as one matrix product when
+    the input is at most 2x2.
+
+    At 2x2 every output position sees every input position, so the convolution is x (B, HWC)
+    times a (HWC, HWO) matrix gathered from the kernel: 4 of the 9 taps per output position
+    instead of 9 with zero padding, and a plain matrix product, whose backward pass the CPU runs
+    far faster than the convolution's (the small CNN's last stage on 16 px views: 2.6x faster,
+    forward and backward, measured on 2 AVX2 cores). Same parameters and state dict as
+    ``nn.Conv2d``; larger inputs take the convolution.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if h > 2 or w > 2:
+            return super().forward(x)
+        pos = [(i, j) for i in range(h) for j in range(w)]
+        k = self.weight  # (O, C, 3, 3); input q feeds output p through tap q - p + 1
+        m = torch.cat([torch.cat([k[:, :, q[0] - p[0] + 1, q[1] - p[1] + 1].t() for p in pos], 1)
+                       for q in pos])  # (HW*C, HW*O), rows (q, c), columns (p, o)
+        y = x.permute(0, 2, 3, 1).reshape(b, h * w * c) @ m.to(x.dtype)
+        return y.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, O, H, W), channels-last strides
+
+
+def _conv_bn_relu(cin: int, cout: int, pool: bool, pool_first: bool) -> list[nn.Module]:
+    conv, norm = Conv3x3(cin, cout), [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    if not pool:
+        return [conv, *norm]
+    return [conv, nn.MaxPool2d(2), *norm] if pool_first else [conv, *norm, nn.MaxPool2d(2)]
 
 
 class SmallCNN(Encoder):
     """A fast 4-stage CNN: conv-BN-ReLU at widths w, 2w, 4w, 8w, max-pool after the first three.
 
     With w=32 it has 0.39 M parameters and 256-d features; it is the CPU default.
+    ``pool_first`` (the ``fast_cnn`` model) max-pools each of the first three convolutions'
+    outputs before its batch norm and ReLU, so these run on a quarter of the values: the same
+    parameters, a different function, and on a CPU a much faster training step.
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, pool_first: bool = False) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv_bn_relu(3, w), nn.MaxPool2d(2),
-            *_conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
-            *_conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2),
-            *_conv_bn_relu(4 * w, 8 * w),
+            *_conv_bn_relu(3, w, True, pool_first),
+            *_conv_bn_relu(w, 2 * w, True, pool_first),
+            *_conv_bn_relu(2 * w, 4 * w, True, pool_first),
+            *_conv_bn_relu(4 * w, 8 * w, False, pool_first),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.feature_dim = 8 * w
@@ -148,6 +180,11 @@ class CifarResNet(Encoder):
 @register("small_cnn")
 def small_cnn(width: int) -> Encoder:
     return SmallCNN(width)
+
+
+@register("fast_cnn")
+def fast_cnn(width: int) -> Encoder:
+    return SmallCNN(width, pool_first=True)
 
 
 @register("resnet18")
