@@ -41,6 +41,7 @@ def _median_rate(fn, batch: int, device: torch.device, warm: int, repeats: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--model", default=None, help="encoder (default: the preset's)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     ap.add_argument("--device", default=None)
@@ -50,8 +51,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="steps per repeat")
     args = ap.parse_args()
-    over = {k: v for k, v in (("batch_size", args.batch_size), ("precision", args.precision),
-                              ("device", args.device)) if v is not None}
+    over = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
+                              ("precision", args.precision), ("device", args.device))
+            if v is not None}
     cfg = make_config(args.preset, over)
     device = select_device(cfg.device)
     if cfg.threads:

@@ -1,3 +1,5 @@
+import colorsys
+
 import torch
 
 from selfsup.augment import (
@@ -8,6 +10,7 @@ from selfsup.augment import (
     grayscale,
     normalize,
     random_grayscale,
+    shift_hue,
     two_views,
 )
 
@@ -69,6 +72,24 @@ def test_hue_only_keeps_gray_images_gray():
     x = _images().float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255
     p = AugmentParams(jitter_p=1.0, brightness=0, contrast=0, saturation=0, hue=0.5)
     torch.testing.assert_close(color_jitter(x, p), x, atol=1e-5, rtol=0)
+
+
+def test_shift_hue_matches_hsv_round_trip():
+    """Against Python's own RGB<->HSV conversion, pixel by pixel: grey pixels and ties for the
+    largest channel included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 3, 4, 4, generator=g)
+    x[:4] = x[:4].mean(1, keepdim=True)  # grey
+    x[4:8, 0] = x[4:8, 1] = 0.9  # red and green tie for the maximum
+    x[8:12, 1] = x[8:12, 2] = 0.7  # green and blue tie
+    shift = torch.rand(32, generator=g) * 2 - 1  # turns, both directions
+    y = shift_hue(x, shift)
+    for i in range(32):
+        for r in range(4):
+            for c in range(4):
+                h, s, v = colorsys.rgb_to_hsv(*x[i, :, r, c].tolist())
+                want = colorsys.hsv_to_rgb((h + shift[i].item()) % 1.0, s, v)
+                torch.testing.assert_close(y[i, :, r, c], torch.tensor(want), atol=2e-6, rtol=0)
 
 
 def test_hue_full_turn_is_identity_and_half_turn_changes_colour():

@@ -92,31 +92,30 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images by ``shift`` turns, keeping HSV saturation and value.
+
+    The same as converting to HSV, adding ``shift`` to the hue (mod 1) and converting back, in
+    fewer passes over the pixels: value (max) and chroma (max - min) carry over, and each channel
+    comes from the rotated hue h as v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    with n = 5, 3, 1 for red, green, blue.
+
+    Args:
+        x: (B, 3, H, W) in [0, 1]; shift: (B,) turns (one full turn = 1).
+    Returns:
+        (B, 3, H, W)
+    """
     r, g_, b = x[:, 0], x[:, 1], x[:, 2]
     maxc, _ = x.max(dim=1)
     minc, _ = x.min(dim=1)
-    v = maxc
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
-    dc = delta.clamp_min(1e-8)
-    rc, gc, bc = (maxc - r) / dc, (maxc - g_) / dc, (maxc - b) / dc
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g_, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack((h, s, v), dim=1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x[:, 0], x[:, 1], x[:, 2]
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    # Each sextant i picks (r, g, b) from (v, t, p, q).
-    r = torch.stack((v, q, p, p, t, v), dim=1).gather(1, i.unsqueeze(1)).squeeze(1)
-    g_ = torch.stack((t, v, v, q, p, p), dim=1).gather(1, i.unsqueeze(1)).squeeze(1)
-    b = torch.stack((p, p, t, v, v, q), dim=1).gather(1, i.unsqueeze(1)).squeeze(1)
-    return torch.stack((r, g_, b), dim=1)
+    chroma = maxc - minc
+    inv = 1.0 / chroma.clamp_min(1e-8)
+    # Hue in sixths of a turn, [-1, 5); grey pixels (chroma 0) get any hue: they stay grey.
+    h6 = torch.where(maxc == r, (g_ - b) * inv,
+                     torch.where(maxc == g_, 2.0 + (b - r) * inv, 4.0 + (r - g_) * inv))
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(h6.unsqueeze(1) + (6.0 * shift).view(-1, 1, 1, 1) + n, 6.0)
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
@@ -136,16 +135,14 @@ def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = 
     fb = _uniform(b, 1 - p.brightness, 1 + p.brightness, g, dev).clamp_min(0).view(b, 1, 1, 1)
     fc = _uniform(b, 1 - p.contrast, 1 + p.contrast, g, dev).clamp_min(0).view(b, 1, 1, 1)
     fs = _uniform(b, 1 - p.saturation, 1 + p.saturation, g, dev).clamp_min(0).view(b, 1, 1, 1)
-    fh = _uniform(b, -p.hue, p.hue, g, dev).view(b, 1, 1)
+    fh = _uniform(b, -p.hue, p.hue, g, dev)
     y = (x * fb).clamp(0, 1)
     mean = grayscale(y).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
     y = ((y - mean) * fc + mean).clamp(0, 1)
     gray = grayscale(y)
     y = ((y - gray) * fs + gray).clamp(0, 1)
     if p.hue > 0:
-        hsv = _rgb_to_hsv(y)
-        hsv = torch.cat(((hsv[:, :1] + fh.unsqueeze(1)) % 1.0, hsv[:, 1:]), dim=1)
-        y = _hsv_to_rgb(hsv).clamp(0, 1)
+        y = shift_hue(y, fh).clamp(0, 1)
     return torch.where(apply, y, x)
 
 
