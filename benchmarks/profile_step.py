@@ -1,0 +1,56 @@
+"""Where one pretraining step spends its time: torch's profiler over a few steps of a preset.
+
+Prints the operators by their own time, split by input shape (so each layer shows apart), after
+a warm-up. Random uint8 images stand in for the data, as in ``throughput.py``.
+
+    python benchmarks/profile_step.py --preset cpu [--model small_cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from selfsup.config import make_config
+from selfsup.train import SimCLR, machine_info, select_device, select_precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--model", default=None, help="encoder (default: the preset's)")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    cfg = make_config(args.preset, {"model": args.model} if args.model else {})
+    device = select_device(cfg.device)
+    amp, why = select_precision(cfg.precision, device)
+    b = cfg.batch_size
+    x = torch.randint(0, 256, (b, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0)).to(device)
+    method = SimCLR(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp)
+    method.train()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for _ in range(args.warm):
+        method.step(x, 1e-3, gen)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(args.steps):
+            method.step(x, 1e-3, gen)
+    info = machine_info(device)
+    print(f"machine: {info['cpu']}, capability {info['cpu_capability']}, {info['threads']} "
+          f"threads, torch {info['torch']}, device {device}, precision {why}")
+    print(f"preset {args.preset}: {cfg.model} width {cfg.width}, batch {b}, "
+          f"{args.steps} steps profiled (totals are over all of them)")
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40,
+        max_shapes_column_width=60)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
