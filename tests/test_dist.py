@@ -175,3 +175,18 @@ def test_a_dying_process_stops_the_others(tmp_path):
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and time.time() - t0 < 120
     assert "exitcode  : 3" in p.stderr or "exitcode: 3" in p.stderr, p.stderr[-2000:]
+
+
+def test_command_in_a_launched_process_ends_it_itself(monkeypatch, tmp_path):
+    """Under torchrun the command leaves through dist.exit_process with its status (skipping the
+    interpreter teardown that can abort); called with arguments, as from Python, it returns."""
+    from selfsup import cli
+
+    ended = []
+    monkeypatch.setattr(dist, "exit_process", lambda code: ended.append(code))
+    monkeypatch.setattr(sys, "argv", ["selfsup", "report", str(tmp_path / "none")])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main() == 2 and ended == [2]
+    assert cli.main(["report", str(tmp_path / "none")]) == 2 and ended == [2]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main() == 2 and ended == [2]

@@ -326,7 +326,21 @@ COMMANDS = {"evaluate": cmd_evaluate, "plot": cmd_plot, "finetune": cmd_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted).
+
+    Run as the command in a process of a torchrun group, it ends that process itself
+    (``dist.exit_process``: the interpreter's teardown can abort after a finished run).
+    """
+    code = _main(argv)
+    if argv is None:
+        from selfsup import dist
+
+        if dist.launched():
+            dist.exit_process(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command in ("run", "pretrain"):
