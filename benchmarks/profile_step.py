@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfsup.config import make_config
-from selfsup.train import SimCLR, machine_info, select_device, select_precision
+from selfsup.train import SimCLR, describe_machine, select_device, select_precision
 
 
 def main() -> None:
@@ -28,6 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = make_config(args.preset, {"model": args.model} if args.model else {})
     device = select_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     amp, why = select_precision(cfg.precision, device)
     b = cfg.batch_size
     x = torch.randint(0, 256, (b, 3, args.image_size, args.image_size), dtype=torch.uint8,
@@ -41,10 +43,8 @@ def main() -> None:
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(args.steps):
             method.step(x, 1e-3, gen)
-    info = machine_info(device)
-    print(f"machine: {info['cpu']}, capability {info['cpu_capability']}, {info['threads']} "
-          f"threads, torch {info['torch']}, device {device}, precision {why}")
-    print(f"preset {args.preset}: {cfg.model} width {cfg.width}, batch {b}, "
+    print(describe_machine(device))
+    print(f"preset {args.preset}: {cfg.model} width {cfg.width}, batch {b}, precision {why}; "
           f"{args.steps} steps profiled (totals are over all of them)")
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40,

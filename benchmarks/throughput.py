@@ -20,7 +20,7 @@ import time
 import torch
 
 from selfsup.config import make_config
-from selfsup.train import SimCLR, machine_info, select_device, select_precision, sync
+from selfsup.train import SimCLR, describe_machine, select_device, select_precision, sync
 
 
 def _median_rate(fn, batch: int, device: torch.device, warm: int, repeats: int,
@@ -80,10 +80,7 @@ def main() -> None:
                      ("full", full)):
         rate[name] = _median_rate(fn, b, device, args.warm, args.repeats, args.steps)
 
-    info = machine_info(device)
-    print(f"machine: {info['cpu']}, capability {info['cpu_capability']}, native bf16 "
-          f"{info['cpu_native_bf16']}, {info['threads']} threads, torch {info['torch']}, "
-          f"device {device}{', ' + info['gpu'] if 'gpu' in info else ''}")
+    print(describe_machine(device))
     print(f"preset {args.preset}: {cfg.model} width {cfg.width}, views "
           f"{cfg.view_size or args.image_size}px from {args.image_size}px, batch {b}, "
           f"precision {why}")

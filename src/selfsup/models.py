@@ -90,10 +90,10 @@ def _conv_bn_relu(cin: int, cout: int, pool: bool, pool_first: bool) -> list[nn.
 class SmallCNN(Encoder):
     """A fast 4-stage CNN: conv-BN-ReLU at widths w, 2w, 4w, 8w, max-pool after the first three.
 
-    With w=32 it has 0.39 M parameters and 256-d features; it is the CPU default.
-    ``pool_first`` (the ``fast_cnn`` model) max-pools each of the first three convolutions'
-    outputs before its batch norm and ReLU, so these run on a quarter of the values: the same
-    parameters, a different function, and on a CPU a much faster training step.
+    With w=32 it has 0.39 M parameters and 256-d features; it is the default model.
+    ``pool_first`` (the ``fast_cnn`` model, the ``cpu`` preset's) max-pools each of the first
+    three convolutions' outputs before its batch norm and ReLU, so these run on a quarter of the
+    values: the same parameters, a different function, and a faster training step on a CPU.
     """
 
     def __init__(self, width: int = 32, pool_first: bool = False) -> None:

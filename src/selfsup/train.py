@@ -686,3 +686,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def describe_machine(device: torch.device) -> str:
+    """``machine_info`` as the line a benchmark prints beside its figures."""
+    info = machine_info(device)
+    return (f"machine: {info['cpu']}, capability {info['cpu_capability']}, native bf16 "
+            f"{info['cpu_native_bf16']}, {info['threads']} threads, torch {info['torch']}, "
+            f"device {device}{', ' + info['gpu'] if 'gpu' in info else ''}")
