@@ -32,14 +32,14 @@ def test_unknown_preset_and_model_list_valid_names():
 
 
 @pytest.mark.parametrize("key,value,msg", [
-    ("batch_size", 1, "batch_size must be at least 2"),
-    ("temperature", 0, "temperature must be > 0"),
-    ("temperature", -1.0, "temperature must be > 0"),
+    ("batch_size", 1, r"--batch-size must be an integer in \[2, 65536\], got 1"),
+    ("temperature", 0, r"--temperature must be a number in \[0.001, 100\]"),
+    ("temperature", -1.0, r"--temperature must be a number in \[0.001, 100\]"),
     ("optimizer", "adam", "optimizer must be one of sgd, lars"),
-    ("epochs", "ten", "epochs must be an integer"),
-    ("lr", "nan", "finite"),
-    ("flip_p", 1.5, "probabilities"),
-    ("crop_scale_min", 0.0, "crop_scale_min"),
+    ("epochs", "ten", r"--epochs must be an integer in \[1, 1000000\], got ten"),
+    ("lr", "nan", r"--lr must be a number in \(0, 100\], got nan"),
+    ("flip_p", 1.5, r"--flip-p must be a number in \[0, 1\]"),
+    ("crop_scale_min", 0.0, r"--crop-scale-min must be a number in \(0, 1\]"),
     ("channels_last", "maybe", "true or false"),
 ])
 def test_invalid_values(key, value, msg):

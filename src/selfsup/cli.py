@@ -4,8 +4,10 @@ label-efficiency, report, embed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from selfsup.config import (
     field_types,
     make_config,
 )
-from selfsup.errors import CheckpointError, SelfsupError
+from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.finetune import LABEL_FRACTIONS, FinetuneSettings
 
 SUMMARY_ROWS = (("linear_probe", "linear probe"), ("knn", "kNN"))
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (any depth)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="output .npy (default RUN/embeddings_<DIR name>.npy); the file list "
-                        "goes beside it as .txt, one path per row")
+                        "goes beside it as <name>.files.json (row i is file i)")
     return parser
 
 
@@ -110,33 +112,77 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in FIELD_NAMES and k != "preset"}
 
 
-def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, bool]:
-    """The run's config and folder, for a new run or a resumed one."""
+def _check_threads(overrides: dict[str, Any]) -> None:
+    """--threads beyond this machine's CPUs oversubscribes them: refused before any work."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if int(overrides.get("threads", 0)) > cpus:
+        raise ConfigError(f"--threads must be in [0, {cpus}] on this machine ({cpus} CPUs; 0 = "
+                          f"torch's default), got {overrides['threads']}")
+
+
+def _checkpoint_config(run_dir: Path) -> Config:
+    """The config a run's checkpoint was written with (what a resume continues)."""
+    from selfsup.train import CHECKPOINT, checkpoint_config, load_checkpoint
+
+    if not (run_dir / CHECKPOINT).is_file():
+        if not run_dir.is_dir():
+            raise CheckpointError(f"cannot resume {run_dir}: no such folder")
+        raise CheckpointError(f"cannot resume {run_dir}: no {CHECKPOINT} there (not a selfsup "
+                              f"run, or one stopped before its first checkpoint: start it again)")
+    path = run_dir / CHECKPOINT
+    return checkpoint_config(load_checkpoint(path, mmap=True), path)
+
+
+def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, dict[str, list[Any]]]:
+    """The run's config and folder, and for a resumed run the settings it changes.
+
+    A new run goes into a new or empty folder only: a folder that already holds files (a
+    finished run, or anything else) is refused before anything is written.
+    """
     overrides = _overrides(ns)
+    _check_threads(overrides)
     if ns.resume:
         run_dir = Path(ns.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"cannot resume {run_dir}: no config.json there")
-        import json
-
-        old = config_from_dict(json.loads(cfg_path.read_text()))
+        old = _checkpoint_config(run_dir)
         cfg = config_from_dict({**old.to_dict(), **overrides})
         changed = diff_keys(old, cfg)
         if changed:
             raise CheckpointError(f"cannot resume {run_dir} with changed {', '.join(changed)}; "
                                   f"only epochs/steps and run-time settings may change")
-        return cfg, run_dir, True
+        a, b = old.to_dict(), cfg.to_dict()
+        return cfg, run_dir, {k: [a[k], b[k]] for k in sorted(a) if a[k] != b[k]}
     cfg = make_config(getattr(ns, "preset", None), overrides)
     if not cfg.name:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = config_from_dict({**cfg.to_dict(), "name": f"{cfg.dataset}-{cfg.preset or 'custom'}"
                                                           f"-{stamp}"})
     run_dir = Path(cfg.out_dir) / cfg.name
-    if (run_dir / "checkpoint.pt").exists():
+    _check_new_run_dir(run_dir)
+    return cfg, run_dir, {}
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that exists and is not empty (or is not a folder)."""
+    from selfsup.train import CHECKPOINT
+
+    if (run_dir / CHECKPOINT).exists():
         raise SelfsupError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                            f"or choose another --name")
-    return cfg, run_dir, False
+    if not (run_dir.exists() or run_dir.is_symlink()):
+        return
+    if not run_dir.is_dir():
+        raise SelfsupError(f"{run_dir} exists and is not a folder; choose another --name")
+    try:
+        empty = next(run_dir.iterdir(), None) is None
+    except OSError as e:
+        raise SelfsupError(f"{run_dir} cannot be read ({e.strerror}); choose another --name"
+                           ) from None
+    if not empty:
+        raise SelfsupError(f"{run_dir} exists and is not empty: a new run writes only into a new "
+                           f"or empty folder, so nothing there is overwritten. Choose another "
+                           f"--name (or --out-dir), or continue a run with --resume")
 
 
 def _load_data(cfg: Config) -> Any:
@@ -155,13 +201,61 @@ def _summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run_config(run: str, data_dir: str | None) -> Config:
-    from selfsup.train import ENCODER, load_checkpoint
+def _run_dir(run: str) -> Path:
+    """A run folder given to a command: it must exist and hold a selfsup run's config.json.
 
-    cfg = config_from_dict(load_checkpoint(Path(run) / ENCODER)["config"])
-    if data_dir:
+    Raises:
+        SelfsupError: no such folder, or not a run (never write into someone else's folder).
+    """
+    from selfsup.files import read_json
+
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise SelfsupError(f"{run} is not a run folder (no such folder); runs are written to "
+                           f"runs/<name> by default")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SelfsupError(f"{run} is not a selfsup run folder (no config.json)")
+    try:
+        config_from_dict(read_json(path, "a config object", "it is not a selfsup run's"))
+    except SelfsupError as e:
+        raise SelfsupError(f"{run} is not a usable selfsup run folder: {e}") from None
+    return run_dir
+
+
+def _run_config(run: str, data_dir: str | None) -> Config:
+    """The config of a run that finished pretraining (from its checked ``encoder.pt``)."""
+    from selfsup.train import CHECKPOINT, ENCODER, load_encoder_file
+
+    run_dir = _run_dir(run)
+    if not (run_dir / ENCODER).is_file() and (run_dir / CHECKPOINT).is_file():
+        raise SelfsupError(f"{run} has not finished pretraining (it has a checkpoint but no "
+                           f"{ENCODER} yet); finish it with `selfsup run --resume {run}`")
+    cfg = config_from_dict(load_encoder_file(run_dir / ENCODER)["config"])
+    if data_dir is not None:
         cfg = config_from_dict({**cfg.to_dict(), "data_dir": data_dir})
     return cfg
+
+
+def _record_pretraining(metrics: dict[str, Any], result: Any, changes: dict[str, list[Any]],
+                        resume: bool) -> None:
+    """Put this invocation's pretraining into ``metrics``: a new run's figures, or a resume
+    added to the record (the first invocation's config and figures are kept)."""
+    this = dict(steps=result.steps, epochs=result.epochs, precision=result.precision,
+                images_per_s=result.images_per_s, train_seconds=result.seconds)
+    previous = metrics.get("pretrain")
+    if not resume or not isinstance(previous, dict):
+        metrics["pretrain"] = this
+        return
+    metrics.setdefault("resumes", []).append(dict(
+        date=datetime.now().isoformat(timespec="seconds"), from_step=result.start_step,
+        to_step=result.steps, changed=changes, precision=result.precision,
+        images_per_s=result.images_per_s, train_seconds=result.seconds))
+    seconds = float(previous.get("train_seconds", 0.0)) + result.seconds
+    images = (float(previous.get("images_per_s", 0.0)) * float(previous.get("train_seconds", 0.0))
+              + result.images_per_s * result.seconds)
+    previous.update(steps=result.steps, epochs=result.epochs, train_seconds=seconds,
+                    images_per_s=images / seconds if seconds > 0 else 0.0)
 
 
 def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
@@ -169,16 +263,21 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json
     from selfsup.report import write_report
-    from selfsup.train import machine_info, pretrain, select_device
+    from selfsup.train import check_model_input, machine_info, pretrain, select_device
 
     start = time.perf_counter()
-    cfg, run_dir, resume = _resolve(ns)
+    cfg, run_dir, changes = _resolve(ns)
+    resume = bool(ns.resume)
+    if resume:
+        read_metrics(run_dir)  # a damaged metrics.json is an error now, not after training
     # Under torchrun: join the process group; rank 0's run folder and config hold for all.
     device = dist.setup(select_device(cfg.device), cfg.dist_timeout)
-    cfg, run_dir, resume = dist.broadcast_object((cfg, run_dir, resume))
+    cfg, run_dir, changes = dist.broadcast_object((cfg, run_dir, changes))
     main, world = dist.is_main(), dist.world_size()
     if main:
         print(f"selfsup {ns.command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
+    if cfg.view_size:
+        check_model_input(cfg, cfg.view_size)  # before the data are loaded
     t0 = time.perf_counter()
     data = _load_data(cfg)
     load_s = time.perf_counter() - t0
@@ -187,6 +286,7 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
               f"{tuple(data.train_x.shape[1:])}, "
               f"{0 if data.test_x is None else len(data.test_x)} test images "
               f"({load_s:.1f} s)", flush=True)
+    check_model_input(cfg, int(data.train_x.shape[-1]))
     t0 = time.perf_counter()
     try:
         result = pretrain(cfg, data, run_dir, resume=resume)
@@ -197,14 +297,12 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     if not main:
         return 0
     metrics = read_metrics(run_dir)
-    metrics.update(
-        config=cfg.to_dict(), machine=dict(machine_info(device), world_size=world),
-        pretrain=dict(steps=result.steps, epochs=result.epochs, precision=result.precision,
-                      images_per_s=result.images_per_s, train_seconds=result.seconds),
-        knn_history=result.knn_history,
-    )
-    metrics.setdefault("time_s", {}).update(load_data=load_s, pretrain=pretrain_s,
-                                            knn_monitor=result.knn_seconds)
+    _record_pretraining(metrics, result, changes, resume)
+    metrics.update(config=cfg.to_dict(), machine=dict(machine_info(device), world_size=world),
+                   knn_history=result.knn_history)
+    times = metrics.setdefault("time_s", {})
+    times.update(load_data=load_s, knn_monitor=result.knn_seconds,
+                 pretrain=pretrain_s + (float(times.get("pretrain", 0.0)) if resume else 0.0))
     save_json(metrics, run_dir / "metrics.json")
     print(f"pretraining: {result.steps} steps ({result.epochs:.2f} epochs) in "
           f"{pretrain_s / 60:.1f} min, {result.images_per_s:.0f} images/s", flush=True)
@@ -241,15 +339,20 @@ def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = Non
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from selfsup.evaluate import read_metrics
+
     cfg = _run_config(ns.run, ns.data_dir)
+    read_metrics(ns.run)  # damaged: an error before the work, not after
     _evaluate_and_plot(Path(ns.run), cfg, _load_data(cfg))
     return 0
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
+    from selfsup.evaluate import read_metrics
     from selfsup.plots import plot_run
 
     cfg = _run_config(ns.run, ns.data_dir)
+    read_metrics(ns.run)
     try:
         data = _load_data(cfg)
     except SelfsupError as e:
@@ -268,56 +371,82 @@ def _settings(ns: argparse.Namespace, cfg: Config) -> FinetuneSettings:
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
-    from selfsup.finetune import finetune_run
+    from selfsup.config import check_number
+    from selfsup.evaluate import read_metrics
+    from selfsup.finetune import LABEL_FRACTION_RANGE, finetune_run
 
+    fraction = check_number("label_fraction", ns.label_fraction, float, LABEL_FRACTION_RANGE)
     cfg = _run_config(ns.run, ns.data_dir)
+    settings = _settings(ns, cfg)
+    read_metrics(ns.run)
     mode = "linear" if ns.freeze else "scratch" if ns.from_scratch else "finetune"
-    r = finetune_run(ns.run, _load_data(cfg), mode, ns.label_fraction, _settings(ns, cfg),
-                     cfg.progress)
-    print(f"{mode}, {ns.label_fraction:g} of the labels ({r.labels} images), {r.steps} steps: "
+    r = finetune_run(ns.run, _load_data(cfg), mode, fraction, settings, cfg.progress)
+    print(f"{mode}, {fraction:g} of the labels ({r.labels} images), {r.steps} steps: "
           f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s)")
     return 0
 
 
 def cmd_label_efficiency(ns: argparse.Namespace) -> int:
-    from selfsup.errors import ConfigError
-    from selfsup.finetune import label_efficiency
+    from selfsup.evaluate import read_metrics
+    from selfsup.finetune import label_efficiency, parse_fractions
     from selfsup.report import write_report
 
-    try:
-        fractions = tuple(float(f) for f in ns.fractions.split(",") if f.strip())
-    except ValueError:
-        raise ConfigError(f"--fractions must be numbers separated by commas, got "
-                          f"{ns.fractions!r}") from None
+    fractions = parse_fractions(ns.fractions)
     cfg = _run_config(ns.run, ns.data_dir)
-    label_efficiency(ns.run, _load_data(cfg), fractions, _settings(ns, cfg), cfg.progress)
+    settings = _settings(ns, cfg)
+    read_metrics(ns.run)
+    label_efficiency(ns.run, _load_data(cfg), fractions, settings, cfg.progress)
     print(f"wrote {Path(ns.run) / 'label_efficiency.png'}, {write_report(ns.run)}")
     return 0
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
+    from selfsup.evaluate import read_metrics
     from selfsup.report import write_report
 
-    if not (Path(ns.run) / "metrics.json").is_file():
+    run_dir = _run_dir(ns.run)
+    if not (run_dir / "metrics.json").is_file():
         raise SelfsupError(f"{ns.run} has no metrics.json: run `selfsup evaluate {ns.run}` "
                            f"first")
-    print(f"wrote {write_report(ns.run)}")
+    read_metrics(run_dir)
+    print(f"wrote {write_report(run_dir)}")
     return 0
 
 
+def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
+    """Where ``embed`` writes: the features (.npy) and, beside them, the file list (.json).
+
+    Raises:
+        SelfsupError: an --out that does not end in .npy, or whose folder does not exist.
+    """
+    if ns.out is None:
+        name = Path(ns.images).resolve().name or "root"
+        out = Path(ns.run) / f"embeddings_{name}.npy"
+    else:
+        out = Path(ns.out)
+        if out.suffix != ".npy" or not out.stem:
+            raise SelfsupError(f"--out must name a .npy file (the file list goes beside it as "
+                               f".files.json), got {ns.out!r}")
+        if not out.parent.is_dir():
+            raise SelfsupError(f"--out: folder {out.parent} does not exist")
+    return out, out.with_name(out.stem + ".files.json")
+
+
 def cmd_embed(ns: argparse.Namespace) -> int:
-    from selfsup.files import atomic_write_text, save_npy
+    from selfsup.files import save_json, save_npy
     from selfsup.inference import load_encoder
     from selfsup.train import select_device
 
     cfg = _run_config(ns.run, None)
+    out, listing = _embed_outputs(ns)
     fx = load_encoder(ns.run, select_device(cfg.device))
-    feats, paths = fx.embed_folder(ns.images, cfg.eval_batch_size)
-    out = Path(ns.out) if ns.out else Path(ns.run) / f"embeddings_{Path(ns.images).name}.npy"
+    feats, paths = fx.embed_folder(ns.images, cfg.eval_batch_size, cfg.bad_images)
     save_npy(feats, out)
-    atomic_write_text("".join(f"{p}\n" for p in paths), out.with_suffix(".txt"))
-    print(f"embedded {len(paths)} images -> {out} {feats.shape}; "
-          f"file list {out.with_suffix('.txt')}")
+    # JSON keeps every path intact (newlines, any character; undecodable bytes as \udcXX
+    # escapes, which os.fsencode turns back into the same bytes). Row i of the .npy is file i.
+    save_json(dict(images=str(ns.images), rows=len(paths), files=[str(p) for p in paths]),
+              listing)
+    print(f"embedded {len(paths)} images -> {out} {feats.shape}; file list {listing}")
     return 0
 
 
@@ -326,7 +455,7 @@ COMMANDS = {"evaluate": cmd_evaluate, "plot": cmd_plot, "finetune": cmd_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted).
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 Ctrl-C, 143 SIGTERM).
 
     Run as the command in a process of a torchrun group, it ends that process itself
     (``dist.exit_process``: the interpreter's teardown can abort after a finished run).
@@ -342,12 +471,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     ns = build_parser().parse_args(argv)
+    with _sigterm_interrupts():
+        try:
+            if ns.command in ("run", "pretrain"):
+                return cmd_train(ns, everything=ns.command == "run")
+            return COMMANDS[ns.command](ns)
+        except SelfsupError as e:
+            print(f"selfsup: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            return 128 + (e.signum if isinstance(e, Interrupted) else 2)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM stops it as Ctrl-C does (``Interrupted``): pretraining
+    finishes its step and saves a checkpoint; a file being written is left as it was."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        if ns.command in ("run", "pretrain"):
-            return cmd_train(ns, everything=ns.command == "run")
-        return COMMANDS[ns.command](ns)
-    except SelfsupError as e:
-        print(f"selfsup: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

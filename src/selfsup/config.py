@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -122,6 +123,108 @@ def field_types() -> dict[str, type]:
     return {name: type(getattr(defaults, name)) for name in FIELD_NAMES}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option admits: ``lo``..``hi``, each end closed unless ``*_open``."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return f"{x:g}" if isinstance(x, float) and not float(x).is_integer() else f"{int(x)}"
+
+        return (f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
+
+
+def option(key: str) -> str:
+    """The command-line spelling of a config key: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
+# The range of every numeric field: wide enough for any sensible run, narrow enough that nothing
+# later overflows, allocates without bound or trains for years. Checked before any work.
+SEED_MAX = 2**32 - 1
+RANGES: dict[str, Range] = {
+    "image_size": Range(0, 4096),  # 0 = the first image's side
+    "view_size": Range(0, 4096),  # 0 = the image side
+    "crop_scale_min": Range(0, 1, lo_open=True),
+    "crop_scale_max": Range(0, 1, lo_open=True),
+    "flip_p": Range(0, 1),
+    "jitter_p": Range(0, 1),
+    # s: brightness, contrast, saturation 0.8s; hue 0.2s, at most half a turn.
+    "jitter_strength": Range(0, 2.5),
+    "gray_p": Range(0, 1),
+    "blur_p": Range(0, 1),
+    "width": Range(1, 1024),
+    "proj_hidden": Range(1, 65536),
+    "proj_dim": Range(1, 65536),
+    "temperature": Range(0.001, 100),
+    "lr": Range(0, 100, lo_open=True),
+    "momentum": Range(0, 1, hi_open=True),
+    "weight_decay": Range(0, 1),
+    "warmup_epochs": Range(0, 10_000),
+    "epochs": Range(1, 1_000_000),
+    "steps": Range(0, 1_000_000_000),  # 0 = from epochs
+    "batch_size": Range(2, 65536),  # NT-Xent needs at least one negative
+    "threads": Range(0, 1024),  # 0 = torch's default
+    "seed": Range(0, SEED_MAX),
+    "checkpoint_every": Range(0, 1_000_000_000),
+    "dist_timeout": Range(0, 7 * 86400, lo_open=True),
+    "knn_k": Range(1, 100_000),
+    "knn_t": Range(0.001, 100),
+    "knn_every": Range(0, 1_000_000),
+    "knn_monitor_size": Range(1, 1_000_000),
+    "probe_val_frac": Range(0, 1, lo_open=True, hi_open=True),
+    "tsne_points": Range(0, 50_000),  # 0 = no t-SNE map
+    "eval_batch_size": Range(1, 65536),
+}
+MAX_BUDGET_S = 30 * 86400.0  # a budget beyond 30 days is a typo
+NAME_MAX_BYTES = 200  # a run folder's name, well under the usual 255-byte file-name limit
+
+
+def shown(value: Any) -> str:
+    """A value as a message shows it: a plain string as typed, anything else by its repr."""
+    if isinstance(value, str) and value and value.isprintable() and value.strip() == value:
+        return value if len(value) <= 60 else value[:60] + "..."
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def check_number(key: str, value: Any, typ: type, rng: Range | None) -> Any:
+    """``value`` as an int or a finite float inside ``rng``.
+
+    Raises:
+        ConfigError: naming the option, the value and the range.
+    """
+    kind = "an integer" if typ is int else "a number"
+    where = f" in {rng}" if rng is not None else ""
+    bad = ConfigError(f"{option(key)} must be {kind}{where}, got {shown(value)}")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        if typ is int:
+            out: Any = int(value) if not isinstance(value, float) else (
+                int(value) if value.is_integer() else None)
+            if out is None:
+                raise ValueError
+        else:
+            out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(out) or (rng is not None and out not in rng):
+        raise bad
+    return out
+
+
 def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if isinstance(value, bool):
@@ -130,29 +233,34 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        if out != out or out in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return out
+        raise ConfigError(f"{option(key)} must be true or false, got {value!r}")
+    if typ in (int, float):
+        return check_number(key, value, typ, RANGES.get(key))
     if not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{option(key)} must be a string, got {value!r}")
+    if "\x00" in value:
+        raise ConfigError(f"{option(key)} must not contain a NUL character, got {value!r}")
     return value
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name under the runs folder, never a path.
+
+    Raises:
+        ConfigError: separators, a name starting with a dot (``.``, ``..``, hidden), control
+            characters, or a name too long for a file system.
+    """
+    bad = None
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        bad = "a name, not a path: no / or \\"
+    elif name.startswith("."):
+        bad = "a name that does not start with a dot (., .. and hidden names leave or hide)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        bad = "free of control characters (newlines, tabs, ...)"
+    elif len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        bad = f"at most {NAME_MAX_BYTES} bytes long"
+    if bad:
+        raise ConfigError(f"--name must be {bad}, got {name!r}")
 
 
 def make_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -203,12 +311,15 @@ def parse_duration(text: str) -> float:
     t = text.strip().lower()
     try:
         value = float(t[:-1])
-        if t[-1:] not in units or not value > 0 or not math.isfinite(value):
+        if t[-1:] not in units or not value > 0 or not value * units[t[-1]] <= MAX_BUDGET_S:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"budget must be a positive number with a unit s, m or h (e.g. 20m), "
-                          f"got {text!r}") from None
+        raise ConfigError(f"--budget must be a positive number with a unit s, m or h (e.g. 20m), "
+                          f"at most {MAX_BUDGET_S / 3600:g}h, got {text!r}") from None
     return value * units[t[-1]]
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 
 
 def validate(cfg: Config) -> None:
@@ -218,39 +329,24 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             value = getattr(cfg, key)
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(f"{option(key)} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.model not in ENCODERS:
-        raise ConfigError(f"unknown model {cfg.model!r}; valid models: {', '.join(ENCODERS)}")
+        raise ConfigError(f"--model: unknown model {cfg.model!r}; valid models: "
+                          f"{', '.join(ENCODERS)}")
+    # Per-field ranges are checked when the values are read (``check_number``); these relate
+    # several fields or check names.
     checks = [
-        (cfg.batch_size >= 2, "batch_size must be at least 2 (NT-Xent needs negatives)"),
-        (cfg.temperature > 0, "temperature must be > 0"),
-        (cfg.lr > 0, "lr must be > 0"),
-        (cfg.epochs >= 1, "epochs must be >= 1"),
-        (cfg.steps >= 0, "steps must be >= 0 (0 = from epochs)"),
-        (cfg.width >= 1 and cfg.proj_hidden >= 1 and cfg.proj_dim >= 1, "widths must be >= 1"),
-        (0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1,
-         "need 0 < crop_scale_min <= crop_scale_max <= 1"),
-        (all(0 <= p <= 1 for p in (cfg.flip_p, cfg.jitter_p, cfg.gray_p, cfg.blur_p)),
-         "probabilities (flip_p, jitter_p, gray_p, blur_p) must be in [0, 1]"),
-        (cfg.jitter_strength >= 0, "jitter_strength must be >= 0"),
-        (cfg.weight_decay >= 0 and cfg.momentum >= 0, "weight_decay and momentum must be >= 0"),
-        (cfg.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
-        (cfg.view_size >= 0 and cfg.image_size >= 0, "view_size and image_size must be >= 0"),
-        (cfg.knn_k >= 1 and cfg.knn_t > 0, "knn_k must be >= 1 and knn_t > 0"),
-        (0 < cfg.probe_val_frac < 1, "probe_val_frac must be in (0, 1)"),
-        (cfg.tsne_points >= 0, "tsne_points must be >= 0"),
-        (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-        (cfg.dist_timeout > 0, "dist_timeout must be > 0"),
-        (cfg.knn_every >= 0 and cfg.knn_monitor_size >= 1,
-         "knn_every must be >= 0 and knn_monitor_size >= 1"),
-        (cfg.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
-        (cfg.threads >= 0, "threads must be >= 0"),
-        (cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.startswith("cuda"),
-         "device must be auto, cpu, cuda, cuda:N or mps"),
+        (cfg.crop_scale_min <= cfg.crop_scale_max,
+         f"--crop-scale-min ({cfg.crop_scale_min}) must not exceed --crop-scale-max "
+         f"({cfg.crop_scale_max})"),
+        (DEVICE_PATTERN.fullmatch(cfg.device) is not None,
+         f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.name:
+        check_run_name(cfg.name)
     if cfg.budget:
         parse_duration(cfg.budget)  # raises ConfigError with the allowed form
 

@@ -241,25 +241,81 @@ def _missing_cifar_message(root: Path, why: str) -> str:
     )
 
 
-# --- image folders --------------------------------------------------------------------------
+# --- image folders ---------------------------------------------------------------------------
+
+# The most pixels selfsup decodes from one image file (8192 x 8192). A larger image, or a small
+# file that declares one (a decompression bomb), is a bad image: its pixels are never decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[str]]:
+    """Every non-hidden file under ``folder`` (following links to folders, each folder once),
+    sorted, and the sub-folders that could not be read."""
+    files: list[Path] = []
+    unreadable: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(d: Path) -> None:
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:  # a link loop, or a folder reached twice
+                return
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            unreadable.append(f"{d} ({e.strerror or e})")
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                visit(Path(e.path))
+            else:
+                files.append(Path(e.path))
+
+    visit(folder)
+    return sorted(files), unreadable
 
 
 def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
-    """The image files under ``folder`` (by suffix), sorted; other files are skipped with a
-    counted warning, or refused when ``bad_images`` is ``fail`` (hidden files are ignored).
+    """The image files under ``folder`` (by suffix), sorted; other files and sub-folders that
+    cannot be read are skipped with a counted warning, or refused when ``bad_images`` is
+    ``fail`` (hidden files and folders are ignored).
 
     Raises:
-        DataError: ``fail`` and a file that is not an image.
+        DataError: ``folder`` itself cannot be read, or ``fail`` and a file that is not an image
+            or a sub-folder that cannot be read.
     """
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".")
-                                              for part in p.relative_to(folder).parts))
+    _check_readable(folder)
+    files, unreadable = _walk(folder)
+    if unreadable:
+        _bad(bad_images, f"{len(unreadable)} folder(s) under {folder} that cannot be read",
+             unreadable)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [str(p) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
         _bad(bad_images, f"{len(others)} file(s) in {folder} are not images (by their suffix)",
              others)
     return images
+
+
+def _check_readable(folder: Path) -> None:
+    """DataError, not a traceback, for a folder that is missing or cannot be listed."""
+    try:
+        with os.scandir(folder):
+            pass
+    except FileNotFoundError:
+        raise DataError(f"image folder {folder} does not exist") from None
+    except NotADirectoryError:
+        raise DataError(f"{folder} is a file, not a folder of images") from None
+    except OSError as e:
+        raise DataError(f"image folder {folder} cannot be read ({e.strerror or e}); check its "
+                        f"permissions") from None
 
 
 def _bad(policy: str, what: str, examples: list[str]) -> None:
@@ -270,28 +326,97 @@ def _bad(policy: str, what: str, examples: list[str]) -> None:
     warnings.warn(f"skipped {what}: {shown}", stacklevel=3)
 
 
-def _decode(path: Path, size: int) -> np.ndarray | None:
-    """(3, size, size) uint8, or None when the file is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+def _scale_to_uint8(a: np.ndarray, high: float) -> np.ndarray:
+    return np.clip(np.rint(a.astype(np.float64) * (255.0 / high)), 0, 255).astype(np.uint8)
+
+
+def _full_scale(a: np.ndarray, mode: str) -> float:
+    """The value that stands for white in a high-depth grey image: 65535 for 16-bit modes; for
+    32-bit integers and floats, the smallest usual scale that holds the data (1 for floats in
+    [0, 1], then 255, then 65535, else the largest value)."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    top = float(np.max(a)) if a.size else 0.0
+    for scale in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if top <= scale:
+            return scale
+    return top
+
+
+def to_rgb8(im: Any) -> Any:
+    """Any image Pillow opens, as 8-bit RGB with the values the file means.
+
+    Pillow's own RGB conversion clips 16-bit and 32-bit grey and floats to 255 (a 16-bit PNG
+    comes out white): those are rescaled from their full scale (``_full_scale``). Premultiplied
+    grey+alpha goes through plain grey+alpha. Transparency is dropped, keeping the colour under
+    it; palette images with transparency go through RGBA, as their format asks.
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        a = np.asarray(im)
+        if mode == "F":
+            a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        grey = _scale_to_uint8(a, _full_scale(a, mode) or 1.0)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if mode == "La":
+        im = im.convert("LA")
+    elif mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+@dataclass
+class _Decoded:
+    """One file's outcome: the (3, S, S) array and the file's own size, or why it failed."""
+
+    array: np.ndarray | None
+    size: tuple[int, int] = (0, 0)
+    why: str = ""
+
+
+def _open_checked(path: Path) -> Any:
+    """Open an image (header only) and refuse one with more than ``MAX_IMAGE_PIXELS``."""
+    from PIL import Image
+
+    im = Image.open(path)
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ValueError(f"{w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+    if w < 1 or h < 1:
+        im.close()
+        raise ValueError(f"{w}x{h} pixels")
+    return im
+
+
+def _decode(path: Path, size: int) -> _Decoded:
+    """Decode one file to (3, size, size) uint8. Any failure is this file's problem: the
+    reason is kept for the bad-image warning, never raised (the parsers see untrusted bytes)."""
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as f:
-            im = f.convert("RGB")
+        with _open_checked(path) as f:
+            own = f.size
+            if f.format == "JPEG":
+                f.draft("RGB", (size, size))  # decode big JPEGs at a reduced scale
+            im = to_rgb8(ImageOps.exif_transpose(f) or f)
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
+            return _Decoded(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), own)
+    except Exception as e:  # noqa: BLE001 - every decoder error means "unreadable file"
+        return _Decoded(None, why=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                        if str(e) else type(e).__name__)
 
 
 def _first_size(paths: Iterable[Path]) -> int:
-    from PIL import Image
-
+    """The width of the first image that opens within the pixel limit (0: none does)."""
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with _open_checked(p) as im:
                 return int(im.size[0])
-        except OSError:
+        except Exception:  # noqa: BLE001 - a bad file: try the next
             continue
     return 0
 
@@ -299,6 +424,9 @@ def _first_size(paths: Iterable[Path]) -> int:
 def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "skip"
                   ) -> tuple[torch.Tensor, list[int]]:
     """Decode image files into one (N, 3, S, S) uint8 tensor, on all cores.
+
+    Every mode Pillow opens becomes 8-bit RGB with the values the file means (``to_rgb8``).
+    Files over ``MAX_IMAGE_PIXELS`` (or declaring it) are bad images and are never decoded.
 
     Args:
         paths: image files.
@@ -317,43 +445,78 @@ def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "ski
     size = image_size or _first_size(paths)
     if size == 0:
         raise DataError(f"none of the {len(paths)} files could be read as an image")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, size), paths))
-    kept = [i for i, a in enumerate(arrays) if a is not None]
-    bad = [str(paths[i]) for i, a in enumerate(arrays) if a is None]
+    with warnings.catch_warnings():
+        # Pillow warns of large images as it opens them; the limit above decides instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            decoded = list(pool.map(lambda p: _decode(p, size), paths))
+    kept = [i for i, d in enumerate(decoded) if d.array is not None]
+    bad = [f"{paths[i]} ({d.why})" for i, d in enumerate(decoded) if d.array is None]
     if bad and kept:
         _bad(bad_images, f"{len(bad)} unreadable image file(s)", bad)
     if not kept:
-        raise DataError(f"none of the {len(paths)} files could be read as an image")
-
-    def other_size(p: Path) -> bool:
-        with Image.open(p) as im:
-            return im.size != (size, size)
-
+        raise DataError(f"none of the {len(paths)} files could be read as an image: "
+                        f"{', '.join(bad[:3])}")
     if not image_size:
-        resized = sum(other_size(paths[i]) for i in kept)
+        resized = sum(decoded[i].size != (size, size) for i in kept)
         if resized:
             print(f"note: {resized} image(s) not {size}x{size} were resized to it", flush=True)
-    return torch.from_numpy(np.stack([arrays[i] for i in kept])), kept  # type: ignore[misc]
+    return torch.from_numpy(np.stack([decoded[i].array for i in kept])), kept  # type: ignore[misc]
+
+
+def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
+    """The class folders of a split; unreadable entries follow the bad-image policy."""
+    _check_readable(folder)
+    dirs, unreadable = [], []
+    for d in sorted(folder.iterdir()):
+        if d.name.startswith("."):
+            continue
+        try:
+            if d.is_dir():
+                dirs.append(d)
+        except OSError as e:
+            unreadable.append(f"{d} ({e.strerror})")
+    if unreadable:
+        _bad(bad_images, f"{len(unreadable)} entries of {folder} that cannot be read",
+             unreadable)
+    return dirs
 
 
 def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str
                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir())
-    names = classes if classes is not None else [d.name for d in class_dirs]
-    unknown = [d.name for d in class_dirs if d.name not in names]
+    """One split of ``<class>/*`` folders. For the training split (``classes`` None) the classes
+    are its class folders that hold images; an empty one is named in a warning and left out."""
+    found: dict[str, list[Path]] = {d.name: image_files(d, bad_images)
+                                    for d in _class_dirs(folder, bad_images)}
+    empty = [name for name, files in found.items() if not files]
+    if empty:
+        what = ("left out as classes" if classes is None
+                else "so those classes have no test images")
+        warnings.warn(f"{len(empty)} class folder(s) of {folder} hold no images, {what}: "
+                      f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
+                      stacklevel=3)
+    names = classes if classes is not None else [n for n in found if found[n]]
+    unknown = [n for n in found if found[n] and n not in names]
     if unknown:
         raise DataError(f"{folder} has classes not in the training set: {', '.join(unknown)}")
     paths: list[Path] = []
     labels: list[int] = []
-    for d in class_dirs:
-        files = image_files(d, bad_images)
-        paths += files
-        labels += [names.index(d.name)] * len(files)
+    for name, files in found.items():
+        if files:
+            paths += files
+            labels += [names.index(name)] * len(files)
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     x, kept = decode_images(paths, size, bad_images)
     return x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names
+
+
+def _has_class_folders(split: Path) -> bool:
+    try:
+        return split.is_dir() and any(d.is_dir() and not d.name.startswith(".")
+                                      for d in split.iterdir())
+    except OSError:
+        return True  # an unreadable split: reading it as labeled gives the clear error
 
 
 def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "skip"
@@ -362,23 +525,29 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
 
     A folder with ``train/`` and ``test/`` subfolders of class folders gives a labeled data set
     (labels from folder names, sorted). Any other folder gives an unlabeled data set of every
-    image under it (pretraining and embeddings only). Files that are not images, or not
-    readable, are skipped with a counted warning (``bad_images="skip"``) or refused (``fail``).
+    image under it (pretraining and embeddings only); when it holds only one of ``train/`` and
+    ``test/`` with class folders, a warning says so. Files that are not images, not readable,
+    or over the pixel limit, and sub-folders that cannot be read, are skipped with a counted
+    warning (``bad_images="skip"``) or refused (``fail``); an empty class folder is named in a
+    warning.
 
     Raises:
-        DataError: the folder is missing, or holds no readable image, or a bad file and
-            ``fail``.
+        DataError: the folder is missing or cannot be read, holds no readable image, or a bad
+            file and ``fail``.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+    _check_readable(root)
     train, test = root / "train", root / "test"
-    if train.is_dir() and test.is_dir() and any(d.is_dir() for d in train.iterdir()):
-        size = image_size or _first_size(p for p in sorted(train.rglob("*"))
-                                         if p.suffix.lower() in IMAGE_SUFFIXES)
-        x, y, classes = _labeled_split(train, None, size, bad_images)
+    labeled = [_has_class_folders(train), _has_class_folders(test)]
+    if all(labeled):
+        x, y, classes = _labeled_split(train, None, image_size, bad_images)
         tx, ty, _ = _labeled_split(test, classes, x.shape[-1], bad_images)
         return ImageData(x, y, tx, ty, classes, root.name)
+    if any(labeled):
+        has, lacks = ("train", "test") if labeled[0] else ("test", "train")
+        warnings.warn(f"{root} has {has}/ with class folders but no {lacks}/<class>/ folders: "
+                      f"every image under it is read as one unlabeled set (no probe, no kNN). "
+                      f"Add {lacks}/<class>/ folders to measure with labels.", stacklevel=2)
     paths = image_files(root, bad_images)
     if not paths:
         raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")

@@ -15,3 +15,12 @@ class DataError(SelfsupError):
 
 class CheckpointError(SelfsupError):
     """A checkpoint that cannot be resumed: missing, damaged, or from a different run setup."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal (Ctrl-C's SIGINT, or SIGTERM as sent by ``timeout``, schedulers and
+    container runtimes); ``signum`` says which. The exit status is 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -7,7 +7,6 @@ then refit on all of it; the test set is touched once, for the final accuracy.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,7 +274,7 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     """
     from selfsup.train import (
         ENCODER,
-        load_checkpoint,
+        load_encoder_file,
         prepare,
         pretrained_encoder,
         select_device,
@@ -283,7 +282,7 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     )
 
     run_dir = Path(run_dir)
-    saved = load_checkpoint(run_dir / ENCODER)
+    saved = load_encoder_file(run_dir / ENCODER)
     cfg = config_from_dict(saved["config"])
     device = select_device(cfg.device)
     if encoder is None:
@@ -337,9 +336,31 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
 
 
 METRICS = "metrics.json"
+# The type of each section of metrics.json that selfsup reads back.
+_METRIC_SECTIONS: dict[str, type] = {
+    "config": dict, "machine": dict, "pretrain": dict, "time_s": dict, "linear_probe": dict,
+    "knn": dict, "finetune": dict, "label_efficiency": dict, "knn_history": list,
+    "classes": list, "confusion": list, "resumes": list,
+}
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``metrics.json``, or an empty dict."""
+    """The run's ``metrics.json``, or an empty dict when there is none.
+
+    Raises:
+        SelfsupError: the file is damaged (not JSON, not an object, a section of the wrong type):
+            names it and how to recover.
+    """
+    from selfsup.errors import SelfsupError
+    from selfsup.files import read_json
+
     path = Path(run_dir) / METRICS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists():
+        return {}
+    fix = (f"move it aside and run `selfsup evaluate {Path(run_dir)}` to measure the run "
+           f"again")
+    m = read_json(path, "a JSON object", fix)
+    for key, typ in _METRIC_SECTIONS.items():
+        if key in m and not isinstance(m[key], typ):
+            raise SelfsupError(f"{path} is damaged ({key} is not a {typ.__name__}); {fix}")
+    return m  # type: ignore[no-any-return]

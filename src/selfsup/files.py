@@ -21,9 +21,27 @@ import torch
 from selfsup.errors import SelfsupError
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not the
+    temporary file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
@@ -32,6 +50,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -89,3 +108,21 @@ def save_figure(fig: Any, path: str | Path) -> None:
     """A matplotlib figure as PNG, atomically."""
     _write_with(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
                 suffix=".png")
+
+
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """A JSON file's object, or ``SelfsupError`` saying which file is damaged and ``fix``.
+
+    Args:
+        what: the kind of object expected, for the message (``"a JSON object"``).
+        fix: what the user can do about a damaged file.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise SelfsupError(f"{path} cannot be read ({why}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise SelfsupError(f"{path} is damaged (not {what}); {fix}")
+    return obj

@@ -28,12 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment import AugmentParams, augment, normalize, to_float
-from selfsup.config import Config, config_from_dict
+from selfsup.config import SEED_MAX, Config, Range, check_number, config_from_dict
 from selfsup.data import ImageData
 from selfsup.errors import ConfigError
 from selfsup.models import Encoder
 
+LABEL_FRACTION_RANGE = Range(0, 1, lo_open=True)
 MODES = ("finetune", "linear", "scratch")
+# What each fine-tuning setting admits; checked when settings are made, before any work.
+FINETUNE_RANGES: dict[str, Range] = {
+    "epochs": Range(1, 100_000),
+    "min_steps": Range(0, 10_000_000),
+    "batch_size": Range(1, 65536),
+    "lr": Range(0, 100, lo_open=True),
+    "encoder_lr_mult": Range(0, 100),
+    "weight_decay": Range(0, 1),
+    "crop_scale_min": Range(0, 1, lo_open=True),
+    "flip_p": Range(0, 1),
+    "seed": Range(0, SEED_MAX),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class FinetuneSettings:
     crop_scale_min: float = 0.5  # random resized crop, area in [this, 1], and horizontal flip
     flip_p: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, rng in FINETUNE_RANGES.items():
+            typ = type(getattr(FinetuneSettings, name))
+            check_number(name, getattr(self, name), typ, rng)
 
     def steps_for(self, n: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * n / self.batch_size))
@@ -76,8 +94,7 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     Raises:
         ConfigError: a fraction outside (0, 1].
     """
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}")
+    check_number("label_fraction", fraction, float, LABEL_FRACTION_RANGE)
     rng = np.random.default_rng(seed)
     keep = []
     for c in np.unique(labels):
@@ -221,10 +238,10 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
     """
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json, save_torch
-    from selfsup.train import ENCODER, load_checkpoint, pretrained_encoder, select_device
+    from selfsup.train import ENCODER, load_encoder_file, pretrained_encoder, select_device
 
     run_dir = Path(run_dir)
-    saved = load_checkpoint(run_dir / ENCODER)
+    saved = load_encoder_file(run_dir / ENCODER)
     device = select_device(config_from_dict(saved["config"]).device)
     encoder = pretrained_encoder(saved, initial=mode == "scratch")
     model, result = train_classifier(encoder, mode, data, saved["mean"], saved["std"],
@@ -241,6 +258,23 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
 
 
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0.01,0.1,1"`` -> the label fractions, sorted, without repeats.
+
+    Raises:
+        ConfigError: an empty list, or an item that is not a number in (0, 1].
+    """
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise ConfigError(f"--fractions must list at least one label fraction in "
+                          f"{LABEL_FRACTION_RANGE}, separated by commas, got {text!r}")
+    out = set()
+    for item in items:
+        if item:
+            out.add(check_number("fractions", item, float, LABEL_FRACTION_RANGE))
+    return tuple(sorted(out))
 
 
 def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[float, ...],

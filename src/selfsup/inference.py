@@ -44,23 +44,23 @@ class FeatureExtractor(nn.Module):
         self.train(was)
         return torch.cat(out).numpy() if out else np.zeros((0, self.feature_dim), np.float32)
 
-    def embed_folder(self, folder: str | Path, batch_size: int = 256
+    def embed_folder(self, folder: str | Path, batch_size: int = 256, bad_images: str = "skip"
                      ) -> tuple[np.ndarray, list[Path]]:
         """Features of every image under ``folder`` (resized to the training size), in sorted
-        path order, and those paths (unreadable files are skipped with a warning).
+        path order, and those paths. Files that cannot be read (or exceed the pixel limit) are
+        skipped with a counted warning, or refused when ``bad_images`` is ``fail``.
 
         Raises:
-            DataError: no folder, or no image in it.
+            DataError: no folder, one that cannot be read, no image in it, or a bad file under
+                ``fail``.
         """
         from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
 
         root = Path(folder)
-        if not root.is_dir():
-            raise DataError(f"{root} is not a folder")
-        paths = image_files(root)
+        paths = image_files(root, bad_images)
         if not paths:
             raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-        x, kept = decode_images(paths, self.image_size)
+        x, kept = decode_images(paths, self.image_size, bad_images)
         return self.embed(x, batch_size), [paths[i] for i in kept]
 
 
@@ -72,12 +72,12 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Featur
     Raises:
         CheckpointError: missing, damaged, or not a selfsup encoder.
     """
-    from selfsup.train import ENCODER, load_checkpoint, pretrained_encoder
+    from selfsup.train import ENCODER, load_encoder_file, pretrained_encoder
 
     path = Path(path)
     if path.is_dir():
         path = path / ENCODER
-    saved = load_checkpoint(path)
+    saved = load_encoder_file(path)
     size = int(saved.get("image_size", 32))
     fx = FeatureExtractor(pretrained_encoder(saved), saved["mean"], saved["std"], size,
                           int(saved["feature_dim"]))

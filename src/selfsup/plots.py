@@ -1,9 +1,17 @@
-"""Figures of a run, readable at a glance: title, axis labels, a legend where there are series."""
+"""Figures of a run, readable at a glance: title, axis labels, a legend where there are series.
+
+Every text is drawn literally: class names and titles are never read as mathematical markup
+(``$``, ``\\``, ``{`` print as themselves). ``plot_run`` draws what a run's data allow and
+skips a figure that cannot be drawn (too few points, say) with a note, never the run.
+"""
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -15,6 +23,21 @@ from selfsup.config import Config  # noqa: E402
 from selfsup.data import ImageData  # noqa: E402
 from selfsup.files import save_figure  # noqa: E402
 
+F = TypeVar("F", bound=Callable[..., Any])
+# Text is text: no mathematical markup, whatever characters a class name holds.
+_LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def literal_text(fn: F) -> F:
+    """Run a figure function with every text it creates and draws taken literally."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plt.rc_context(_LITERAL_TEXT):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
     save_figure(fig, path)
@@ -22,6 +45,7 @@ def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
     return Path(path)
 
 
+@literal_text
 def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None = None,
                untrained_floor: float | None = None,
                knn_history: list[dict[str, float]] | None = None) -> Path:
@@ -63,6 +87,7 @@ def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None
     return _close_and_save(fig, path)
 
 
+@literal_text
 def label_efficiency_plot(table: dict[str, Any], path: str | Path) -> Path:
     """Test accuracy against the fraction of training labels (log x-axis), one line per way."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -84,6 +109,7 @@ def label_efficiency_plot(table: dict[str, Any], path: str | Path) -> Path:
     return _close_and_save(fig, path)
 
 
+@literal_text
 def retrieval_grid(queries: np.ndarray, query_labels: np.ndarray | None,
                    neighbours: dict[str, np.ndarray], neighbour_labels: dict[str, np.ndarray],
                    path: str | Path, classes: list[str]) -> Path:
@@ -127,6 +153,7 @@ def retrieval_grid(queries: np.ndarray, query_labels: np.ndarray | None,
     return _close_and_save(fig, path)
 
 
+@literal_text
 def confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: str) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     n = len(classes)
@@ -167,13 +194,14 @@ def _scatter(xy: np.ndarray, labels: np.ndarray | None, classes: list[str], path
     return _close_and_save(fig, path)
 
 
+@literal_text
 def pca_map(features: np.ndarray, labels: np.ndarray | None, classes: list[str],
             path: str | Path, title: str = "PCA of test embeddings") -> Path:
     """First two principal components of the features, coloured by class."""
     x = features - features.mean(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
-    xy = x @ vt[:2].T
-    var = s**2 / (s**2).sum()
+    xy = x @ vt[:2].T  # (N, 2); callers make sure of 2 points and 2 features
+    var = s**2 / max(float((s**2).sum()), 1e-30)
     return _scatter(xy, labels, classes, path, f"{title} ({len(x)} points)",
                     f"PC 1 ({var[0]:.0%} of variance)", f"PC 2 ({var[1]:.0%} of variance)")
 
@@ -183,14 +211,18 @@ def subsample(labels: np.ndarray | None, n: int, count: int, seed: int = 0) -> n
     rng = np.random.default_rng(seed)
     if count >= n:
         return np.arange(n)
-    if labels is None:
+    classes = np.unique(labels) if labels is not None else np.empty(0)
+    if labels is None or count < len(classes):
         return np.sort(rng.choice(n, count, replace=False))
-    classes = np.unique(labels)
     per = max(1, count // len(classes))
     idx = [rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]
     return np.sort(np.concatenate(idx))
 
 
+TSNE_MIN_POINTS = 7  # perplexity 2 needs a few neighbours per point
+
+
+@literal_text
 def tsne_map(features: np.ndarray, labels: np.ndarray | None, classes: list[str],
              path: str | Path, points: int = 2000, seed: int = 0,
              title: str = "t-SNE of test embeddings") -> Path:
@@ -200,6 +232,8 @@ def tsne_map(features: np.ndarray, labels: np.ndarray | None, classes: list[str]
     idx = subsample(labels, len(features), points, seed)
     x = features[idx]
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    if len(x) < TSNE_MIN_POINTS:
+        raise ValueError(f"t-SNE needs at least {TSNE_MIN_POINTS} points, got {len(x)}")
     perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
     xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
     lab = None if labels is None else labels[idx]
@@ -207,6 +241,7 @@ def tsne_map(features: np.ndarray, labels: np.ndarray | None, classes: list[str]
                     f"{title} ({len(idx)} of {len(features)} points)", "t-SNE 1", "t-SNE 2")
 
 
+@literal_text
 def augmentation_grid(originals: np.ndarray, view1: np.ndarray, view2: np.ndarray,
                       path: str | Path) -> Path:
     """Rows of (original, view 1, view 2); arrays are (n, H, W, 3) floats in [0, 1]."""
@@ -229,53 +264,105 @@ def augmentation_grid(originals: np.ndarray, view1: np.ndarray, view2: np.ndarra
 def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) -> dict[str, str]:
     """Draw every figure a run's files allow; returns {figure name: file name}.
 
-    ``data`` (the run's data set) is needed only for the augmentation grid.
+    ``data`` (the run's data set) is needed only for the retrieval and augmentation figures. A
+    figure the data cannot give (too few points, say) is skipped with a note on stderr; one
+    figure that fails never stops the others.
     """
-    import json
+    from selfsup.evaluate import read_metrics
+
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    out: dict[str, str] = {}
+    for name, draw in _figures(run_dir, cfg, data, metrics):
+        try:
+            made = draw()
+        except Exception as e:  # noqa: BLE001 - a figure is never worth the run
+            print(f"note: no {name} figure ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''})", file=sys.stderr,
+                  flush=True)
+            continue
+        if made:
+            out[name] = made.name
+    return out
+
+
+def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[str, Any]
+             ) -> list[tuple[str, Callable[[], Path | None]]]:
+    """(name, function that draws it) for every figure ``plot_run`` tries, in order."""
     import math
 
     import torch
 
     from selfsup.augment import AugmentParams, two_views
 
-    run_dir = Path(run_dir)
-    out: dict[str, str] = {}
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    classes = list(metrics.get("classes", []))
-    if (run_dir / "loss.npy").is_file():
+    classes = [str(c) for c in metrics.get("classes", [])]
+
+    def loss() -> Path | None:
+        if not (run_dir / "loss.npy").is_file():
+            return None
         losses = np.load(run_dir / "loss.npy")
+        if len(losses) == 0:
+            raise ValueError("no pretraining steps recorded")
         train_size = int(metrics.get("train_size", 0))
         batch = min(cfg.batch_size, train_size) if train_size else cfg.batch_size
         steps_per_epoch = train_size // batch if train_size else None
-        loss_curve(losses, run_dir / "loss.png", steps_per_epoch, math.log(2 * batch - 1),
-                   metrics.get("knn_history"))
-        out["loss"] = "loss.png"
-    if "confusion" in metrics:
+        return loss_curve(losses, run_dir / "loss.png", steps_per_epoch,
+                          math.log(2 * batch - 1), metrics.get("knn_history"))
+
+    def confusion_figure() -> Path | None:
+        if "confusion" not in metrics:
+            return None
         acc = metrics.get("linear_probe", {}).get("trained")
         title = "Linear probe on the trained encoder, test set"
-        if acc is not None:
+        if isinstance(acc, float):
             title += f" (accuracy {acc:.1%})"
-        confusion(np.asarray(metrics["confusion"]), classes, run_dir / "confusion.png", title)
-        out["confusion"] = "confusion.png"
-    for split in ("test", "train"):
-        emb = run_dir / f"{split}_emb.npy"
-        if emb.is_file():
-            feats = np.load(emb)
-            lbl_path = run_dir / f"{split}_lbl.npy"
-            labels = np.load(lbl_path) if lbl_path.is_file() else None
-            names = classes if labels is not None else []
-            pca_map(feats, labels, names, run_dir / "pca.png", f"PCA of {split} embeddings")
-            tsne_map(feats, labels, names, run_dir / "tsne.png", cfg.tsne_points, cfg.seed,
-                     f"t-SNE of {split} embeddings")
-            out.update(pca="pca.png", tsne="tsne.png")
-            break
-    if "label_efficiency" in metrics:
-        label_efficiency_plot(metrics["label_efficiency"], run_dir / "label_efficiency.png")
-        out["label_efficiency"] = "label_efficiency.png"
-    if data is not None and _retrieval(run_dir, data, cfg.seed):
-        out["retrieval"] = "retrieval.png"
-    if data is not None:
+        return confusion(np.asarray(metrics["confusion"]), classes, run_dir / "confusion.png",
+                         title)
+
+    def embeddings() -> tuple[str, np.ndarray, np.ndarray | None] | None:
+        for split in ("test", "train"):
+            emb = run_dir / f"{split}_emb.npy"
+            if emb.is_file():
+                lbl = run_dir / f"{split}_lbl.npy"
+                return split, np.load(emb), np.load(lbl) if lbl.is_file() else None
+        return None
+
+    def pca() -> Path | None:
+        found = embeddings()
+        if found is None:
+            return None
+        split, feats, labels = found
+        if len(feats) < 2 or feats.shape[1] < 2:
+            raise ValueError(f"a 2-D map needs 2 points and 2 features, got {feats.shape}")
+        return pca_map(feats, labels, classes if labels is not None else [],
+                       run_dir / "pca.png", f"PCA of {split} embeddings")
+
+    def tsne() -> Path | None:
+        found = embeddings()
+        if found is None:
+            return None
+        if cfg.tsne_points == 0:
+            print("note: no t-SNE map (--tsne-points 0)", file=sys.stderr, flush=True)
+            return None
+        split, feats, labels = found
+        return tsne_map(feats, labels, classes if labels is not None else [],
+                        run_dir / "tsne.png", cfg.tsne_points, cfg.seed,
+                        f"t-SNE of {split} embeddings")
+
+    def label_eff() -> Path | None:
+        if "label_efficiency" not in metrics:
+            return None
+        return label_efficiency_plot(metrics["label_efficiency"],
+                                     run_dir / "label_efficiency.png")
+
+    def retrieval() -> Path | None:
+        if data is None:
+            return None
+        return run_dir / "retrieval.png" if _retrieval(run_dir, data, cfg.seed) else None
+
+    def augmentations() -> Path | None:
+        if data is None:
+            return None
         g = torch.Generator().manual_seed(cfg.seed)
         x = data.train_x[torch.linspace(0, len(data.train_x) - 1, 8).long()].cpu()  # spread out
         v1, v2 = two_views(x, AugmentParams.from_config(cfg, x.shape[-1]), g)
@@ -283,9 +370,12 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
         def hwc(t: torch.Tensor) -> np.ndarray:
             return t.permute(0, 2, 3, 1).numpy()
 
-        augmentation_grid(hwc(x.float() / 255), hwc(v1), hwc(v2), run_dir / "augmentations.png")
-        out["augmentations"] = "augmentations.png"
-    return out
+        return augmentation_grid(hwc(x.float() / 255), hwc(v1), hwc(v2),
+                                 run_dir / "augmentations.png")
+
+    return [("loss", loss), ("confusion", confusion_figure), ("pca", pca), ("tsne", tsne),
+            ("label_efficiency", label_eff), ("retrieval", retrieval),
+            ("augmentations", augmentations)]
 
 
 def _retrieval(run_dir: Path, data: ImageData, seed: int, queries: int = 6, k: int = 8) -> bool:

@@ -115,6 +115,26 @@ def _label_efficiency_table(m: dict[str, Any]) -> str:
          "best pretrained vs scratch"], rows)
 
 
+def _resumes_table(m: dict[str, Any]) -> str:
+    """The resumes of the run, in order: when, from which step to which, what changed."""
+    resumes = m.get("resumes")
+    if not resumes:
+        return ""
+    rows = []
+    for r in resumes:
+        if not isinstance(r, dict):
+            continue
+        changed = "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in (r.get("changed") or {}).items()
+                            if isinstance(v, list) and len(v) == 2) or "nothing"
+        rows.append(f"<tr><td>{html.escape(str(r.get('date', '?')))}</td>"
+                    f"<td>{html.escape(str(r.get('from_step', '?')))}</td>"
+                    f"<td>{html.escape(str(r.get('to_step', '?')))}</td>"
+                    f"<td>{html.escape(changed)}</td></tr>")
+    return ("<h3>Resumed</h3><p>The configuration below is the run's latest; "
+            "<code>config.json</code> keeps the one it started with.</p>"
+            + _table(["resumed at", "from step", "to step", "settings changed"], rows))
+
+
 def _facts(m: dict[str, Any]) -> str:
     cfg, mach, pre = m.get("config", {}), m.get("machine", {}), m.get("pretrain", {})
     t = m.get("time_s", {})
@@ -145,11 +165,14 @@ def _figure(path: Path, heading: str, caption: str) -> str:
 
 def build_report(run_dir: str | Path) -> str:
     """The HTML page of a run, from its ``metrics.json``, ``config.json`` and figures."""
+    from selfsup.evaluate import read_metrics
+    from selfsup.files import read_json
+
     run_dir = Path(run_dir)
-    mpath = run_dir / "metrics.json"
-    m: dict[str, Any] = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    m = read_metrics(run_dir)
     cpath = run_dir / "config.json"
-    cfg = m.get("config") or (json.loads(cpath.read_text()) if cpath.is_file() else {})
+    cfg = m.get("config") or (read_json(cpath, "a config object", "it is not a selfsup run's")
+                              if cpath.is_file() else {})
     m.setdefault("config", cfg)
     figures = [_figure(run_dir / f, h, c) for f, h, c in FIGURES if (run_dir / f).is_file()]
     known = {f for f, _, _ in FIGURES}
@@ -170,6 +193,7 @@ initial weights (untrained), probed the same way.</p>
 {_metrics_table(m)}
 {_finetune_table(m)}
 {_label_efficiency_table(m)}
+{_resumes_table(m)}
 {''.join(figures)}
 <h2>Configuration</h2>
 <details><summary>config.json</summary><pre>{html.escape(json.dumps(cfg, indent=2,
@@ -180,6 +204,16 @@ initial weights (untrained), probed the same way.</p>
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` (atomically) and return its path."""
+    from selfsup.errors import SelfsupError
+
     path = Path(run_dir) / "report.html"
-    atomic_write_text(build_report(run_dir), path)
+    try:
+        page = build_report(run_dir)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        # Sections of the right type holding values of the wrong one: written by hand, or
+        # damaged. Say which file, not where in this module it failed.
+        raise SelfsupError(f"{Path(run_dir) / 'metrics.json'} holds values selfsup did not "
+                           f"write ({type(e).__name__}: {str(e)[:120]}); move it aside and run "
+                           f"`selfsup evaluate {run_dir}` to measure the run again") from None
+    atomic_write_text(page, path)
     return path

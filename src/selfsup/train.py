@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import pickle
 import signal
 import sys
 import threading
@@ -27,7 +29,7 @@ from selfsup.augment import AugmentParams, normalize, two_views
 from selfsup.config import Config, config_from_dict, diff_keys, parse_duration
 from selfsup.data import ImageData, channel_stats
 from selfsup.dist import gather_with_grad
-from selfsup.errors import CheckpointError, ConfigError, SelfsupError
+from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.losses import nt_xent
 from selfsup.models import Encoder, ProjectionHead, build_encoder, nhwc_safe_on_cpu
@@ -155,9 +157,9 @@ def init_encoder(cfg: Config) -> Encoder:
 
 
 def pretrained_encoder(saved: dict[str, Any], initial: bool = False) -> Encoder:
-    """The encoder of an ``encoder.pt`` (see ``load_checkpoint``), in eval mode; with ``initial``,
-    the same architecture at the initial weights pretraining started from (the untrained
-    baseline)."""
+    """The encoder of an ``encoder.pt`` (as ``load_encoder_file`` checked it), in eval mode; with
+    ``initial``, the same architecture at the initial weights pretraining started from (the
+    untrained baseline)."""
     encoder = init_encoder(config_from_dict(saved["config"]))
     if not initial:
         try:
@@ -196,22 +198,142 @@ def prepare(model: M, device: torch.device, channels_last: bool) -> M:
 # --- checkpoints ----------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+# Lines of the loader's messages that give advice rather than the reason (never passed on).
+_LOADER_ADVICE = ("weights_only", "weights only", "documentation", "file an issue", "trusted")
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint or encoder file safely (``weights_only=True``: no code runs).
 
+    Args:
+        mmap: map the file instead of reading it (for a quick look at a large file's config).
+
     Raises:
-        CheckpointError: missing, damaged, or not a selfsup file.
+        CheckpointError: missing, damaged, holding objects other than tensors and plain data
+            (refused: nothing in it runs), or not a selfsup file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e})") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in ln for ln in lines):
+            # The loader refused an object that is not a tensor or plain data. Its message
+            # suggests loading the file unsafely; a file of unknown origin must never be, so
+            # that advice is not passed on.
+            raise CheckpointError(f"{path} was refused: it holds objects other than tensors "
+                                  f"and plain data, which a selfsup file never does (nothing "
+                                  f"in it was run)") from None
+        detail = [ln for ln in lines if not any(w in ln.lower() for w in _LOADER_ADVICE)]
+        why = detail[0][:200] if detail else "not a file selfsup can read"
+        raise CheckpointError(f"{path} cannot be loaded: damaged or not a selfsup file "
+                              f"({type(e).__name__}: {why})") from None
     if not isinstance(obj, dict) or "config" not in obj:
         raise CheckpointError(f"{path} is not a selfsup checkpoint")
     return obj
+
+
+def checkpoint_config(saved: dict[str, Any], path: str | Path) -> Config:
+    """The validated config inside a checkpoint or encoder file.
+
+    Raises:
+        CheckpointError: no config, or one selfsup does not accept (names the problem).
+    """
+    raw = saved.get("config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is damaged: its config is not a mapping")
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path} is damaged: its config is invalid ({e})") from None
+
+
+def _expected_state(cfg: Config) -> tuple[dict[str, torch.Size], int]:
+    """Parameter and buffer shapes of the config's encoder, and its feature width, computed on
+    the meta device: nothing is allocated, however large the config says the network is."""
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model, cfg.width)
+    return {k: v.shape for k, v in encoder.state_dict().items()}, int(encoder.feature_dim)
+
+
+def _check_state_dict(state: Any, expected: dict[str, torch.Size], what: str) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{what}: the weights are not a mapping of names to tensors")
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or extra or wrong:
+        parts = [f"{name} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", extra),
+                                    ("wrong shape", wrong)) if keys]
+        raise CheckpointError(f"{what}: the encoder weights do not fit the configured model "
+                              f"({'; '.join(parts)})")
+
+
+def _check_stats(saved: dict[str, Any], key: str, what: str, positive: bool) -> None:
+    v = saved.get(key)
+    ok = (isinstance(v, list | tuple) and len(v) == 3
+          and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                  and (x > 0 if positive else True) for x in v))
+    if not ok:
+        raise CheckpointError(f"{what}: '{key}' must be 3 finite numbers (one per colour "
+                              f"channel{', each > 0' if positive else ''}), got {v!r:.80}")
+
+
+def load_encoder_file(path: str | Path) -> dict[str, Any]:
+    """An ``encoder.pt``, with every field checked against its config before any network is
+    built: the weights' names and shapes, the feature width, the input normalisation and the
+    image side.
+
+    Raises:
+        CheckpointError: missing, damaged, or a field that does not fit (names it).
+    """
+    saved = load_checkpoint(path)
+    what = str(path)
+    cfg = checkpoint_config(saved, path)
+    shapes, feature_dim = _expected_state(cfg)
+    _check_state_dict(saved.get("state_dict"), shapes, what)
+    if saved.get("feature_dim") != feature_dim or isinstance(saved.get("feature_dim"), bool):
+        raise CheckpointError(f"{what}: feature_dim {saved.get('feature_dim')!r:.40} does not "
+                              f"match the model's {feature_dim}")
+    _check_stats(saved, "mean", what, positive=False)
+    _check_stats(saved, "std", what, positive=True)
+    size = saved.get("image_size", 32)
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096:
+        raise CheckpointError(f"{what}: image_size must be an integer in [1, 4096], got "
+                              f"{size!r:.40}")
+    return saved
+
+
+def check_model_input(cfg: Config, image_size: int) -> None:
+    """Refuse, before any work, views too small for the encoder (each pooling halves them).
+
+    Tried on the meta device (nothing computed or allocated); the message names the smallest
+    side that works.
+
+    Raises:
+        ConfigError: the views are too small.
+    """
+    side = cfg.view_size or image_size
+
+    def fits(s: int) -> bool:
+        try:
+            with torch.device("meta"):
+                build_encoder(cfg.model, min(cfg.width, 8))(torch.empty(2, 3, s, s))
+            return True
+        except RuntimeError:
+            return False
+
+    if fits(side):
+        return
+    smallest = next((s for s in range(side + 1, 257) if fits(s)), None)
+    need = f"at least {smallest}x{smallest} px" if smallest else "larger views"
+    where = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side}x{side} px"
+    raise ConfigError(f"{where}: too small for {cfg.model}, which needs {need}; set "
+                      f"--view-size (or --image-size for image folders) to at least that")
 
 
 def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[float],
@@ -386,6 +508,7 @@ class PretrainResult:
     std: list[float] = field(default_factory=list)
     knn_history: list[dict[str, float]] = field(default_factory=list)  # {step, epoch, accuracy}
     knn_seconds: float = 0.0  # spent on those kNN checks (not in seconds or images_per_s)
+    start_step: int = 0  # the step this invocation started from (> 0 when resumed)
 
 
 class _Progress:
@@ -417,34 +540,39 @@ class _Progress:
             self.bar.close()
 
 
-class _StopOnCtrlC:
-    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once.
+class _StopOnSignal:
+    """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one: stop at once.
 
     Stopping between steps keeps the checkpoint consistent (a step cut in half would leave
-    batch-norm statistics or half the weights updated).
+    batch-norm statistics or half the weights updated). SIGTERM is what ``timeout``, job
+    schedulers and container runtimes send before they kill a job.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, announce: bool) -> None:
         self.requested = False
+        self.signum = signal.SIGINT
         self.announce = announce
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.requested, self.signum = True, signum
         if self.announce:
-            print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to abort)",
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: stopping after this step and saving ({name} again to abort)",
                   file=sys.stderr, flush=True)
 
-    def __enter__(self) -> _StopOnCtrlC:
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def global_rng_state() -> dict[str, Any]:
@@ -478,6 +606,49 @@ def set_global_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _restore(ck: dict[str, Any], path: Path, method: SimCLR, gen: torch.Generator, rank: int
+             ) -> tuple[list[float], int, list[dict[str, float]]]:
+    """Load a checkpoint's state into the method and the generators, after checking its fields.
+
+    Returns:
+        The loss history, the step and the kNN history.
+
+    Raises:
+        CheckpointError: a field missing, of the wrong type or shape (names it).
+    """
+    what = f"{path} is damaged"
+    _check_state_dict(ck.get("encoder"), {k: v.shape for k, v in
+                                          method.encoder.state_dict().items()}, what)
+    head = ck.get("head")
+    expected = {k: v.shape for k, v in method.head.state_dict().items()}
+    if not isinstance(head, dict) or {k: getattr(v, "shape", None) for k, v in head.items()
+                                      } != expected:
+        raise CheckpointError(f"{what}: the projection head does not fit the config")
+    step, losses = ck.get("step"), ck.get("losses")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{what}: step must be a non-negative integer, got {step!r:.40}")
+    if not isinstance(losses, list) or len(losses) != step or not all(
+            isinstance(x, float | int) for x in losses):
+        raise CheckpointError(f"{what}: the loss history does not hold one number per step")
+    states = ck.get("gen_states") or [ck.get("gen_state")]
+    if not isinstance(states, list) or len(states) <= rank or not isinstance(
+            states[rank], torch.Tensor) or states[rank].dtype != torch.uint8:
+        raise CheckpointError(f"{what}: no augmentation generator state for process {rank}")
+    knn_history = ck.get("knn_history", [])
+    if not isinstance(knn_history, list):
+        raise CheckpointError(f"{what}: knn_history is not a list")
+    try:
+        method.load_state_dict(ck)
+        gen.set_state(states[rank])
+        rngs = ck.get("rng_all") or ([ck["rng"]] if "rng" in ck else [])
+        if rngs:
+            set_global_rng_state(rngs[rank])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                              ) from None
+    return [float(x) for x in losses], step, list(knn_history)
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The permutation of the data for one epoch: a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -498,12 +669,16 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     Raises:
         CheckpointError: ``resume`` without a checkpoint, or with a config that changes the run.
         SelfsupError: a non-finite loss (names the step).
-        KeyboardInterrupt: after saving a checkpoint on Ctrl-C.
+        Interrupted: after saving a checkpoint on Ctrl-C or SIGTERM.
     """
     run_dir = Path(run_dir)
     device = dist.setup(select_device(cfg.device), cfg.dist_timeout)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        cpus = os.cpu_count() or 1
+        if cfg.threads > cpus and dist.is_main():
+            print(f"note: threads {cfg.threads} > this machine's {cpus} CPUs; using {cpus}",
+                  flush=True)
+        torch.set_num_threads(min(cfg.threads, cpus))
     amp_dtype, precision = select_precision(cfg.precision, device)
     main, world, rank = dist.is_main(), dist.world_size(), dist.rank()
     if main:
@@ -547,25 +722,19 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     ckpt_path = run_dir / CHECKPOINT
     if resume:
         ck = load_checkpoint(ckpt_path)
-        old = config_from_dict(ck["config"])
+        old = checkpoint_config(ck, ckpt_path)
         changed = diff_keys(old, cfg)
         if changed:
             raise CheckpointError(
                 f"cannot resume {ckpt_path}: the config differs in {', '.join(changed)} "
                 f"(only epochs/steps and run-time settings may change)")
-        saved_world = int(ck.get("world_size", 1))
+        saved_world = ck.get("world_size", 1)
         if saved_world != world:
             raise CheckpointError(
                 f"cannot resume {ckpt_path} with {world} process(es): it was written by "
-                f"{saved_world}, and each process's augmentation stream is part of the state. "
-                f"Resume with {saved_world} process(es) (the same global batch).")
-        method.load_state_dict(ck)
-        gen.set_state(ck["gen_states"][rank] if "gen_states" in ck else ck["gen_state"])
-        rngs = ck.get("rng_all") or ([ck["rng"]] if "rng" in ck else [])
-        if rngs:
-            set_global_rng_state(rngs[rank])
-        losses, step = list(ck["losses"]), int(ck["step"])
-        knn_history = list(ck.get("knn_history", []))
+                f"{saved_world!r:.20}, and each process's augmentation stream is part of the "
+                f"state. Resume with {saved_world!r:.20} process(es) (the same global batch).")
+        losses, step, knn_history = _restore(ck, ckpt_path, method, gen, rank)
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
     if monitor is not None and step == 0 and main:
@@ -592,9 +761,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                   flush=True)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    start_step = step
     if resume and main:
         print(f"resumed {ckpt_path} at step {step}/{total}", flush=True)
-    if main:
+        if step >= total:
+            print(f"note: nothing to train: the run is at step {step} of {total}; give more "
+                  f"--epochs or --steps to extend it", flush=True)
+    if main and not resume:  # the record of what was asked for; a resume adds to metrics.json
         save_json(cfg.to_dict(), run_dir / "config.json")
 
     saved_step = step if resume else 0
@@ -615,7 +788,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     train_time, images, order_epoch = 0.0, 0, -1
     order = torch.empty(0, dtype=torch.long)
     gen_state = gen.get_state()  # state at the start of step `step`
-    with _StopOnCtrlC(announce=main) as stop:
+    with _StopOnSignal(announce=main) as stop:
         try:
             while step < total:
                 epoch, i = divmod(step, steps_per_epoch)
@@ -648,7 +821,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 if epoch_end or periodic or step == total or stop.requested:
                     checkpoint(step, gen_state)
                 if stop.requested and step < total:
-                    raise KeyboardInterrupt
+                    raise Interrupted(stop.signum)
         except KeyboardInterrupt:
             progress.close()
             if main:
@@ -662,7 +835,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         save_npy(np.asarray(losses, dtype=np.float32), run_dir / "loss.npy")
     return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
                           images / max(train_time, 1e-9), precision, mean, std, knn_history,
-                          monitor_s)
+                          monitor_s, start_step)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
