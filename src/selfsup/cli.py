@@ -112,14 +112,15 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in FIELD_NAMES and k != "preset"}
 
 
-def _check_threads(overrides: dict[str, Any]) -> None:
-    """--threads beyond this machine's CPUs oversubscribes them: refused before any work."""
+def _check_threads(cfg: Config, overrides: dict[str, Any]) -> None:
+    """--threads beyond this machine's CPUs oversubscribes them: refused before any work (a
+    resumed run's own value from a larger machine is capped, with a note, when it starts)."""
     import os
 
     cpus = os.cpu_count() or 1
-    if int(overrides.get("threads", 0)) > cpus:
+    if "threads" in overrides and cfg.threads > cpus:
         raise ConfigError(f"--threads must be in [0, {cpus}] on this machine ({cpus} CPUs; 0 = "
-                          f"torch's default), got {overrides['threads']}")
+                          f"torch's default), got {cfg.threads}")
 
 
 def _checkpoint_config(run_dir: Path) -> Config:
@@ -142,7 +143,6 @@ def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, dict[str, list[Any]]
     finished run, or anything else) is refused before anything is written.
     """
     overrides = _overrides(ns)
-    _check_threads(overrides)
     if ns.resume:
         run_dir = Path(ns.resume)
         old = _checkpoint_config(run_dir)
@@ -151,9 +151,11 @@ def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, dict[str, list[Any]]
         if changed:
             raise CheckpointError(f"cannot resume {run_dir} with changed {', '.join(changed)}; "
                                   f"only epochs/steps and run-time settings may change")
+        _check_threads(cfg, overrides)
         a, b = old.to_dict(), cfg.to_dict()
         return cfg, run_dir, {k: [a[k], b[k]] for k in sorted(a) if a[k] != b[k]}
     cfg = make_config(getattr(ns, "preset", None), overrides)
+    _check_threads(cfg, overrides)
     if not cfg.name:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = config_from_dict({**cfg.to_dict(), "name": f"{cfg.dataset}-{cfg.preset or 'custom'}"
@@ -263,7 +265,13 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json
     from selfsup.report import write_report
-    from selfsup.train import check_model_input, machine_info, pretrain, select_device
+    from selfsup.train import (
+        check_model_input,
+        check_model_size,
+        machine_info,
+        pretrain,
+        select_device,
+    )
 
     start = time.perf_counter()
     cfg, run_dir, changes = _resolve(ns)
@@ -276,8 +284,9 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     main, world = dist.is_main(), dist.world_size()
     if main:
         print(f"selfsup {ns.command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
+    check_model_size(cfg, device)  # before the data are loaded
     if cfg.view_size:
-        check_model_input(cfg, cfg.view_size)  # before the data are loaded
+        check_model_input(cfg, cfg.view_size)
     t0 = time.perf_counter()
     data = _load_data(cfg)
     load_s = time.perf_counter() - t0
@@ -469,10 +478,25 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _check_paths(ns: argparse.Namespace) -> None:
+    """Paths given to a command: a NUL character cannot be in any file name."""
+    for key in ("run", "resume", "images", "out", "data_dir"):
+        value = getattr(ns, key, None)
+        if isinstance(value, str) and "\x00" in value:
+            flag = key.upper() if key == "run" else "--" + key.replace("_", "-")
+            raise SelfsupError(f"{flag} must be a path without NUL characters, got {value!r}")
+
+
 def _main(argv: list[str] | None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name's undecodable bytes print escaped
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                reconfigure(errors="backslashreplace")
     ns = build_parser().parse_args(argv)
     with _sigterm_interrupts():
         try:
+            _check_paths(ns)
             if ns.command in ("run", "pretrain"):
                 return cmd_train(ns, everything=ns.command == "run")
             return COMMANDS[ns.command](ns)

@@ -165,8 +165,8 @@ RANGES: dict[str, Range] = {
     "gray_p": Range(0, 1),
     "blur_p": Range(0, 1),
     "width": Range(1, 1024),
-    "proj_hidden": Range(1, 65536),
-    "proj_dim": Range(1, 65536),
+    "proj_hidden": Range(1, 16384),
+    "proj_dim": Range(1, 8192),
     "temperature": Range(0.001, 100),
     "lr": Range(0, 100, lo_open=True),
     "momentum": Range(0, 1, hi_open=True),
@@ -315,7 +315,7 @@ def parse_duration(text: str) -> float:
             raise ValueError
     except ValueError:
         raise ConfigError(f"--budget must be a positive number with a unit s, m or h (e.g. 20m), "
-                          f"at most {MAX_BUDGET_S / 3600:g}h, got {text!r}") from None
+                          f"at most {MAX_BUDGET_S / 3600:g}h, got {shown(text)}") from None
     return value * units[t[-1]]
 
 

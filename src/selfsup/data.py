@@ -263,20 +263,20 @@ def _walk(folder: Path) -> tuple[list[Path], list[str]]:
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            unreadable.append(f"{d} ({e.strerror or e})")
+        except OSError as err:
+            unreadable.append(f"{d} ({err.strerror or err})")
             return
-        for e in entries:
-            if e.name.startswith("."):
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
             try:
-                is_dir = e.is_dir()
+                is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
             if is_dir:
-                visit(Path(e.path))
+                visit(Path(entry.path))
             else:
-                files.append(Path(e.path))
+                files.append(Path(entry.path))
 
     visit(folder)
     return sorted(files), unreadable
@@ -380,7 +380,11 @@ def _open_checked(path: Path) -> Any:
     """Open an image (header only) and refuse one with more than ``MAX_IMAGE_PIXELS``."""
     from PIL import Image
 
-    im = Image.open(path)
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ValueError(f"declares more pixels than the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                         f"(a decompression bomb?)") from None
     w, h = im.size
     if w * h > MAX_IMAGE_PIXELS:
         im.close()
@@ -408,6 +412,20 @@ def _decode(path: Path, size: int) -> _Decoded:
     except Exception as e:  # noqa: BLE001 - every decoder error means "unreadable file"
         return _Decoded(None, why=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                         if str(e) else type(e).__name__)
+
+
+def _check_memory(n: int, size: int) -> None:
+    """Refuse to decode ``n`` images of ``size`` px when they cannot fit in this machine's
+    memory (the whole set is held as uint8), before decoding any."""
+    need = n * 3 * size * size
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > 0.8 * total:
+        raise DataError(f"{n} images of {size}x{size} px need {need / 2**30:.1f} GiB as uint8, "
+                        f"more than this machine's {total / 2**30:.1f} GiB of memory can hold; "
+                        f"choose a smaller --image-size")
 
 
 def _first_size(paths: Iterable[Path]) -> int:
@@ -444,7 +462,10 @@ def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "ski
 
     size = image_size or _first_size(paths)
     if size == 0:
-        raise DataError(f"none of the {len(paths)} files could be read as an image")
+        why = [f"{p} ({_decode(p, 1).why})" for p in paths[:3]]
+        raise DataError(f"none of the {len(paths)} files could be read as an image: "
+                        f"{', '.join(why)}{', ...' if len(paths) > 3 else ''}")
+    _check_memory(len(paths), size)
     with warnings.catch_warnings():
         # Pillow warns of large images as it opens them; the limit above decides instead.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -482,12 +503,27 @@ def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
     return dirs
 
 
-def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """One split of ``<class>/*`` folders. For the training split (``classes`` None) the classes
-    are its class folders that hold images; an empty one is named in a warning and left out."""
-    found: dict[str, list[Path]] = {d.name: image_files(d, bad_images)
-                                    for d in _class_dirs(folder, bad_images)}
+def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str,
+                   left_out: set[str] = frozenset()  # type: ignore[assignment]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str], set[str]]:
+    """One split of ``<class>/*`` folders.
+
+    For the training split (``classes`` None) the classes are its class folders that hold
+    images: an empty or unreadable one is named in a warning and left out (returned in the
+    set). In the test split, the images of classes left out of training are left out too.
+    """
+    found: dict[str, list[Path]] = {}
+    unreadable = []
+    for d in _class_dirs(folder, bad_images):
+        try:
+            found[d.name] = image_files(d, bad_images)
+        except DataError as e:
+            if "cannot be read" not in str(e):
+                raise
+            unreadable.append(f"{d} ({str(e).split('(', 1)[-1].split(')')[0]})")
+    if unreadable:
+        _bad(bad_images, f"{len(unreadable)} class folder(s) that cannot be read, left out",
+             unreadable)
     empty = [name for name, files in found.items() if not files]
     if empty:
         what = ("left out as classes" if classes is None
@@ -495,20 +531,25 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_image
         warnings.warn(f"{len(empty)} class folder(s) of {folder} hold no images, {what}: "
                       f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
                       stacklevel=3)
+    dropped = {n for n in found if found[n] and n in left_out}
+    if dropped:
+        warnings.warn(f"{folder}: the images of {', '.join(sorted(dropped))} are left out, as "
+                      f"that class was left out of training", stacklevel=3)
     names = classes if classes is not None else [n for n in found if found[n]]
-    unknown = [n for n in found if found[n] and n not in names]
+    unknown = [n for n in found if found[n] and n not in names and n not in left_out]
     if unknown:
         raise DataError(f"{folder} has classes not in the training set: {', '.join(unknown)}")
     paths: list[Path] = []
     labels: list[int] = []
     for name, files in found.items():
-        if files:
+        if files and name in names:
             paths += files
             labels += [names.index(name)] * len(files)
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     x, kept = decode_images(paths, size, bad_images)
-    return x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names
+    skipped = set(empty) | {u.rsplit("/", 1)[-1].split(" (")[0] for u in unreadable}
+    return x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names, skipped
 
 
 def _has_class_folders(split: Path) -> bool:
@@ -540,8 +581,8 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
     train, test = root / "train", root / "test"
     labeled = [_has_class_folders(train), _has_class_folders(test)]
     if all(labeled):
-        x, y, classes = _labeled_split(train, None, image_size, bad_images)
-        tx, ty, _ = _labeled_split(test, classes, x.shape[-1], bad_images)
+        x, y, classes, left_out = _labeled_split(train, None, image_size, bad_images)
+        tx, ty, _, _ = _labeled_split(test, classes, x.shape[-1], bad_images, left_out)
         return ImageData(x, y, tx, ty, classes, root.name)
     if any(labeled):
         has, lacks = ("train", "test") if labeled[0] else ("test", "train")
@@ -579,13 +620,23 @@ def load_digits(size: int = 16, test_frac: float = 0.2) -> ImageData:
 
 def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
                  download: bool = True, bad_images: str = "skip") -> ImageData:
-    """Load a data set by name: ``cifar10``, ``digits`` or ``folder`` (image folder at data_dir)."""
-    if name == "cifar10":
-        return load_cifar10(data_dir, download=download)
-    if name == "digits":
-        return load_digits()
-    if name == "folder":
-        return load_image_folder(data_dir, image_size, bad_images)
+    """Load a data set by name: ``cifar10``, ``digits`` or ``folder`` (image folder at data_dir).
+
+    Raises:
+        DataError: anything wrong with the data, a file or folder that cannot be read or
+            created (permissions, a file where a folder should be) included.
+    """
+    try:
+        if name == "cifar10":
+            return load_cifar10(data_dir, download=download)
+        if name == "digits":
+            return load_digits()
+        if name == "folder":
+            return load_image_folder(data_dir, image_size, bad_images)
+    except OSError as e:
+        where = e.filename or data_dir
+        raise DataError(f"cannot read the {name} data at {where}: "
+                        f"{e.strerror or type(e).__name__}") from None
     raise DataError(f"unknown dataset {name!r}; valid: cifar10, digits, folder")
 
 

@@ -90,8 +90,9 @@ def save_npy(array: np.ndarray, path: str | Path) -> None:
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """UTF-8 text, atomically."""
-    data = text.encode()
+    """UTF-8 text, atomically. Characters UTF-8 cannot hold (the stand-ins Python uses for a
+    file name's undecodable bytes) are written as backslash escapes."""
+    data = text.encode("utf-8", "backslashreplace")
 
     def write(f: IO[bytes]) -> None:
         f.write(data)

@@ -8,6 +8,7 @@ skips a figure that cannot be drawn (too few points, say) with a note, never the
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from selfsup.files import save_figure  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Text is text: no mathematical markup, whatever characters a class name holds.
-_LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+_LITERAL_TEXT: dict[str, Any] = {"text.parse_math": False, "text.usetex": False}
 
 
 def literal_text(fn: F) -> F:
@@ -33,10 +34,19 @@ def literal_text(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with plt.rc_context(_LITERAL_TEXT):
+        with plt.rc_context(_LITERAL_TEXT):  # type: ignore[arg-type]
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def shown_name(name: str) -> str:
+    """A class name as figures show it: undecodable bytes of a folder name as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
@@ -295,7 +305,7 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
 
     from selfsup.augment import AugmentParams, two_views
 
-    classes = [str(c) for c in metrics.get("classes", [])]
+    classes = [shown_name(str(c)) for c in metrics.get("classes", [])]
 
     def loss() -> Path | None:
         if not (run_dir / "loss.npy").is_file():
@@ -405,7 +415,7 @@ def _retrieval(run_dir: Path, data: ImageData, seed: int, queries: int = 6, k: i
         nn_idx = np.argsort(-(te @ tr.T), axis=1)[:, :k]  # (Q, k), nearest first
         neighbours[f"{name} encoder"] = hwc(train_imgs[nn_idx])
         labels[f"{name} encoder"] = train_y[nn_idx] if train_y is not None else np.empty(0)
-    names = list(data.classes) if data.classes else []
+    names = [shown_name(c) for c in data.classes] if data.classes else []
     retrieval_grid(hwc(data.test_x.cpu().numpy()[q_idx]),
                    None if test_y is None else test_y[q_idx], neighbours, labels,
                    run_dir / "retrieval.png", names)

@@ -157,7 +157,11 @@ def _facts(m: dict[str, Any]) -> str:
 
 
 def _figure(path: Path, heading: str, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    try:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as e:
+        return (f"<h2>{html.escape(heading)}</h2><p>{html.escape(path.name)} cannot be read "
+                f"({html.escape(e.strerror or type(e).__name__)}).</p>")
     return (f"<h2>{html.escape(heading)}</h2><figure><img alt=\"{html.escape(heading)}\" "
             f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}"
             "</figcaption></figure>")
@@ -177,7 +181,7 @@ def build_report(run_dir: str | Path) -> str:
     figures = [_figure(run_dir / f, h, c) for f, h, c in FIGURES if (run_dir / f).is_file()]
     known = {f for f, _, _ in FIGURES}
     figures += [_figure(p, p.stem.replace("_", " "), "") for p in sorted(run_dir.glob("*.png"))
-                if p.name not in known]
+                if p.name not in known and p.is_file()]
     title = f"selfsup run {run_dir.name}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -308,6 +308,32 @@ def load_encoder_file(path: str | Path) -> dict[str, Any]:
     return saved
 
 
+def check_model_size(cfg: Config, device: torch.device) -> None:
+    """Refuse, before any work, a network whose weights, gradients and optimiser state cannot
+    fit in this machine's memory (counted on the meta device: nothing is allocated).
+
+    Raises:
+        ConfigError: naming the sizes that make it too large.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model, cfg.width)
+        head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
+    params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
+    need = params * 4 * 4  # weights, gradients, momentum, and the budget's throw-away copy
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > 0.8 * total:
+        raise ConfigError(f"{cfg.model} of --width {cfg.width} with a head of --proj-hidden "
+                          f"{cfg.proj_hidden} and --proj-dim {cfg.proj_dim} has {params:,} "
+                          f"parameters: training them needs about {need / 2**30:.1f} GiB, more "
+                          f"than the {total / 2**30:.1f} GiB of {device.type} memory here")
+
+
 def check_model_input(cfg: Config, image_size: int) -> None:
     """Refuse, before any work, views too small for the encoder (each pooling halves them).
 
@@ -552,7 +578,7 @@ class _StopOnSignal:
 
     def __init__(self, announce: bool) -> None:
         self.requested = False
-        self.signum = signal.SIGINT
+        self.signum: int = signal.SIGINT
         self.announce = announce
         self.previous: dict[int, Any] = {}
 
