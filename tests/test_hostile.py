@@ -124,7 +124,8 @@ def test_embed_keeps_every_path_and_never_shares_an_output_name(run, tmp_path, c
     for i, name in enumerate(odd):
         write_images(tmp_path / "tmp", 1, size=16, seed=100 + i)
         (tmp_path / "tmp" / "000.png").rename(images / name)
-    for bad in ("f.txt", "f", "f.json", str(tmp_path / "missing" / "f.npy")):
+    for bad in ("f.txt", "f", "f.json", str(tmp_path / "missing" / "f.npy"),
+                str(run / "train_emb.npy"), str(run / "loss.npy")):
         assert main(["embed", str(run), "--images", str(images), "--out", bad]) == 2
         assert "--out" in capsys.readouterr().err
     out = tmp_path / "feats.npy"
@@ -421,6 +422,13 @@ def test_views_too_small_for_the_encoder_are_refused_before_training(tmp_path, c
     err = capsys.readouterr().err
     assert "too small for small_cnn, which needs at least 8x8 px" in err
     assert "Traceback" not in err and not (tmp_path / "runs" / "v").exists()
+
+
+def test_a_single_training_image_is_refused(tmp_path, capsys):
+    write_images(tmp_path / "one", 1)
+    assert main(["pretrain", "--dataset", "folder", "--data-dir", str(tmp_path / "one"),
+                 *TINY, "--out-dir", str(tmp_path / "runs"), "--name", "one"]) == 2
+    assert "needs at least 2" in capsys.readouterr().err
 
 
 def test_data_that_cannot_be_read_or_held_is_a_clear_error(tmp_path, capsys):

@@ -438,6 +438,11 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
                                f".files.json), got {ns.out!r}")
         if not out.parent.is_dir():
             raise SelfsupError(f"--out: folder {out.parent} does not exist")
+        if (out.parent.resolve() == Path(ns.run).resolve()
+                and not out.name.startswith("embeddings_")):
+            raise SelfsupError(f"--out {ns.out}: inside the run folder embed writes only "
+                               f"embeddings_*.npy, so that the run's own files are never "
+                               f"overwritten")
     return out, out.with_name(out.stem + ".files.json")
 
 

@@ -712,6 +712,9 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         print(f"device {device}, {torch.get_num_threads()} threads{procs}, precision: "
               f"{precision}", flush=True)
 
+    if len(data.train_x) < 2:
+        raise SelfsupError(f"{data.name} has {len(data.train_x)} training image(s); contrastive "
+                           f"pretraining needs at least 2 (each image's negatives are the others)")
     x_all = data.train_x.to(device)  # (N, 3, H, W) uint8, resident
     n = x_all.shape[0]
     batch = min(cfg.batch_size, n)  # the global batch, over all processes
