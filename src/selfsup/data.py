@@ -405,10 +405,12 @@ def _decode(path: Path, size: int) -> _Decoded:
             own = f.size
             if f.format == "JPEG":
                 f.draft("RGB", (size, size))  # decode big JPEGs at a reduced scale
-            im = to_rgb8(ImageOps.exif_transpose(f) or f)
+            # Turn upright by the EXIF orientation (only files that carry EXIF: a copy costs).
+            upright = ImageOps.exif_transpose(f) if "exif" in f.info or f.format == "TIFF" else f
+            im = to_rgb8(upright or f)
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return _Decoded(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), own)
+            return _Decoded(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), own)
     except Exception as e:  # noqa: BLE001 - every decoder error means "unreadable file"
         return _Decoded(None, why=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                         if str(e) else type(e).__name__)
