@@ -328,6 +328,19 @@ def test_unreadable_folders_are_named(tmp_path, monkeypatch, capsys):
             p.chmod(0o755)
 
 
+def test_links_loops_and_special_files_never_hang_a_load(tmp_path):
+    root = tmp_path / "imgs"
+    write_images(root / "a", 3)
+    (root / "a" / "loop").symlink_to(root)  # a folder that contains itself
+    (root / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(root / "pipe.png")  # opening it would wait for a writer forever
+    with pytest.warns(UserWarning, match=r"cannot be read.*not a regular file"):
+        d = data.load_image_folder(root)
+    assert len(d.train_x) == 3
+    with pytest.raises(DataError, match="pipe.png"):
+        data.load_image_folder(root, bad_images="fail")
+
+
 def test_empty_class_folders_and_a_missing_split_are_named(tmp_path):
     root = _labelled(tmp_path / "imgs")
     (root / "train" / "yak").mkdir()
@@ -340,6 +353,10 @@ def test_empty_class_folders_and_a_missing_split_are_named(tmp_path):
     with pytest.warns(UserWarning, match=r"test hold no images.*emu"):
         d = data.load_image_folder(root)
     assert len(d.test_x) == 4
+    (root / "train" / "README.txt").write_text("notes")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) directly in .*train, outside any class"):
+        data.load_image_folder(root)
+    (root / "train" / "README.txt").unlink()
     shutil.rmtree(root / "test")
     with pytest.warns(UserWarning, match=r"has train/ with class folders but no test/"):
         d = data.load_image_folder(root)
@@ -584,6 +601,10 @@ def _edit(path: Path, change) -> None:
     (lambda o: o.__setitem__("config", "x"), "config is not a mapping"),
     (lambda o: o["config"].__setitem__("width", -3), "config is invalid"),
     (lambda o: o["state_dict"].pop(next(iter(o["state_dict"]))), "missing"),
+    (lambda o: o["state_dict"][next(iter(o["state_dict"]))].fill_(float("nan")),
+     "non-finite weights"),
+    (lambda o: o["state_dict"].update({k: v.long() for k, v in o["state_dict"].items()
+                                       if v.is_floating_point()}), "wrong shape or type"),
 ])
 def test_encoder_file_fields_are_checked(run_copy, capsys, change, expect):
     from selfsup import load_encoder
@@ -608,7 +629,7 @@ def test_a_small_file_claiming_a_huge_network_is_refused_before_building(run_cop
     monkeypatch.setattr(train, "init_encoder", no_build)
     assert main(["evaluate", str(run_copy)]) == 2
     err = capsys.readouterr().err
-    assert "do not fit the configured model" in err and "wrong shape" in err
+    assert "do not fit the configured model" in err and "wrong shape or type" in err
 
 
 @pytest.mark.parametrize("change,expect", [

@@ -249,8 +249,9 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def _walk(folder: Path) -> tuple[list[Path], list[str]]:
-    """Every non-hidden file under ``folder`` (following links to folders, each folder once),
-    sorted, and the sub-folders that could not be read."""
+    """Every non-hidden regular file under ``folder`` (following links, each folder once),
+    sorted, and what could not be read: sub-folders without permission, and entries that are
+    not regular files (pipes, sockets, devices, broken links), which would block or never end."""
     files: list[Path] = []
     unreadable: list[str] = []
     seen: set[tuple[int, int]] = set()
@@ -270,13 +271,15 @@ def _walk(folder: Path) -> tuple[list[Path], list[str]]:
             if entry.name.startswith("."):
                 continue
             try:
-                is_dir = entry.is_dir()
+                is_dir, is_file = entry.is_dir(), entry.is_file()
             except OSError:
-                is_dir = False
+                is_dir = is_file = False
             if is_dir:
                 visit(Path(entry.path))
-            else:
+            elif is_file:
                 files.append(Path(entry.path))
+            else:
+                unreadable.append(f"{entry.path} (not a regular file)")
 
     visit(folder)
     return sorted(files), unreadable
@@ -294,7 +297,7 @@ def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
     _check_readable(folder)
     files, unreadable = _walk(folder)
     if unreadable:
-        _bad(bad_images, f"{len(unreadable)} folder(s) under {folder} that cannot be read",
+        _bad(bad_images, f"{len(unreadable)} entries under {folder} that cannot be read",
              unreadable)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [str(p) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
@@ -488,17 +491,22 @@ def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "ski
 
 
 def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
-    """The class folders of a split; unreadable entries follow the bad-image policy."""
+    """The class folders of a split. Entries that are not folders (files outside any class
+    folder) and entries that cannot be read follow the bad-image policy: named, never silent."""
     _check_readable(folder)
-    dirs, unreadable = [], []
+    dirs: list[Path] = []
+    loose: list[Path] = []
+    unreadable: list[str] = []
     for d in sorted(folder.iterdir()):
         if d.name.startswith("."):
             continue
         try:
-            if d.is_dir():
-                dirs.append(d)
+            (dirs if d.is_dir() else loose).append(d)
         except OSError as e:
             unreadable.append(f"{d} ({e.strerror})")
+    if loose:
+        _bad(bad_images, f"{len(loose)} file(s) directly in {folder}, outside any class folder",
+             [str(p) for p in loose])
     if unreadable:
         _bad(bad_images, f"{len(unreadable)} entries of {folder} that cannot be read",
              unreadable)

@@ -250,27 +250,38 @@ def checkpoint_config(saved: dict[str, Any], path: str | Path) -> Config:
         raise CheckpointError(f"{path} is damaged: its config is invalid ({e})") from None
 
 
-def _expected_state(cfg: Config) -> tuple[dict[str, torch.Size], int]:
-    """Parameter and buffer shapes of the config's encoder, and its feature width, computed on
-    the meta device: nothing is allocated, however large the config says the network is."""
+def _expected_state(cfg: Config) -> tuple[dict[str, torch.Tensor], int]:
+    """Parameters and buffers of the config's encoder (shapes and dtypes only), and its feature
+    width, made on the meta device: nothing is allocated, however large the config says the
+    network is."""
     with torch.device("meta"):
         encoder = build_encoder(cfg.model, cfg.width)
-    return {k: v.shape for k, v in encoder.state_dict().items()}, int(encoder.feature_dim)
+    return dict(encoder.state_dict()), int(encoder.feature_dim)
 
 
-def _check_state_dict(state: Any, expected: dict[str, torch.Size], what: str) -> None:
+def _check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str) -> None:
+    """The weights a file holds against the network's: names, shapes, kinds of number, and
+    finite values."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"{what}: the weights are not a mapping of names to tensors")
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    wrong = sorted(k for k in set(expected) & set(state)
+                   if state[k].shape != expected[k].shape
+                   or state[k].is_floating_point() != expected[k].is_floating_point()
+                   or state[k].is_complex())
     if missing or extra or wrong:
         parts = [f"{name} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", extra),
-                                    ("wrong shape", wrong)) if keys]
+                                    ("wrong shape or type", wrong)) if keys]
         raise CheckpointError(f"{what}: the encoder weights do not fit the configured model "
                               f"({'; '.join(parts)})")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not
+                 bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{what}: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}")
 
 
 def _check_stats(saved: dict[str, Any], key: str, what: str, positive: bool) -> None:
@@ -643,8 +654,7 @@ def _restore(ck: dict[str, Any], path: Path, method: SimCLR, gen: torch.Generato
         CheckpointError: a field missing, of the wrong type or shape (names it).
     """
     what = f"{path} is damaged"
-    _check_state_dict(ck.get("encoder"), {k: v.shape for k, v in
-                                          method.encoder.state_dict().items()}, what)
+    _check_state_dict(ck.get("encoder"), dict(method.encoder.state_dict()), what)
     head = ck.get("head")
     expected = {k: v.shape for k, v in method.head.state_dict().items()}
     if not isinstance(head, dict) or {k: getattr(v, "shape", None) for k, v in head.items()
