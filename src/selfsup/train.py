@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -216,7 +217,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # the loader's warnings about odd files ask for reports
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in ln for ln in lines):
