@@ -67,3 +67,37 @@ def test_bf16_inputs_give_float32_loss():
     out = nt_xent(z1.bfloat16(), z2.bfloat16(), 0.5)
     assert out.dtype == torch.float32
     assert float(out) == pytest.approx(float(nt_xent(z1, z2, 0.5)), rel=2e-2)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_loss_is_fp32_under_bf16_autocast(tau):
+    from selfsup.losses import nt_xent_logits
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(64, 32, generator=g).requires_grad_() for _ in range(2))
+    ref = nt_xent(z1, z2, tau)
+    ref_grads = torch.autograd.grad(ref, (z1, z2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = nt_xent_logits(z1, z2, tau)
+        loss = nt_xent(z1, z2, tau)
+        assert torch.mm(z1, z2.T).dtype == torch.bfloat16  # autocast is on around the loss
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, (z1, z2))
+    assert abs(loss.item() - ref.item()) <= 1e-6
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # bf16 inputs (what the projection head gives under autocast): float32 loss and logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nt_xent(z1.bfloat16(), z2.bfloat16(), tau)
+    assert out.dtype == torch.float32
+
+
+def test_every_loss_computes_in_fp32():
+    import inspect
+
+    from selfsup import losses
+
+    public = [f for name, f in inspect.getmembers(losses, inspect.isfunction)
+              if f.__module__ == losses.__name__ and not name.startswith("_")
+              and name != "fp32_loss"]
+    assert public and all(hasattr(f, "__wrapped__") for f in public), public

@@ -1,17 +1,77 @@
-"""Contrastive losses as pure functions."""
+"""Contrastive losses as pure functions, always computed in float32.
+
+A loss is called inside the training step's ``torch.autocast``, which would recast its matrix
+products (the similarities) to bf16 or fp16: at batch 512 that moves NT-Xent's gradient by
+0.3-2 %. Every loss here is wrapped in ``fp32_loss``, which turns autocast off and casts its
+tensor arguments to float32, so the similarities, the softmax and the result are float32 whatever
+the caller's autocast state. A new loss gets the same by the same decorator.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+L = TypeVar("L", bound=Callable[..., Any])
+
+
+def fp32_loss(fn: L) -> L:
+    """Run a loss with autocast off and its tensor arguments in float32 (gradients flow back
+    to the callers' lower-precision tensors through the cast)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def up(v: Any) -> Any:
+            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        devices = {v.device.type for v in (*args, *kwargs.values())
+                   if isinstance(v, torch.Tensor)} or {"cpu"}
+        with contextlib.ExitStack() as stack:
+            for dev in devices:
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@fp32_loss
+def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+                   gather: Callable[[torch.Tensor], torch.Tensor] = _identity, rank: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of NT-Xent (see ``nt_xent``), in float32.
+
+    Returns:
+        logits (2n, 2N) float32 (each anchor's own column is -inf), targets (2n,) int64.
+    """
+    n = z1.shape[0]
+    a1, a2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)  # (n, D) each
+    g1, g2 = gather(a1), gather(a2)  # (N, D) each, this process's rows at rank * n
+    big_n = g1.shape[0]
+    if big_n == n:  # one process: the anchors are the candidates (keeps the plain computation)
+        anchors = candidates = torch.cat((g1, g2))  # (2N, D)
+    else:
+        own = slice(rank * n, (rank + 1) * n)
+        anchors = torch.cat((g1[own], g2[own]))  # (2n, D), with their gradient paths
+        candidates = torch.cat((g1, g2))  # (2N, D)
+    logits = anchors @ candidates.T / temperature  # (2n, 2N)
+    local = torch.arange(n, device=z1.device)
+    first = rank * n + local  # global index of this process's first views
+    second = big_n + rank * n + local  # and of its second views
+    self_idx = torch.cat((first, second))  # (2n,): each anchor's own column
+    logits[torch.arange(2 * n, device=z1.device), self_idx] = float("-inf")  # k != i
+    return logits, torch.cat((second, first))  # targets: the other view of the same image
+
+
+@fp32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
             gather: Callable[[torch.Tensor], torch.Tensor] = _identity, rank: int = 0
             ) -> torch.Tensor:
@@ -35,23 +95,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
         temperature: tau > 0.
 
     Returns:
-        Scalar loss (float32 even when the inputs are lower precision).
+        Scalar loss, float32 whatever the inputs' precision and the caller's autocast state.
     """
-    n = z1.shape[0]
-    a1, a2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # (n, D) each
-    g1, g2 = gather(a1), gather(a2)  # (N, D) each, this process's rows at rank * n
-    big_n = g1.shape[0]
-    if big_n == n:  # one process: the anchors are the candidates (keeps the plain computation)
-        anchors = candidates = torch.cat((g1, g2))  # (2N, D)
-    else:
-        own = slice(rank * n, (rank + 1) * n)
-        anchors = torch.cat((g1[own], g2[own]))  # (2n, D), with their gradient paths
-        candidates = torch.cat((g1, g2))  # (2N, D)
-    logits = anchors @ candidates.T / temperature  # (2n, 2N)
-    local = torch.arange(n, device=z1.device)
-    first = rank * n + local  # global index of this process's first views
-    second = big_n + rank * n + local  # and of its second views
-    self_idx = torch.cat((first, second))  # (2n,): each anchor's own column
-    logits[torch.arange(2 * n, device=z1.device), self_idx] = float("-inf")  # k != i
-    targets = torch.cat((second, first))  # the other view of the same image
+    logits, targets = nt_xent_logits(z1, z2, temperature, gather, rank)
     return F.cross_entropy(logits, targets)
