@@ -1,13 +1,19 @@
 import colorsys
+import math
 
+import numpy as np
+import pytest
 import torch
 
 from selfsup.augment import (
     AugmentParams,
+    apply_jitters,
     augment,
     color_jitter,
+    crop_boxes,
     gaussian_blur,
     grayscale,
+    jitter_orders,
     normalize,
     random_grayscale,
     shift_hue,
@@ -116,13 +122,13 @@ def test_blur_smooths_and_p0_is_identity():
 
 
 def test_crop_scale_small_zooms_in():
-    x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    x = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)
     x[:, :, :16] = 255  # top half white
     p = AugmentParams(**{**OFF.__dict__, "out_size": 32, "scale": (0.05, 0.05)})
     v = augment(x, p, torch.Generator().manual_seed(0))
     # A crop of 5 % of the area mostly falls inside one half: nearly uniform views.
     frac_uniform = ((v.std(dim=(1, 2, 3)) < 0.2).float().mean())
-    assert frac_uniform > 0.5
+    assert frac_uniform > 0.6  # about 3/4: a 7-px box straddles row 16 from 6 of 26 tops
 
 
 def test_same_seed_same_views():
@@ -138,3 +144,125 @@ def test_normalize():
     y = normalize(x, torch.tensor([0.5, 0.25, 0.0]), torch.tensor([1.0, 0.25, 0.5]))
     assert torch.allclose(y[:, 0], torch.zeros(1)) and torch.allclose(y[:, 1], torch.ones(1))
     assert torch.allclose(y[:, 2], torch.ones(1))
+
+
+# --- the paper's sampling: crop boxes and jitter order ----------------------------------------
+
+
+def _reference_box(height, width, scale, ratio, rng):
+    """RandomResizedCrop.get_params as torchvision documents it, for one image."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("size,scale", [((32, 32), (0.08, 1.0)), ((32, 32), (0.2, 1.0)),
+                                        ((24, 40), (0.08, 1.0)), ((16, 16), (0.5, 1.0))])
+def test_crop_boxes_follow_the_reference_distribution(size, scale):
+    import random
+
+    height, width = size
+    ratio = (3 / 4, 4 / 3)
+    n = 20000
+    top, left, h, w = (t.numpy() for t in crop_boxes(n, height, width, scale, ratio,
+                                                     torch.Generator().manual_seed(0),
+                                                     torch.device("cpu")))
+    rng = random.Random(0)
+    ref = np.array([_reference_box(height, width, scale, ratio, rng) for _ in range(n)])
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    area, ref_area = h * w / (height * width), ref[:, 2] * ref[:, 3] / (height * width)
+    aspect, ref_aspect = w / h, ref[:, 3] / ref[:, 2]
+    assert abs(area.mean() - ref_area.mean()) < 0.01
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert abs(np.quantile(area, q) - np.quantile(ref_area, q)) < 0.02, q
+        assert abs(np.quantile(aspect, q) - np.quantile(ref_aspect, q)) < 0.05, q
+    # Offsets uniform over the positions where the box fits.
+    room = height - h
+    rel = top[room > 0] / room[room > 0]
+    assert abs(rel.mean() - 0.5) < 0.02
+
+
+def test_crop_flip_samples_exactly_the_drawn_box():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    p = AugmentParams(**{**OFF.__dict__, "out_size": 16, "scale": (0.25, 0.25),
+                         "ratio": (1.0, 1.0)})  # every box is 16 x 16
+    top, left, h, w = crop_boxes(64, 32, 32, p.scale, p.ratio, torch.Generator().manual_seed(3),
+                                 torch.device("cpu"))
+    v = augment(x, p, torch.Generator().manual_seed(3))
+    assert (h == 16).all() and (w == 16).all()
+    for i in range(64):
+        crop = x[i, :, top[i]:top[i] + 16, left[i]:left[i] + 16].float() / 255
+        torch.testing.assert_close(v[i], crop, atol=1e-5, rtol=0)
+
+
+def test_jitter_orders_are_uniform_over_the_24_permutations():
+    orders = jitter_orders(48000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders[:100].tolist())
+    codes = (orders @ torch.tensor([64, 16, 4, 1])).tolist()
+    counts = np.array(list(__import__("collections").Counter(codes).values()))
+    assert len(counts) == 24
+    chi2 = ((counts - 2000) ** 2 / 2000).sum()
+    assert chi2 < 60  # 23 degrees of freedom: p < 1e-4 above 55
+
+
+def _reference_jitter(img, factors, order):
+    """One image, the four jitters applied one by one in ``order`` (torchvision's formulas)."""
+    from selfsup.augment import grayscale, shift_hue
+
+    y = img[None]
+    for k in order:
+        f = float(factors[k])
+        if k == 0:
+            y = (y * f).clamp(0, 1)
+        elif k == 1:
+            m = grayscale(y).mean()
+            y = ((y - m) * f + m).clamp(0, 1)
+        elif k == 2:
+            gray = grayscale(y)
+            y = ((y - gray) * f + gray).clamp(0, 1)
+        else:
+            y = shift_hue(y, torch.tensor([f])).clamp(0, 1)
+    return y[0]
+
+
+def test_jitters_are_applied_in_each_images_order():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(96, 3, 8, 8, generator=g)
+    factors = torch.stack([torch.rand(96, generator=g) * 1.6 + 0.2 for _ in range(3)]
+                          + [torch.rand(96, generator=g) * 0.4 - 0.2], dim=1)
+    orders = jitter_orders(96, g, torch.device("cpu"))
+    out = apply_jitters(x, factors, orders)
+    for i in range(96):
+        torch.testing.assert_close(out[i], _reference_jitter(x[i], factors[i],
+                                                             orders[i].tolist()),
+                                   atol=1e-5, rtol=0)
+    # The order matters: the same factors in another order give other images.
+    other = apply_jitters(x, factors, orders.flip(1))
+    assert (other - out).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.5
+
+
+def test_color_jitter_uses_the_drawn_factors_and_orders():
+    p = AugmentParams(**{**OFF.__dict__, "out_size": 8, "jitter_p": 1.0, "brightness": 0.4,
+                         "contrast": 0.4, "saturation": 0.4, "hue": 0.1})
+    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    out = color_jitter(x, p, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    torch.rand(40, generator=g)  # the apply draws
+    factors = torch.stack([torch.rand(40, generator=g) * 0.8 + 0.6 for _ in range(3)]
+                          + [torch.rand(40, generator=g) * 0.2 - 0.1], dim=1)
+    orders = jitter_orders(40, g, torch.device("cpu"))
+    torch.testing.assert_close(out, apply_jitters(x, factors, orders), atol=1e-5, rtol=0)

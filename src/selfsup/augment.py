@@ -1,8 +1,9 @@
 """SimCLR augmentations on whole batches, with per-image random parameters (no loop over images).
 
 Views are made from uint8 images (B, 3, H, W) on whatever device they live on:
-random resized crop + horizontal flip (one ``affine_grid``/``grid_sample`` call), colour jitter
-(brightness, contrast, saturation, hue, in that order, applied with probability ``jitter_p``),
+random resized crop + horizontal flip (one ``affine_grid``/``grid_sample`` call; boxes drawn as
+the paper's code draws them), colour jitter (brightness, contrast, saturation, hue, in a random
+order per image, applied with probability ``jitter_p``),
 random grayscale, optional Gaussian blur, then normalisation.
 """
 
@@ -56,12 +57,56 @@ def _bernoulli(n: int, p: float, g: torch.Generator | None, device: torch.device
     return torch.rand(n, generator=g, device=device) < p
 
 
-def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None) -> torch.Tensor:
-    """Random resized crop and horizontal flip, each image with its own box.
+CROP_TRIES = 10  # draws per image before falling back to a central crop, as the paper's code
 
-    Crop sides are drawn as in the paper (area fraction from ``scale``, log-uniform aspect ratio
-    from ``ratio``); a side longer than the image is clipped to it. The crop is resampled
-    bilinearly to ``out_size``.
+
+def crop_boxes(b: int, height: int, width: int, scale: tuple[float, float],
+               ratio: tuple[float, float], g: torch.Generator | None, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random resized crop boxes in pixels, drawn for a whole batch as the SimCLR code and
+    torchvision's ``RandomResizedCrop`` draw them for one image.
+
+    Per image, up to ``CROP_TRIES`` times: an area fraction uniform in ``scale`` and an aspect
+    ratio log-uniform in ``ratio`` give a width and height (rounded to pixels); the first try that
+    fits inside the image is taken, at an offset uniform over the positions where it fits. When
+    no try fits, the box is the whole image cropped to the nearest allowed ratio, centred.
+
+    Returns:
+        top, left, height, width: (B,) int64 each.
+    """
+    area = height * width * _uniform(b * CROP_TRIES, scale[0], scale[1], g, device)
+    log_r = _uniform(b * CROP_TRIES, math.log(ratio[0]), math.log(ratio[1]), g, device)
+    r = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * r)).view(b, CROP_TRIES)  # (B, tries)
+    h = torch.round(torch.sqrt(area / r)).view(b, CROP_TRIES)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, tries)
+    first = fits.float().argmax(dim=1, keepdim=True)  # the first try that fits (0 if none)
+    ok = fits.any(dim=1)  # (B,)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback: a central crop of the whole image at the nearest allowed ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    w = torch.where(ok, w, float(fw)).long()
+    h = torch.where(ok, h, float(fh)).long()
+    u_top = torch.rand(b, generator=g, device=device)
+    u_left = torch.rand(b, generator=g, device=device)
+    top = torch.where(ok, (u_top * (height - h + 1)).long().clamp(max=height - h),
+                      (height - h) // 2)
+    left = torch.where(ok, (u_left * (width - w + 1)).long().clamp(max=width - w),
+                       (width - w) // 2)
+    return top, left, h, w
+
+
+def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None) -> torch.Tensor:
+    """Random resized crop and horizontal flip, each image with its own box (``crop_boxes``).
+
+    The box is resampled bilinearly to ``out_size`` (one ``affine_grid``/``grid_sample`` call).
 
     Args:
         x: (B, C, H, W) float images.
@@ -69,19 +114,17 @@ def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = Non
         (B, C, out_size, out_size)
     """
     b, dev = x.shape[0], x.device
-    area = _uniform(b, p.scale[0], p.scale[1], g, dev)  # (B,)
-    log_r = _uniform(b, math.log(p.ratio[0]), math.log(p.ratio[1]), g, dev)
-    r = torch.exp(log_r)
-    w = torch.sqrt(area * r).clamp(max=1.0)  # crop width, fraction of image width
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    # Centre in normalised coords [-1, 1], so the box stays inside the image.
-    cx = (torch.rand(b, generator=g, device=dev) * 2 - 1) * (1 - w)
-    cy = (torch.rand(b, generator=g, device=dev) * 2 - 1) * (1 - h)
+    height, width = x.shape[-2:]
+    top, left, h, w = crop_boxes(b, height, width, p.scale, p.ratio, g, dev)
     flip = torch.where(_bernoulli(b, p.flip_p, g, dev), -1.0, 1.0)
+    # The box in normalised coordinates [-1, 1] (align_corners=False): half-size and centre.
+    sx, sy = w.to(x.dtype) / width, h.to(x.dtype) / height
+    cx = (2 * left.to(x.dtype) + w.to(x.dtype)) / width - 1
+    cy = (2 * top.to(x.dtype) + h.to(x.dtype)) / height - 1
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)  # (B, 2, 3) affine maps
-    theta[:, 0, 0] = w * flip
+    theta[:, 0, 0] = sx * flip
     theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
+    theta[:, 1, 1] = sy
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta, [b, x.shape[1], p.out_size, p.out_size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -118,11 +161,64 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
+# The four colour jitters, by index in a jitter order.
+JITTERS = ("brightness", "contrast", "saturation", "hue")
+
+
+def _jitter(k: int, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Jitter ``k`` of ``JITTERS`` with per-image factors ``f`` (n,) on images y (n, 3, H, W)."""
+    if k == 3:
+        return shift_hue(y, f).clamp(0, 1)
+    f = f.view(-1, 1, 1, 1)
+    if k == 0:
+        return (y * f).clamp(0, 1)
+    if k == 1:  # blend with the mean grey level of the image as it is at this point
+        mean = grayscale(y).mean(dim=(2, 3), keepdim=True)  # (n, 1, 1, 1)
+        return ((y - mean) * f + mean).clamp(0, 1)
+    gray = grayscale(y)  # saturation: blend with the image's own luma
+    return ((y - gray) * f + gray).clamp(0, 1)
+
+
+def apply_jitters(x: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor,
+                  skip: tuple[int, ...] = (), active: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Apply the four jitters to each image in its own order.
+
+    Position by position in the order, the images whose jitter at that position is k are
+    jittered together: 16 groups of about a quarter of the batch, the work of one pass of each
+    jitter over the batch.
+
+    Args:
+        x: (B, 3, H, W) images in [0, 1].
+        factors: (B, 4) factor of each jitter (``JITTERS`` order) for each image.
+        orders: (B, 4) a permutation of 0..3 per image: the order its jitters are applied in.
+        skip: jitters that are the identity here (strength 0), left out.
+        active: (B,) bool, the images to jitter (None: all); the others pass unchanged.
+    Returns:
+        (B, 3, H, W) in [0, 1].
+    """
+    out = x.clone()
+    for position in range(4):
+        for k in range(4):
+            if k in skip:
+                continue
+            mask = orders[:, position] == k
+            if active is not None:
+                mask &= active
+            idx = torch.nonzero(mask).squeeze(1)  # (n,) images whose jitter here is k
+            if len(idx):
+                out[idx] = _jitter(k, out[idx], factors[idx, k])
+    return out
+
+
 def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
                  ) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue jitter with per-image factors.
+    """Brightness, contrast, saturation and hue jitter, each image with its own factors and its
+    own random order of the four (as the SimCLR code and torchvision's ``ColorJitter`` do).
 
-    Each image is jittered with probability ``p.jitter_p``; others pass unchanged.
+    Each image is jittered with probability ``p.jitter_p``; others pass unchanged. Factors are
+    uniform in [max(0, 1 - s), 1 + s] for brightness, contrast and saturation of strength s, and
+    the hue shift uniform in [-hue, hue] turns.
 
     Args:
         x: (B, 3, H, W) float images in [0, 1].
@@ -130,20 +226,20 @@ def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = 
         (B, 3, H, W) in [0, 1].
     """
     b, dev = x.shape[0], x.device
-    apply = _bernoulli(b, p.jitter_p, g, dev).view(b, 1, 1, 1)
-    # Draw every factor for every image so the random stream does not depend on `apply`.
-    fb = _uniform(b, 1 - p.brightness, 1 + p.brightness, g, dev).clamp_min(0).view(b, 1, 1, 1)
-    fc = _uniform(b, 1 - p.contrast, 1 + p.contrast, g, dev).clamp_min(0).view(b, 1, 1, 1)
-    fs = _uniform(b, 1 - p.saturation, 1 + p.saturation, g, dev).clamp_min(0).view(b, 1, 1, 1)
-    fh = _uniform(b, -p.hue, p.hue, g, dev)
-    y = (x * fb).clamp(0, 1)
-    mean = grayscale(y).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
-    y = ((y - mean) * fc + mean).clamp(0, 1)
-    gray = grayscale(y)
-    y = ((y - gray) * fs + gray).clamp(0, 1)
-    if p.hue > 0:
-        y = shift_hue(y, fh).clamp(0, 1)
-    return torch.where(apply, y, x)
+    apply = _bernoulli(b, p.jitter_p, g, dev)  # (B,)
+    # Draw every factor and order for every image, so the random stream does not depend on
+    # which images are jittered.
+    strengths = (p.brightness, p.contrast, p.saturation)
+    factors = torch.stack([_uniform(b, max(0.0, 1 - s), 1 + s, g, dev) for s in strengths]
+                          + [_uniform(b, -p.hue, p.hue, g, dev)], dim=1)  # (B, 4)
+    orders = jitter_orders(b, g, dev)  # (B, 4)
+    skip = tuple(k for k, s in enumerate((*strengths, p.hue)) if s == 0)
+    return apply_jitters(x, factors, orders, skip, active=apply)
+
+
+def jitter_orders(b: int, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(B, 4) a uniformly random permutation of the four jitters per image."""
+    return torch.rand(b, 4, generator=g, device=device).argsort(dim=1)
 
 
 def random_grayscale(x: torch.Tensor, prob: float, g: torch.Generator | None = None
