@@ -1,7 +1,7 @@
 """Compare pretrained encoders by what matters with few labels.
 
 For each run folder: kNN accuracy (all training labels), the logistic probe with 1 % of the labels
-(mean over a few class-balanced subsets) and, with ``--full-probe``, the probe with all labels.
+(mean over a few stratified subsets) and, with ``--full-probe``, the probe with all labels.
 Used to choose recipes; the numbers are test accuracies on the data set's test split.
 
     python benchmarks/encoder_quality.py runs/a runs/b --data-dir /work/data/cifar10-jpg
@@ -18,7 +18,7 @@ import torch
 from selfsup import load_encoder
 from selfsup.data import load_dataset
 from selfsup.evaluate import knn_accuracy, linear_probe
-from selfsup.finetune import balanced_subset
+from selfsup.finetune import stratified_subset
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     data = load_dataset(args.dataset, args.data_dir)
     assert data.train_y is not None and data.test_x is not None and data.test_y is not None
     ytr, yte = data.train_y.numpy(), data.test_y.numpy()
-    subsets = [balanced_subset(ytr, args.fraction, s) for s in range(args.subsets)]
+    subsets = [stratified_subset(ytr, args.fraction, s) for s in range(args.subsets)]
     for run in args.runs:
         t0 = time.perf_counter()
         fx = load_encoder(run)

@@ -1,21 +1,24 @@
 """After pretraining: fine-tuning, label efficiency, retrieval, kNN monitor, report, embed."""
 
+import contextlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import selfsup
-from selfsup.cli import main
+from selfsup.cli import build_parser, main
 from selfsup.config import config_from_dict, make_config
 from selfsup.data import load_digits
 from selfsup.errors import ConfigError
-from selfsup.finetune import FinetuneSettings, balanced_subset, train_classifier
+from selfsup.finetune import FinetuneSettings, stratified_subset, train_classifier
 from selfsup.train import init_encoder, pretrain, pretrained_encoder
 
 TINY = ["--dataset", "digits", "--epochs", "3", "--width", "8", "--proj-hidden", "32",
@@ -37,17 +40,17 @@ def _copy(run, tmp_path):
     return dst
 
 
-def test_balanced_subset_is_balanced_fixed_and_nested():
+def test_stratified_subset_is_balanced_fixed_and_nested():
     y = np.repeat(np.arange(4), [100, 50, 20, 3])
-    a = balanced_subset(y, 0.1, seed=0)
+    a = stratified_subset(y, 0.1, seed=0)
     assert np.bincount(y[a]).tolist() == [10, 5, 2, 1]  # at least one per class
-    assert np.array_equal(a, balanced_subset(y, 0.1, seed=0))
-    assert not np.array_equal(a, balanced_subset(y, 0.1, seed=1))
-    assert set(a) <= set(balanced_subset(y, 0.5, seed=0))
-    assert len(balanced_subset(y, 1.0, seed=0)) == len(y)
+    assert np.array_equal(a, stratified_subset(y, 0.1, seed=0))
+    assert not np.array_equal(a, stratified_subset(y, 0.1, seed=1))
+    assert set(a) <= set(stratified_subset(y, 0.5, seed=0))
+    assert len(stratified_subset(y, 1.0, seed=0)) == len(y)
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match=r"--label-fraction must be a number in \(0, 1\]"):
-            balanced_subset(y, bad, seed=0)
+            stratified_subset(y, bad, seed=0)
 
 
 def test_modes_train_what_they_should(digits_run):
@@ -123,7 +126,7 @@ def test_finetune_command_all_modes(digits_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out
     m = json.loads((run / "metrics.json").read_text())
-    n = len(balanced_subset(load_digits().train_y.numpy(), 0.1, seed=0))
+    n = len(stratified_subset(load_digits().train_y.numpy(), 0.1, seed=0))
     assert 140 <= n <= 148  # ~10 % of 1,437, rounded per class
     for tag in ("finetune_0.1", "linear_0.1", "scratch_0.1"):
         r = m["finetune"][tag]
@@ -144,6 +147,45 @@ def test_label_efficiency_table_plot_and_report(digits_run, tmp_path):
     assert (run / "label_efficiency.png").is_file()
     page = (run / "report.html").read_text()
     assert "Label efficiency" in page and f"{100 * le['probe'][1]:.1f}%" in page
+    # Each way against scratch on its own, never the better of two test accuracies.
+    assert "probe vs scratch" in page and "fine-tuned vs scratch" in page
+    assert "best" not in page.lower()
+    for i in range(2):
+        for key in ("probe", "finetune"):
+            assert f"{100 * (le[key][i] - le['scratch'][i]):+.1f}</td>" in page
+
+
+def test_finetuning_follows_the_runs_flip_setting(digits_run, tmp_path, monkeypatch):
+    """Digits are never flipped in pretraining (a mirrored 2 is no 2): nor in fine-tuning."""
+    from selfsup import finetune
+
+    seen = []
+    real = finetune.augment
+
+    def spy(x, p, g=None):
+        seen.append(p.flip_p)
+        return real(x, p, g)
+
+    monkeypatch.setattr(finetune, "augment", spy)
+    run = _copy(digits_run, tmp_path)
+    assert main(["finetune", str(run), "--label-fraction", "0.1", "--epochs", "1",
+                 "--min-steps", "2", "--batch-size", "64"]) == 0
+    assert seen and set(seen) == {0.0}
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["finetune"]["finetune_0.1"]["settings"]["flip_p"] == 0.0
+
+
+def test_label_subsets_are_stratified_and_say_so():
+    y = np.repeat([0, 1], [900, 100])
+    idx = stratified_subset(y, 0.1, seed=0)
+    assert np.bincount(y[idx]).tolist() == [90, 10]  # the classes' proportions, kept
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "class-balanced" not in readme and "stratified subset" in readme
+    assert "class-balanced" not in build_parser().format_help()
+    for sub in ("finetune", "label-efficiency"):
+        with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+            build_parser().parse_args([sub, "--help"])
+        assert "balanced" not in out.getvalue()
 
 
 def test_linear_probe_with_one_label_per_class_uses_strongest_penalty():

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", default=None, help="where the data are now, if moved")
     p = runs["finetune"]
     p.add_argument("--label-fraction", type=float, default=1.0,
-                   help="fraction of the training labels, class-balanced, fixed by the seed "
+                   help="fraction of the training labels, stratified, fixed by the seed "
                         "(default 1.0)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--freeze", action="store_true",

@@ -1,5 +1,5 @@
 """Using labels after pretraining: fine-tuning, a linear head trained by SGD, and training from
-scratch, on a class-balanced fraction of the labels; and the label-efficiency table.
+scratch, on a stratified fraction of the labels; and the label-efficiency table.
 
 The three modes train the same classifier (the run's encoder architecture and a linear layer)
 with the same optimiser, schedule, augmentation and number of steps; only the starting weights
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,17 @@ class FinetuneSettings:
     encoder_lr_mult: float = 0.1  # fine-tuning: encoder lr = this x head lr
     weight_decay: float = 5e-4  # on weights with 2+ dims, not in the linear mode
     crop_scale_min: float = 0.5  # random resized crop, area in [this, 1], and horizontal flip
-    flip_p: float = 0.5
+    # Flip probability; None = the run's own (its data set's default: digits are never flipped,
+    # a mirrored 2 is no 2). ``finetune_run`` resolves it; ``train_classifier`` takes 0.5.
+    flip_p: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name, rng in FINETUNE_RANGES.items():
-            typ = type(getattr(FinetuneSettings, name))
-            check_number(name, getattr(self, name), typ, rng)
+            value = getattr(self, name)
+            if value is not None or name != "flip_p":
+                typ = int if name in ("epochs", "min_steps", "batch_size", "seed") else float
+                check_number(name, value, typ, rng)
 
     def steps_for(self, n: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * n / self.batch_size))
@@ -85,11 +89,13 @@ class FinetuneResult:
         return asdict(self)
 
 
-def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a class-balanced ``fraction`` of the labelled images, fixed by ``seed``.
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a stratified ``fraction`` of the labelled images, fixed by ``seed``.
 
-    Each class keeps ``round(fraction * its count)`` images, at least one; the subsets are
-    nested: a smaller fraction's subset lies inside a larger one's (same seed).
+    Stratified, not balanced: each class keeps ``round(fraction * its count)`` images, at least
+    one, so the subset has the class proportions of the whole (a 900/100 data set gives 90/10 at
+    10 %). The subsets are nested: a smaller fraction's subset lies inside a larger one's (same
+    seed).
 
     Raises:
         ConfigError: a fraction outside (0, 1].
@@ -151,7 +157,7 @@ def train_classifier(encoder: Encoder, mode: str, data: ImageData, mean: list[fl
                      std: list[float], label_fraction: float, settings: FinetuneSettings,
                      device: torch.device, progress: bool = False
                      ) -> tuple[Classifier, FinetuneResult]:
-    """Train a classifier on a balanced ``label_fraction`` of the training labels; test it.
+    """Train a classifier on a stratified ``label_fraction`` of the training labels; test it.
 
     Args:
         encoder: pretrained weights for ``finetune``/``linear``, initial weights for ``scratch``
@@ -167,7 +173,7 @@ def train_classifier(encoder: Encoder, mode: str, data: ImageData, mean: list[fl
         raise ConfigError(f"{data.name} has no labels (or no test split): nothing to fine-tune on")
     s = settings
     ytr = data.train_y.cpu().numpy()  # type: ignore[union-attr]
-    subset = torch.from_numpy(balanced_subset(ytr, label_fraction, s.seed))
+    subset = torch.from_numpy(stratified_subset(ytr, label_fraction, s.seed))
     x = data.train_x[subset].to(device)  # (n, 3, H, W) uint8
     y = data.train_y[subset].to(device)  # type: ignore[index]
     n = len(subset)
@@ -179,7 +185,8 @@ def train_classifier(encoder: Encoder, mode: str, data: ImageData, mean: list[fl
         model.encoder.requires_grad_(False)
     lr = s.lr * batch / 128
     opt = torch.optim.SGD(_param_groups(model, mode, lr, s), lr=lr, momentum=0.9, nesterov=True)
-    aug = AugmentParams(out_size=x.shape[-1], scale=(s.crop_scale_min, 1.0), flip_p=s.flip_p,
+    flip_p = 0.5 if s.flip_p is None else s.flip_p
+    aug = AugmentParams(out_size=x.shape[-1], scale=(s.crop_scale_min, 1.0), flip_p=flip_p,
                         jitter_p=0.0, gray_p=0.0, blur_p=0.0)
     m = torch.tensor(mean, device=device)
     sd = torch.tensor(std, device=device)
@@ -242,7 +249,10 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
 
     run_dir = Path(run_dir)
     saved = load_encoder_file(run_dir / ENCODER)
-    device = select_device(config_from_dict(saved["config"]).device)
+    cfg = config_from_dict(saved["config"])
+    if settings.flip_p is None:  # the run's own augmentation: its data set's default
+        settings = replace(settings, flip_p=cfg.flip_p)
+    device = select_device(cfg.device)
     encoder = pretrained_encoder(saved, initial=mode == "scratch")
     model, result = train_classifier(encoder, mode, data, saved["mean"], saved["std"],
                                      label_fraction, settings, device, progress)
@@ -281,7 +291,7 @@ def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[floa
                      settings: FinetuneSettings, progress: bool = True) -> dict[str, Any]:
     """Test accuracy against the fraction of labels used, for each way of using them.
 
-    For every fraction (the same class-balanced subset for all rows): the logistic probe on the
+    For every fraction (the same stratified subset for all rows): the logistic probe on the
     trained encoder's frozen features and on the untrained encoder's, fine-tuning, and training
     the same architecture from scratch with the same steps. The table goes under
     ``label_efficiency`` in ``metrics.json``; ``label_efficiency.png`` plots it.
@@ -303,7 +313,7 @@ def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[floa
                                                   "probe_untrained", "finetune", "scratch",
                                                   "steps", "seconds")}
     for frac in fractions:
-        idx = balanced_subset(ytr, frac, settings.seed)
+        idx = stratified_subset(ytr, frac, settings.seed)
         rows["fraction"].append(frac)
         rows["labels"].append(len(idx))
         t0 = time.perf_counter()
