@@ -68,3 +68,15 @@ def test_dataset_defaults_sit_under_preset_and_options():
 def test_bad_budget(budget):
     with pytest.raises(ConfigError, match="budget"):
         make_config(None, {"budget": budget})
+
+
+def test_gpu_preset_is_the_published_cifar10_command():
+    """The SimCLR authors' CIFAR-10 command: ResNet-18, batch 512, 1000 epochs, LARS, lr 1.0 per
+    256 (linear scaling), weight decay 1e-6, temperature 0.5, jitter 0.5, no blur, 10 warm-up
+    epochs."""
+    cfg = make_config("gpu")
+    assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.optimizer) == ("resnet18", 512, 1000,
+                                                                       "lars")
+    assert (cfg.lr, cfg.weight_decay, cfg.temperature) == (1.0, 1e-6, 0.5)
+    assert (cfg.jitter_strength, cfg.blur_p, cfg.warmup_epochs) == (0.5, 0.0, 10)
+    assert cfg.lr * cfg.batch_size / 256 == 2.0  # the peak rate their linear scaling gives

@@ -138,3 +138,15 @@ def test_logreg_gradient_matches_autograd():
     torch.testing.assert_close(loss, ref.detach())
     torch.testing.assert_close(gw, w.grad)
     torch.testing.assert_close(gb, b.grad)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    from selfsup.evaluate import validation_split
+
+    y = np.repeat(np.arange(10), 5000)
+    fit, val = validation_split(y, 0.1, seed=0)
+    assert len(fit) == 45000 and len(val) == 5000
+    assert np.bincount(y[val]).tolist() == [500] * 10
+    assert not set(fit) & set(val) and len(set(fit) | set(val)) == 50000
+    again, other = validation_split(y, 0.1, seed=0)[1], validation_split(y, 0.1, seed=1)[1]
+    assert np.array_equal(val, again) and not np.array_equal(val, other)
