@@ -132,6 +132,13 @@ def test_finetune_command_all_modes(digits_run, tmp_path, capsys):
         r = m["finetune"][tag]
         assert r["labels"] == n and r["steps"] == 10 and 0 <= r["accuracy"] <= 1, tag
         assert (run / f"classifier_{tag}.pt").is_file()
+    # Another seed: its own classifier and result, the first kept; the report is rewritten.
+    assert main(["finetune", str(run), "--label-fraction", "0.1", *common, "--seed", "3"]) == 0
+    m2 = json.loads((run / "metrics.json").read_text())
+    assert m2["finetune"]["finetune_0.1"] == m["finetune"]["finetune_0.1"]
+    assert m2["finetune"]["finetune_0.1_seed3"]["settings"]["seed"] == 3
+    assert (run / "classifier_finetune_0.1_seed3.pt").is_file()
+    assert "finetune_0.1_seed3" in (run / "report.html").read_text()
     assert main(["finetune", str(run), "--label-fraction", "2"]) == 2
     assert "--label-fraction must be a number in (0, 1], got 2.0" in capsys.readouterr().err
 

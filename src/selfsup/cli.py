@@ -383,6 +383,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     from selfsup.config import check_number
     from selfsup.evaluate import read_metrics
     from selfsup.finetune import LABEL_FRACTION_RANGE, finetune_run
+    from selfsup.report import write_report
 
     fraction = check_number("label_fraction", ns.label_fraction, float, LABEL_FRACTION_RANGE)
     cfg = _run_config(ns.run, ns.data_dir)
@@ -391,7 +392,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     mode = "linear" if ns.freeze else "scratch" if ns.from_scratch else "finetune"
     r = finetune_run(ns.run, _load_data(cfg), mode, fraction, settings, cfg.progress)
     print(f"{mode}, {fraction:g} of the labels ({r.labels} images), {r.steps} steps: "
-          f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s)")
+          f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s); report {write_report(ns.run)}")
     return 0
 
 

@@ -240,8 +240,8 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
                  settings: FinetuneSettings, progress: bool = True) -> FinetuneResult:
     """Train one classifier from a run's encoder (or from scratch), save it, record the result.
 
-    Writes ``classifier_<mode>_<fraction>.pt`` and adds the result under ``finetune`` in
-    ``metrics.json``.
+    Writes ``classifier_<mode>_<fraction>.pt`` (``..._seed<S>.pt`` for a seed other than the
+    run's) and adds the result under that name in ``finetune`` in ``metrics.json``.
     """
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json, save_torch
@@ -256,7 +256,10 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
     encoder = pretrained_encoder(saved, initial=mode == "scratch")
     model, result = train_classifier(encoder, mode, data, saved["mean"], saved["std"],
                                      label_fraction, settings, device, progress)
-    tag = f"{mode}_{label_fraction:g}"
+    # Another seed draws another subset and initialisation: its own name, so that runs with
+    # several seeds keep every classifier and every result.
+    tag = f"{mode}_{label_fraction:g}" + (f"_seed{settings.seed}" if settings.seed != cfg.seed
+                                          else "")
     save_torch(dict(state_dict=model.state_dict(), mode=mode, classes=data.classes,
                     mean=saved["mean"], std=saved["std"], config=saved["config"],
                     settings=asdict(settings), result=result.to_dict()),
