@@ -213,16 +213,11 @@ def check_number(key: str, value: Any, typ: type, rng: Range | None) -> Any:
     kind = "an integer" if typ is int else "a number"
     where = f" in {rng}" if rng is not None else ""
     bad = ConfigError(f"{option(key)} must be {kind}{where}, got {shown(value)}")
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (typ is int and isinstance(value, float)
+                                   and not value.is_integer()):
         raise bad
     try:
-        if typ is int:
-            out: Any = int(value) if not isinstance(value, float) else (
-                int(value) if value.is_integer() else None)
-            if out is None:
-                raise ValueError
-        else:
-            out = float(value)
+        out = typ(value)
     except (TypeError, ValueError, OverflowError):
         raise bad from None
     if not math.isfinite(out) or (rng is not None and out not in rng):

@@ -18,7 +18,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,18 +307,25 @@ def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
     return images
 
 
-def _check_readable(folder: Path) -> None:
-    """DataError, not a traceback, for a folder that is missing or cannot be listed."""
+def _listing_error(folder: Path) -> OSError | None:
+    """Why ``folder`` cannot be listed (missing, a file, no permission), or None."""
     try:
         with os.scandir(folder):
-            pass
-    except FileNotFoundError:
-        raise DataError(f"image folder {folder} does not exist") from None
-    except NotADirectoryError:
-        raise DataError(f"{folder} is a file, not a folder of images") from None
+            return None
     except OSError as e:
+        return e
+
+
+def _check_readable(folder: Path) -> None:
+    """DataError, not a traceback, for a folder that is missing or cannot be listed."""
+    e = _listing_error(folder)
+    if isinstance(e, FileNotFoundError):
+        raise DataError(f"image folder {folder} does not exist")
+    if isinstance(e, NotADirectoryError):
+        raise DataError(f"{folder} is a file, not a folder of images")
+    if e is not None:
         raise DataError(f"image folder {folder} cannot be read ({e.strerror or e}); check its "
-                        f"permissions") from None
+                        f"permissions")
 
 
 def _bad(policy: str, what: str, examples: list[str]) -> None:
@@ -419,15 +426,20 @@ def _decode(path: Path, size: int) -> _Decoded:
                         if str(e) else type(e).__name__)
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _check_memory(n: int, size: int) -> None:
     """Refuse to decode ``n`` images of ``size`` px when they cannot fit in this machine's
     memory (the whole set is held as uint8), before decoding any."""
     need = n * 3 * size * size
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > 0.8 * total:
+    total = physical_memory()
+    if total is not None and need > 0.8 * total:
         raise DataError(f"{n} images of {size}x{size} px need {need / 2**30:.1f} GiB as uint8, "
                         f"more than this machine's {total / 2**30:.1f} GiB of memory can hold; "
                         f"choose a smaller --image-size")
@@ -514,7 +526,7 @@ def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
 
 
 def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str,
-                   left_out: set[str] = frozenset()  # type: ignore[assignment]
+                   left_out: Collection[str] = ()
                    ) -> tuple[torch.Tensor, torch.Tensor, list[str], set[str]]:
     """One split of ``<class>/*`` folders.
 
@@ -523,17 +535,16 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_image
     set). In the test split, the images of classes left out of training are left out too.
     """
     found: dict[str, list[Path]] = {}
-    unreadable = []
+    unreadable: dict[str, str] = {}  # class name -> the folder and why it cannot be listed
     for d in _class_dirs(folder, bad_images):
-        try:
+        err = _listing_error(d)
+        if err is None:
             found[d.name] = image_files(d, bad_images)
-        except DataError as e:
-            if "cannot be read" not in str(e):
-                raise
-            unreadable.append(f"{d} ({str(e).split('(', 1)[-1].split(')')[0]})")
+        else:
+            unreadable[d.name] = f"{d} ({err.strerror or err})"
     if unreadable:
         _bad(bad_images, f"{len(unreadable)} class folder(s) that cannot be read, left out",
-             unreadable)
+             list(unreadable.values()))
     empty = [name for name, files in found.items() if not files]
     if empty:
         what = ("left out as classes" if classes is None
@@ -558,7 +569,7 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_image
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     x, kept = decode_images(paths, size, bad_images)
-    skipped = set(empty) | {u.rsplit("/", 1)[-1].split(" (")[0] for u in unreadable}
+    skipped = set(empty) | set(unreadable)
     return x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names, skipped
 
 

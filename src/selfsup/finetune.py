@@ -69,7 +69,7 @@ class FinetuneSettings:
         for name, rng in FINETUNE_RANGES.items():
             value = getattr(self, name)
             if value is not None or name != "flip_p":
-                typ = int if name in ("epochs", "min_steps", "batch_size", "seed") else float
+                typ = int if isinstance(getattr(FinetuneSettings, name), int) else float
                 check_number(name, value, typ, rng)
 
     def steps_for(self, n: int) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from selfsup import dist
 from selfsup.augment import AugmentParams, normalize, two_views
 from selfsup.config import Config, config_from_dict, diff_keys, parse_duration
-from selfsup.data import ImageData, channel_stats
+from selfsup.data import ImageData, channel_stats, physical_memory
 from selfsup.dist import gather_with_grad
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
@@ -262,12 +262,13 @@ def _expected_state(cfg: Config) -> tuple[dict[str, torch.Tensor], int]:
     return dict(encoder.state_dict()), int(encoder.feature_dim)
 
 
-def _check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str) -> None:
-    """The weights a file holds against the network's: names, shapes, kinds of number, and
-    finite values."""
+def _check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str,
+                      part: str = "encoder") -> None:
+    """The weights of ``part`` a file holds against the network's: names, shapes, kinds of
+    number, and finite values."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise CheckpointError(f"{what}: the weights are not a mapping of names to tensors")
+        raise CheckpointError(f"{what}: the {part} weights are not a mapping of names to tensors")
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state)
@@ -278,12 +279,13 @@ def _check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str) 
         parts = [f"{name} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", extra),
                                     ("wrong shape or type", wrong)) if keys]
-        raise CheckpointError(f"{what}: the encoder weights do not fit the configured model "
+        raise CheckpointError(f"{what}: the {part} weights do not fit the configured model "
                               f"({'; '.join(parts)})")
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not
                  bool(torch.isfinite(v).all()))
     if bad:
-        raise CheckpointError(f"{what}: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}"
+        raise CheckpointError(f"{what}: non-finite weights (NaN or Inf) in the {part}: "
+                              f"{', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''}")
 
 
@@ -334,14 +336,9 @@ def check_model_size(cfg: Config, device: torch.device) -> None:
         head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
     params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
     need = params * 4 * 4  # weights, gradients, momentum, and the budget's throw-away copy
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return
-    if need > 0.8 * total:
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else physical_memory())
+    if total is not None and need > 0.8 * total:
         raise ConfigError(f"{cfg.model} of --width {cfg.width} with a head of --proj-hidden "
                           f"{cfg.proj_hidden} and --proj-dim {cfg.proj_dim} has {params:,} "
                           f"parameters: training them needs about {need / 2**30:.1f} GiB, more "
@@ -658,11 +655,7 @@ def _restore(ck: dict[str, Any], path: Path, method: SimCLR, gen: torch.Generato
     """
     what = f"{path} is damaged"
     _check_state_dict(ck.get("encoder"), dict(method.encoder.state_dict()), what)
-    head = ck.get("head")
-    expected = {k: v.shape for k, v in method.head.state_dict().items()}
-    if not isinstance(head, dict) or {k: getattr(v, "shape", None) for k, v in head.items()
-                                      } != expected:
-        raise CheckpointError(f"{what}: the projection head does not fit the config")
+    _check_state_dict(ck.get("head"), dict(method.head.state_dict()), what, "projection head")
     step, losses = ck.get("step"), ck.get("losses")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{what}: step must be a non-negative integer, got {step!r:.40}")
