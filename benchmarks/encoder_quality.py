@@ -24,7 +24,7 @@ from selfsup import load_encoder
 from selfsup.data import load_dataset
 from selfsup.evaluate import knn_accuracy, linear_probe, validation_split
 from selfsup.finetune import stratified_subset
-from selfsup.train import describe_machine
+from selfsup.hardware import describe_machine
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ def main() -> None:
          launcher + ["--standalone", f"--nproc_per_node={args.procs}", "-m", "selfsup"],
          ["--threads", str(per_proc), "--no-sync-bn"]),
     ]
-    from selfsup.train import machine_info
+    from selfsup.hardware import machine_info
 
     info = machine_info(torch.device("cpu"))
     print(f"CPU {info['cpu']} ({info['cpu_capability']}, native bf16: "

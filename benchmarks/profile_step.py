@@ -14,19 +14,21 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfsup.config import make_config
-from selfsup.train import SimCLR, describe_machine, select_device, select_precision
+from selfsup.hardware import describe_machine, select_device, select_precision
+from selfsup.methods import build_method
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--model", default=None, help="encoder (default: the preset's)")
+    ap.add_argument("--method", default="simclr")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
-    cfg = make_config(args.preset, {"model": args.model} if args.model else {})
+    cfg = make_config(args.preset, dict(method=args.method, **({"model": args.model} if args.model else {})))
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -34,7 +36,7 @@ def main() -> None:
     b = cfg.batch_size
     x = torch.randint(0, 256, (b, 3, args.image_size, args.image_size), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(0)).to(device)
-    method = SimCLR(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp)
+    method = build_method(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp, b)
     method.train()
     gen = torch.Generator(device=device).manual_seed(0)
     for _ in range(args.warm):

@@ -20,7 +20,8 @@ import time
 import torch
 
 from selfsup.config import make_config
-from selfsup.train import SimCLR, describe_machine, select_device, select_precision, sync
+from selfsup.hardware import describe_machine, select_device, select_precision, sync
+from selfsup.methods import build_method
 
 
 def _median_rate(fn, batch: int, device: torch.device, warm: int, repeats: int,
@@ -42,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--model", default=None, help="encoder (default: the preset's)")
+    ap.add_argument("--method", default="simclr")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     ap.add_argument("--device", default=None)
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps per repeat")
     args = ap.parse_args()
     over = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
+                              ("method", args.method),
                               ("precision", args.precision), ("device", args.device))
             if v is not None}
     cfg = make_config(args.preset, over)
@@ -63,7 +66,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x_all = torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size),
                           generator=g, dtype=torch.uint8).to(device)
-    method = SimCLR(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp)
+    method = build_method(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp, b)
     method.train()
     gen = torch.Generator(device=device).manual_seed(0)
     ready = method.views(x_all[:b], gen)

@@ -19,7 +19,9 @@ from selfsup.config import config_from_dict, make_config
 from selfsup.data import load_digits
 from selfsup.errors import ConfigError
 from selfsup.finetune import FinetuneSettings, stratified_subset, train_classifier
-from selfsup.train import init_encoder, pretrain, pretrained_encoder
+from selfsup.checkpoint import pretrained_encoder
+from selfsup.models import init_encoder
+from selfsup.train import pretrain
 
 TINY = ["--dataset", "digits", "--epochs", "3", "--width", "8", "--proj-hidden", "32",
         "--proj-dim", "16", "--tsne-points", "100", "--no-progress", "--batch-size", "128"]
@@ -54,7 +56,7 @@ def test_stratified_subset_is_balanced_fixed_and_nested():
 
 
 def test_modes_train_what_they_should(digits_run):
-    from selfsup.train import load_checkpoint
+    from selfsup.checkpoint import load_checkpoint
 
     data = load_digits()
     saved = load_checkpoint(digits_run / "encoder.pt")
@@ -283,7 +285,7 @@ def test_report_opens_in_headless_browser(digits_run, tmp_path):
 
 
 def test_pretrained_encoder_initial_is_the_untrained_baseline(digits_run):
-    from selfsup.train import load_checkpoint
+    from selfsup.checkpoint import load_checkpoint
 
     saved = load_checkpoint(digits_run / "encoder.pt")
     init = pretrained_encoder(saved, initial=True).state_dict()

@@ -26,6 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from selfsup import checkpoint
 from selfsup import cli, data, files, train
 from selfsup.cli import build_parser, main
 from selfsup.errors import CheckpointError, DataError
@@ -628,7 +629,7 @@ def test_a_small_file_claiming_a_huge_network_is_refused_before_building(run_cop
     def no_build(*a, **k):
         raise AssertionError("a network was built before the file was checked")
 
-    monkeypatch.setattr(train, "init_encoder", no_build)
+    monkeypatch.setattr(checkpoint, "init_encoder", no_build)
     assert main(["evaluate", str(run_copy)]) == 2
     err = capsys.readouterr().err
     assert "do not fit the configured model" in err and "wrong shape or type" in err
@@ -701,7 +702,7 @@ def test_sigterm_saves_like_ctrl_c_and_resumes_bit_identically(tmp_path):
     _, err = child.communicate(timeout=60)
     assert child.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "SIGTERM: stopping after this step and saving" in err and "Traceback" not in err
-    step = train.load_checkpoint(ckpt)["step"]
+    step = checkpoint.load_checkpoint(ckpt)["step"]
     assert 0 < step < 25 * (1437 // 128)
     assert not (tmp_path / "cut" / "encoder.pt").exists()
     resumed = subprocess.run([sys.executable, "-m", "selfsup", "pretrain", "--resume",

@@ -59,7 +59,7 @@ def test_unknown_model():
 def test_nhwc_guard_finds_small_strided_1x1(name, width, safe):
     enc = build_encoder(name, width)
     assert nhwc_safe_on_cpu(enc) is safe
-    from selfsup.train import use_channels_last
+    from selfsup.methods import use_channels_last
 
     cpu = torch.device("cpu")
     assert use_channels_last(enc, True, cpu, verbose=False) is safe

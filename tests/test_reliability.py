@@ -16,6 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from selfsup.methods import simclr
+from selfsup import checkpoint
 from selfsup import data, files, train
 from selfsup.cli import main
 from selfsup.config import FIELD_NAMES, config_from_dict, field_types, parse_duration
@@ -56,7 +58,7 @@ def test_sigkill_at_random_moment_then_resume_is_bit_identical(tmp_path, delay):
     child.send_signal(signal.SIGKILL)
     assert child.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "cut" / "encoder.pt").exists()
-    ck = train.load_checkpoint(ckpt)  # never torn
+    ck = checkpoint.load_checkpoint(ckpt)  # never torn
     total = 25 * (1437 // 128)
     assert 0 < ck["step"] < total and (ck["step"] % 4 == 0 or ck["step"] % 11 == 0)
     resumed = subprocess.run([sys.executable, "-m", "selfsup", "pretrain", "--resume",
@@ -76,7 +78,7 @@ def test_checkpoint_holds_every_random_state(digits, tmp_path):
     cfg = config_from_dict(dict(dataset="digits", width=8, epochs=1, batch_size=256,
                                 proj_hidden=32, proj_dim=16, progress=False, knn_every=0))
     train.pretrain(cfg, digits, tmp_path / "r")
-    ck = train.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    ck = checkpoint.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert {"encoder", "head", "optimizer", "gen_state", "step", "losses", "config",
             "rng"} <= set(ck)
     assert {"python", "numpy", "torch"} <= set(ck["rng"])
@@ -84,7 +86,7 @@ def test_checkpoint_holds_every_random_state(digits, tmp_path):
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    train.set_global_rng_state(ck["rng"])
+    checkpoint.set_global_rng_state(ck["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
 
 
@@ -143,7 +145,7 @@ def test_disk_full_keeps_previous_checkpoint_and_says_so(digits, tmp_path, monke
                                            "unchanged"):
         train.pretrain(cfg, digits, tmp_path / "r")
     monkeypatch.undo()
-    ck = train.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    ck = checkpoint.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert ck["step"] == 1437 // 256  # the first epoch's checkpoint, intact
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint.pt",
                                                                    "config.json"]  # no litter
@@ -170,7 +172,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
 
 def test_nan_stops_names_step_keeps_last_good_checkpoint(digits, tmp_path, monkeypatch,
                                                           capsys):
-    real = train.nt_xent
+    real = simclr.nt_xent
     calls = {"n": 0}
 
     def nan_at_15(*a, **k):
@@ -178,7 +180,7 @@ def test_nan_stops_names_step_keeps_last_good_checkpoint(digits, tmp_path, monke
         out = real(*a, **k)
         return out * float("nan") if calls["n"] == 15 else out
 
-    monkeypatch.setattr(train, "nt_xent", nan_at_15)
+    monkeypatch.setattr(simclr, "nt_xent", nan_at_15)
     run = tmp_path / "runs" / "nan"
     code = main(["pretrain", "--dataset", "digits", "--width", "8", "--proj-hidden", "32",
                  "--proj-dim", "16", "--batch-size", "128", "--epochs", "3", "--no-progress",
@@ -187,7 +189,7 @@ def test_nan_stops_names_step_keeps_last_good_checkpoint(digits, tmp_path, monke
     err = capsys.readouterr().err
     assert "loss became nan at step 15" in err and "lower lr" in err and "fp32" in err
     assert "Traceback" not in err
-    ck = train.load_checkpoint(run / "checkpoint.pt")
+    ck = checkpoint.load_checkpoint(run / "checkpoint.pt")
     assert ck["step"] == 11  # end of epoch 1: the last good one
     assert all(torch.isfinite(v).all() for v in ck["encoder"].values() if v.is_floating_point())
     assert not (run / "encoder.pt").exists()
@@ -220,7 +222,7 @@ def test_resume_with_more_epochs_is_allowed(short_run, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(short_run, run)
     assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
-    assert train.load_checkpoint(run / "checkpoint.pt")["step"] == 2 * (1437 // 128)
+    assert checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 2 * (1437 // 128)
 
 
 def test_encoder_of_another_model_is_a_clear_error(short_run, tmp_path, capsys):
@@ -367,7 +369,7 @@ def test_fuzz_checkpoint_loader_refuses_garbage(tmp_path_factory, blob):
     path = tmp_path_factory.mktemp("ck") / "c.pt"
     path.write_bytes(blob)
     with pytest.raises(CheckpointError):
-        train.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),

@@ -5,6 +5,11 @@ import signal
 import pytest
 import torch
 
+from selfsup.methods import simclr
+from selfsup import models
+from selfsup import optim
+from selfsup import hardware
+from selfsup import checkpoint
 from selfsup import train
 from selfsup.config import make_config
 from selfsup.errors import CheckpointError, ConfigError, SelfsupError
@@ -12,39 +17,39 @@ from selfsup.errors import CheckpointError, ConfigError, SelfsupError
 
 def test_lr_schedule_warmup_then_cosine_per_step():
     peak, total, warm = 1.0, 100, 10
-    lrs = [train.lr_at(s, total, warm, peak) for s in range(total)]
+    lrs = [optim.lr_at(s, total, warm, peak) for s in range(total)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert train.lr_at(total, total, warm, peak) == pytest.approx(0.0)
-    assert train.lr_at(0, 10, 0, 2.0) == pytest.approx(2.0)
+    assert optim.lr_at(total, total, warm, peak) == pytest.approx(0.0)
+    assert optim.lr_at(0, 10, 0, 2.0) == pytest.approx(2.0)
 
 
 def test_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
-    dtype, why = train.select_precision("auto", cpu)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    dtype, why = hardware.select_precision("auto", cpu)
     assert dtype is None and "no native bf16" in why
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
-    assert train.select_precision("auto", cpu)[0] is torch.bfloat16
-    assert train.select_precision("fp32", cpu)[0] is None
-    assert train.select_precision("bf16", cpu)[0] is torch.bfloat16
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.select_precision("auto", cpu)[0] is torch.bfloat16
+    assert hardware.select_precision("fp32", cpu)[0] is None
+    assert hardware.select_precision("bf16", cpu)[0] is torch.bfloat16
 
 
 def test_device_choice():
-    assert train.select_device("cpu").type == "cpu"
-    assert train.select_device("auto").type in ("cpu", "cuda", "mps")
+    assert hardware.select_device("cpu").type == "cpu"
+    assert hardware.select_device("auto").type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
         with pytest.raises(SelfsupError, match="CUDA is not available"):
-            train.select_device("cuda")
+            hardware.select_device("cuda")
 
 
 def test_optimizer_groups_and_lars_moves_weights():
     cfg = make_config(None, {"optimizer": "lars", "weight_decay": 1e-4})
     m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    opt = train.build_optimizer([m], cfg, lr=0.1)
-    assert isinstance(opt, train.LARS)
+    opt = optim.build_optimizer([m], cfg, lr=0.1)
+    assert isinstance(opt, optim.LARS)
     wd = {p.ndim: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert wd == {2: 1e-4, 1: 0.0}
     before = m[0].weight.clone()
@@ -72,14 +77,14 @@ def test_pretrain_writes_outputs_and_is_reproducible(digits, tmp_path):
     assert _same_weights(r1.encoder.state_dict(), r2.encoder.state_dict())
     for f in ("checkpoint.pt", "encoder.pt", "loss.npy", "config.json"):
         assert (tmp_path / "a" / f).is_file()
-    saved = train.load_checkpoint(tmp_path / "a" / "encoder.pt")
+    saved = checkpoint.load_checkpoint(tmp_path / "a" / "encoder.pt")
     assert saved["feature_dim"] == 32 and len(saved["mean"]) == 3
-    assert not _same_weights(r1.encoder.state_dict(), train.init_encoder(_cfg()).state_dict())
+    assert not _same_weights(r1.encoder.state_dict(), models.init_encoder(_cfg()).state_dict())
 
 
 def _interrupt_at(monkeypatch, call):
     """Send a real SIGINT to this process during the loss of the given step."""
-    real = train.nt_xent
+    real = simclr.nt_xent
     calls = {"n": 0}
 
     def loss_then_ctrl_c(*a, **k):
@@ -88,7 +93,7 @@ def _interrupt_at(monkeypatch, call):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "nt_xent", loss_then_ctrl_c)
+    monkeypatch.setattr(simclr, "nt_xent", loss_then_ctrl_c)
     return real
 
 
@@ -98,13 +103,13 @@ def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypat
     real = _interrupt_at(monkeypatch, stop_at)
     with pytest.raises(KeyboardInterrupt):
         train.pretrain(_cfg(), digits, tmp_path / "cut")
-    ck = train.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    ck = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert ck["step"] == stop_at  # the step in flight finished before saving
-    monkeypatch.setattr(train, "nt_xent", real)
+    monkeypatch.setattr(simclr, "nt_xent", real)
     resumed = train.pretrain(_cfg(), digits, tmp_path / "cut", resume=True)
     assert resumed.steps == full.steps
     assert _same_weights(full.encoder.state_dict(), resumed.encoder.state_dict())
-    assert _same_weights(full.encoder.state_dict(), train.load_checkpoint(
+    assert _same_weights(full.encoder.state_dict(), checkpoint.load_checkpoint(
         tmp_path / "cut" / "encoder.pt")["state_dict"])
     assert resumed.losses == full.losses
 
@@ -124,8 +129,8 @@ def test_resume_refuses_changed_model(digits, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(digits, tmp_path, monkeypatch):
-    real = train.nt_xent
-    monkeypatch.setattr(train, "nt_xent", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = simclr.nt_xent
+    monkeypatch.setattr(simclr, "nt_xent", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(SelfsupError, match=r"loss became nan at step 1\b.*lower lr"):
         train.pretrain(_cfg(), digits, tmp_path / "nan")
 
@@ -133,10 +138,10 @@ def test_non_finite_loss_stops_with_step(digits, tmp_path, monkeypatch):
 def test_load_checkpoint_refuses_non_selfsup_and_garbage(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a selfsup checkpoint"):
-        train.load_checkpoint(tmp_path / "other.pt")
+        checkpoint.load_checkpoint(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="cannot be loaded"):
-        train.load_checkpoint(tmp_path / "junk.pt")
+        checkpoint.load_checkpoint(tmp_path / "junk.pt")
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1.5h", 5400)])

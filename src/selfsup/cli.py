@@ -125,7 +125,7 @@ def _check_threads(cfg: Config, overrides: dict[str, Any]) -> None:
 
 def _checkpoint_config(run_dir: Path) -> Config:
     """The config a run's checkpoint was written with (what a resume continues)."""
-    from selfsup.train import CHECKPOINT, checkpoint_config, load_checkpoint
+    from selfsup.checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
 
     if not (run_dir / CHECKPOINT).is_file():
         if not run_dir.is_dir():
@@ -167,7 +167,7 @@ def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, dict[str, list[Any]]
 
 def _check_new_run_dir(run_dir: Path) -> None:
     """Refuse a run folder that exists and is not empty (or is not a folder)."""
-    from selfsup.train import CHECKPOINT
+    from selfsup.checkpoint import CHECKPOINT
 
     if (run_dir / CHECKPOINT).exists():
         raise SelfsupError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
@@ -227,7 +227,7 @@ def _run_dir(run: str) -> Path:
 
 def _run_config(run: str, data_dir: str | None) -> Config:
     """The config of a run that finished pretraining (from its checked ``encoder.pt``)."""
-    from selfsup.train import CHECKPOINT, ENCODER, load_encoder_file
+    from selfsup.checkpoint import CHECKPOINT, ENCODER, load_encoder_file
 
     run_dir = _run_dir(run)
     if not (run_dir / ENCODER).is_file() and (run_dir / CHECKPOINT).is_file():
@@ -265,13 +265,8 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json
     from selfsup.report import write_report
-    from selfsup.train import (
-        check_model_input,
-        check_model_size,
-        machine_info,
-        pretrain,
-        select_device,
-    )
+    from selfsup.hardware import machine_info, select_device
+    from selfsup.train import check_model_input, check_model_size, pretrain
 
     start = time.perf_counter()
     cfg, run_dir, changes = _resolve(ns)
@@ -450,7 +445,7 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
 def cmd_embed(ns: argparse.Namespace) -> int:
     from selfsup.files import save_json, save_npy
     from selfsup.inference import load_encoder
-    from selfsup.train import select_device
+    from selfsup.hardware import select_device
 
     cfg = _run_config(ns.run, None)
     out, listing = _embed_outputs(ns)

@@ -42,6 +42,12 @@ class Config:
     jitter_strength: float = 0.5  # s: brightness/contrast/saturation 0.8s, hue 0.2s
     gray_p: float = 0.2  # probability of grayscale per view
     blur_p: float = 0.0  # probability of Gaussian blur per view (off for 32x32 images)
+    # --- method (selfsup.methods.METHODS) ---
+    method: str = "simclr"  # simclr | moco (MoCo v2) | byol
+    queue_size: int = 4096  # moco: negative keys kept, a multiple of batch_size
+    target_momentum: float = 0.99  # moco: key encoder EMA momentum; byol: its starting value
+    symmetric: bool = False  # moco: also the loss with the views swapped (byol always is)
+    pred_hidden: int = 0  # byol: hidden width of the predictor; 0 = proj_hidden
     # --- model ---
     model: str = "small_cnn"  # encoder name in selfsup.models.ENCODERS
     width: int = 32  # base channel width of the encoder (small_cnn: first stage)
@@ -116,7 +122,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Defaults that suit a data set better than the general ones; presets and options still win.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # 1,437 tiny 16x16 digits: smaller batches for more steps; no flips (a mirrored 2 is no 2).
-    "digits": dict(batch_size=256, epochs=40, flip_p=0.0, crop_scale_min=0.3),
+    # MoCo's queue: fewer keys than images, so that no image meets an old key of itself.
+    "digits": dict(batch_size=256, epochs=40, flip_p=0.0, crop_scale_min=0.3, queue_size=1024),
 }
 
 FIELD_NAMES = tuple(f.name for f in fields(Config))
@@ -172,6 +179,9 @@ RANGES: dict[str, Range] = {
     "width": Range(1, 1024),
     "proj_hidden": Range(1, 16384),
     "proj_dim": Range(1, 8192),
+    "queue_size": Range(1, 1_048_576),
+    "target_momentum": Range(0, 1),
+    "pred_hidden": Range(0, 16384),  # 0 = proj_hidden
     "temperature": Range(0.001, 100),
     "lr": Range(0, 100, lo_open=True),
     "momentum": Range(0, 1, hi_open=True),
@@ -264,7 +274,8 @@ def check_run_name(name: str) -> None:
 
 
 def make_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Build and validate a config: defaults, the data set's defaults, the preset, the overrides.
+    """Build and validate a config: defaults, the data set's defaults, the preset, the method's
+    own defaults (e.g. MoCo's temperature), the overrides.
 
     Args:
         preset: name in ``PRESETS`` or None/"" for plain defaults.
@@ -284,6 +295,11 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | None = No
     values.update(preset_values)
     if preset:
         values["preset"] = preset
+    from selfsup.methods import METHODS  # the registry lives with the methods
+
+    method = overrides.get("method", values.get("method", Config.method))
+    if method in METHODS:  # an unknown name is refused by validate, with the valid ones
+        values.update(METHODS[method].defaults)
     values.update(overrides)
     return config_from_dict(values)
 
@@ -324,6 +340,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 
 def validate(cfg: Config) -> None:
     """Check ranges and names; raise ConfigError saying what is allowed."""
+    from selfsup.methods import METHODS
     from selfsup.models import ENCODERS  # registry lives with the models
 
     for key, allowed in CHOICES.items():
@@ -333,6 +350,9 @@ def validate(cfg: Config) -> None:
     if cfg.model not in ENCODERS:
         raise ConfigError(f"--model: unknown model {cfg.model!r}; valid models: "
                           f"{', '.join(ENCODERS)}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method: unknown method {cfg.method!r}; valid methods: "
+                          f"{', '.join(METHODS)}")
     # Per-field ranges are checked when the values are read (``check_number``); these relate
     # several fields or check names.
     checks = [
@@ -345,6 +365,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    METHODS[cfg.method].check_config(cfg)  # the method's own relations between fields
     if cfg.name:
         check_run_name(cfg.name)
     if cfg.budget:

@@ -280,14 +280,9 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     Returns:
         The metrics written.
     """
-    from selfsup.train import (
-        ENCODER,
-        load_encoder_file,
-        prepare,
-        pretrained_encoder,
-        select_device,
-        use_channels_last,
-    )
+    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
+    from selfsup.hardware import select_device
+    from selfsup.methods import prepare, use_channels_last
 
     run_dir = Path(run_dir)
     saved = load_encoder_file(run_dir / ENCODER)

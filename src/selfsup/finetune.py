@@ -245,7 +245,8 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
     """
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json, save_torch
-    from selfsup.train import ENCODER, load_encoder_file, pretrained_encoder, select_device
+    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
+    from selfsup.hardware import select_device
 
     run_dir = Path(run_dir)
     saved = load_encoder_file(run_dir / ENCODER)

@@ -72,7 +72,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Featur
     Raises:
         CheckpointError: missing, damaged, or not a selfsup encoder.
     """
-    from selfsup.train import ENCODER, load_encoder_file, pretrained_encoder
+    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
 
     path = Path(path)
     if path.is_dir():

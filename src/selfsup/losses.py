@@ -99,3 +99,51 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     """
     logits, targets = nt_xent_logits(z1, z2, temperature, gather, rank)
     return F.cross_entropy(logits, targets)
+
+
+@fp32_loss
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+             ) -> torch.Tensor:
+    """InfoNCE with a queue of negatives, the loss of MoCo (He et al. 2020, eq. 1).
+
+    For a query q with its positive key k+ and the K queued keys k_1..k_K,
+
+        L_q = -log exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_i exp(q.k_i / tau))
+
+    with every vector L2-normalised; the loss is the mean of L_q over the n queries. Keys carry
+    no gradient in MoCo (the caller computes them under ``no_grad``); nothing here assumes it.
+
+    Args:
+        q: (n, D) queries.
+        k: (n, D) positive keys, row i for query i.
+        queue: (K, D) negative keys.
+        temperature: tau > 0.
+
+    Returns:
+        Scalar loss, float32.
+    """
+    q, k, queue = F.normalize(q, dim=1), F.normalize(k, dim=1), F.normalize(queue, dim=1)
+    positive = (q * k).sum(dim=1, keepdim=True)  # (n, 1)
+    negative = q @ queue.T  # (n, K)
+    logits = torch.cat((positive, negative), dim=1) / temperature  # (n, 1 + K)
+    targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive: column 0
+    return F.cross_entropy(logits, targets)
+
+
+@fp32_loss
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised mean squared error (Grill et al. 2020, eq. 2).
+
+        L = || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)
+
+    averaged over the batch; in [0, 4]. The symmetrised loss of the paper is
+    ``byol_loss(p1, z2) + byol_loss(p2, z1)``.
+
+    Args:
+        p: (n, D) online predictions.
+        z: (n, D) target projections of the other view (the caller stops their gradient).
+
+    Returns:
+        Scalar loss, float32.
+    """
+    return (2 - 2 * F.cosine_similarity(p, z, dim=1)).mean()

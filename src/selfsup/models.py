@@ -7,9 +7,13 @@ projection head g maps h to z (SimCLR section 2.1). Register a new encoder with 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from selfsup.config import Config
 
 ENCODERS: dict[str, Callable[[int], Encoder]] = {}
 
@@ -39,6 +43,15 @@ def build_encoder(name: str, width: int) -> Encoder:
     if name not in ENCODERS:
         raise KeyError(f"unknown model {name!r}; valid models: {', '.join(ENCODERS)}")
     return ENCODERS[name](width)
+
+
+def init_encoder(cfg: Config) -> Encoder:
+    """The encoder at its initial weights: a function of the config's model, width and seed.
+
+    The untrained baseline is this same call, so it is the exact network pretraining started from.
+    """
+    torch.manual_seed(cfg.seed)
+    return build_encoder(cfg.model, cfg.width)
 
 
 def nhwc_safe_on_cpu(model: nn.Module) -> bool:

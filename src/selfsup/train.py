@@ -1,327 +1,50 @@
-"""Pretraining: device and precision choice, optimiser and schedule, the loop, checkpoints.
+"""Pretraining: the loop, the time budget, progress and stopping on a signal.
 
-The loop reads top to bottom: take a batch of indices from this epoch's permutation, make two
-views on the device, embed both in one forward pass, NT-Xent, step. A checkpoint is written
-atomically at the end of every epoch (and on Ctrl-C); ``resume`` continues from it exactly.
+The loop reads top to bottom: take a batch of indices from this epoch's permutation, hand it to
+the method (``selfsup.methods``: it makes the views on the device and takes its step), record
+the loss. It knows no method by name. A checkpoint is written atomically at the end of every
+epoch (and on Ctrl-C); ``resume`` continues from it exactly. Nothing but the command line
+imports this module.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from selfsup import dist
-from selfsup.augment import AugmentParams, normalize, two_views
-from selfsup.config import Config, config_from_dict, diff_keys, parse_duration
+from selfsup.checkpoint import (
+    CHECKPOINT,
+    ENCODER,
+    check_state_dict,
+    checkpoint_config,
+    global_rng_state,
+    load_checkpoint,
+    save_encoder,
+    set_global_rng_state,
+)
+from selfsup.config import Config, diff_keys, parse_duration
 from selfsup.data import ImageData, channel_stats, physical_memory
-from selfsup.dist import gather_with_grad
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
-from selfsup.losses import nt_xent
-from selfsup.models import Encoder, ProjectionHead, build_encoder, nhwc_safe_on_cpu
-
-M = TypeVar("M", bound=nn.Module)
-CHECKPOINT = "checkpoint.pt"
-ENCODER = "encoder.pt"
-
-
-# --- device and precision -------------------------------------------------------------------
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, then Apple MPS, then CPU. Otherwise the named device, checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SelfsupError(f"--device {name}: CUDA is not available here; use cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SelfsupError("--device mps: Apple MPS is not available here; use cpu or auto")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
-
-
-def select_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype (None = fp32) and why it was chosen.
-
-    ``auto`` takes bf16 only where the hardware runs it natively: on CPUs with AVX-512 BF16 or
-    AMX (elsewhere bf16 is emulated and several times slower than fp32), and on CUDA GPUs that
-    support it.
-    """
-    if name == "fp32":
-        return None, "fp32 (asked for)"
-    if name == "bf16":
-        return torch.bfloat16, "bf16 autocast (asked for)"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "bf16 autocast (auto: this GPU supports bf16)"
-        return None, "fp32 (auto: this GPU lacks bf16)"
-    if device.type == "cpu":
-        cap = torch.backends.cpu.get_cpu_capability()
-        if cpu_has_fast_bf16():
-            return torch.bfloat16, f"bf16 autocast (auto: CPU has native bf16, {cap})"
-        return None, f"fp32 (auto: CPU has no native bf16, {cap}; bf16 would be emulated)"
-    return None, f"fp32 (auto: {device.type})"
-
-
-# --- optimiser and schedule -----------------------------------------------------------------
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by SimCLR.
-
-    Parameters with one dimension (biases, norm weights) get neither weight decay nor the trust
-    ratio, as in the paper's implementation.
-    """
-
-    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    w_norm, d_norm = torch.linalg.norm(p), torch.linalg.norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0),
-                                        group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
-                    d = d.mul(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.clone(d).detach()
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
-
-
-def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum) or LARS; biases and norm parameters get no weight decay."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for m in modules:
-        for p in m.parameters():
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (per step)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+from selfsup.hardware import select_device, select_precision, sync
+from selfsup.methods import METHODS, Method, build_method
+from selfsup.models import Encoder, ProjectionHead, build_encoder
+from selfsup.optim import lr_at
 
 
 # --- model construction ---------------------------------------------------------------------
-
-
-def init_encoder(cfg: Config) -> Encoder:
-    """The encoder at its initial weights: a function of the config's model, width and seed.
-
-    The untrained baseline is this same call, so it is the exact network pretraining started from.
-    """
-    torch.manual_seed(cfg.seed)
-    return build_encoder(cfg.model, cfg.width)
-
-
-def pretrained_encoder(saved: dict[str, Any], initial: bool = False) -> Encoder:
-    """The encoder of an ``encoder.pt`` (as ``load_encoder_file`` checked it), in eval mode; with
-    ``initial``, the same architecture at the initial weights pretraining started from (the
-    untrained baseline)."""
-    encoder = init_encoder(config_from_dict(saved["config"]))
-    if not initial:
-        try:
-            encoder.load_state_dict(saved["state_dict"])
-        except (RuntimeError, KeyError) as e:
-            raise CheckpointError(f"the encoder weights do not fit the configured model "
-                                  f"({str(e).splitlines()[0]})") from None
-    return encoder.eval()
-
-
-def init_head(cfg: Config, feature_dim: int) -> ProjectionHead:
-    torch.manual_seed(cfg.seed + 1)
-    return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
-
-
-def use_channels_last(encoder: nn.Module, requested: bool, device: torch.device,
-                      verbose: bool = True) -> bool:
-    """NHWC when ``requested``, unless this encoder hits a known CPU kernel fault in NHWC."""
-    if requested and device.type == "cpu" and not nhwc_safe_on_cpu(encoder):
-        if verbose:
-            print("note: channels_last off: this encoder has a strided 1x1 convolution with "
-                  "fewer than 16 input channels, which the CPU kernels mishandle in NHWC",
-                  flush=True)
-        return False
-    return requested
-
-
-def prepare(model: M, device: torch.device, channels_last: bool) -> M:
-    """Move a model to the device, in NHWC memory format when ``channels_last``."""
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return model
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-# Lines of the loader's messages that give advice rather than the reason (never passed on).
-_LOADER_ADVICE = ("weights_only", "weights only", "documentation", "file an issue", "trusted")
-
-
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """Load a checkpoint or encoder file safely (``weights_only=True``: no code runs).
-
-    Args:
-        mmap: map the file instead of reading it (for a quick look at a large file's config).
-
-    Raises:
-        CheckpointError: missing, damaged, holding objects other than tensors and plain data
-            (refused: nothing in it runs), or not a selfsup file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        with warnings.catch_warnings():  # the loader's warnings about odd files ask for reports
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in ln for ln in lines):
-            # The loader refused an object that is not a tensor or plain data. Its message
-            # suggests loading the file unsafely; a file of unknown origin must never be, so
-            # that advice is not passed on.
-            raise CheckpointError(f"{path} was refused: it holds objects other than tensors "
-                                  f"and plain data, which a selfsup file never does (nothing "
-                                  f"in it was run)") from None
-        detail = [ln for ln in lines if not any(w in ln.lower() for w in _LOADER_ADVICE)]
-        why = detail[0][:200] if detail else "not a file selfsup can read"
-        raise CheckpointError(f"{path} cannot be loaded: damaged or not a selfsup file "
-                              f"({type(e).__name__}: {why})") from None
-    if not isinstance(obj, dict) or "config" not in obj:
-        raise CheckpointError(f"{path} is not a selfsup checkpoint")
-    return obj
-
-
-def checkpoint_config(saved: dict[str, Any], path: str | Path) -> Config:
-    """The validated config inside a checkpoint or encoder file.
-
-    Raises:
-        CheckpointError: no config, or one selfsup does not accept (names the problem).
-    """
-    raw = saved.get("config")
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} is damaged: its config is not a mapping")
-    try:
-        return config_from_dict(raw)
-    except ConfigError as e:
-        raise CheckpointError(f"{path} is damaged: its config is invalid ({e})") from None
-
-
-def _expected_state(cfg: Config) -> tuple[dict[str, torch.Tensor], int]:
-    """Parameters and buffers of the config's encoder (shapes and dtypes only), and its feature
-    width, made on the meta device: nothing is allocated, however large the config says the
-    network is."""
-    with torch.device("meta"):
-        encoder = build_encoder(cfg.model, cfg.width)
-    return dict(encoder.state_dict()), int(encoder.feature_dim)
-
-
-def _check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str,
-                      part: str = "encoder") -> None:
-    """The weights of ``part`` a file holds against the network's: names, shapes, kinds of
-    number, and finite values."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{what}: the {part} weights are not a mapping of names to tensors")
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state)
-                   if state[k].shape != expected[k].shape
-                   or state[k].is_floating_point() != expected[k].is_floating_point()
-                   or state[k].is_complex())
-    if missing or extra or wrong:
-        parts = [f"{name} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", extra),
-                                    ("wrong shape or type", wrong)) if keys]
-        raise CheckpointError(f"{what}: the {part} weights do not fit the configured model "
-                              f"({'; '.join(parts)})")
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not
-                 bool(torch.isfinite(v).all()))
-    if bad:
-        raise CheckpointError(f"{what}: non-finite weights (NaN or Inf) in the {part}: "
-                              f"{', '.join(bad[:3])}"
-                              f"{', ...' if len(bad) > 3 else ''}")
-
-
-def _check_stats(saved: dict[str, Any], key: str, what: str, positive: bool) -> None:
-    v = saved.get(key)
-    ok = (isinstance(v, list | tuple) and len(v) == 3
-          and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-                  and (x > 0 if positive else True) for x in v))
-    if not ok:
-        raise CheckpointError(f"{what}: '{key}' must be 3 finite numbers (one per colour "
-                              f"channel{', each > 0' if positive else ''}), got {v!r:.80}")
-
-
-def load_encoder_file(path: str | Path) -> dict[str, Any]:
-    """An ``encoder.pt``, with every field checked against its config before any network is
-    built: the weights' names and shapes, the feature width, the input normalisation and the
-    image side.
-
-    Raises:
-        CheckpointError: missing, damaged, or a field that does not fit (names it).
-    """
-    saved = load_checkpoint(path)
-    what = str(path)
-    cfg = checkpoint_config(saved, path)
-    shapes, feature_dim = _expected_state(cfg)
-    _check_state_dict(saved.get("state_dict"), shapes, what)
-    if saved.get("feature_dim") != feature_dim or isinstance(saved.get("feature_dim"), bool):
-        raise CheckpointError(f"{what}: feature_dim {saved.get('feature_dim')!r:.40} does not "
-                              f"match the model's {feature_dim}")
-    _check_stats(saved, "mean", what, positive=False)
-    _check_stats(saved, "std", what, positive=True)
-    size = saved.get("image_size", 32)
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096:
-        raise CheckpointError(f"{what}: image_size must be an integer in [1, 4096], got "
-                              f"{size!r:.40}")
-    return saved
 
 
 def check_model_size(cfg: Config, device: torch.device) -> None:
@@ -335,7 +58,8 @@ def check_model_size(cfg: Config, device: torch.device) -> None:
         encoder = build_encoder(cfg.model, cfg.width)
         head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
     params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
-    need = params * 4 * 4  # weights, gradients, momentum, and the budget's throw-away copy
+    # weights, gradients, momentum, the budget's throw-away copy, and a method's target copies
+    need = params * 4 * (4 + 2 * METHODS[cfg.method].target_copies)
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else physical_memory())
     if total is not None and need > 0.8 * total:
@@ -373,129 +97,10 @@ def check_model_input(cfg: Config, image_size: int) -> None:
                       f"--view-size (or --image-size for image folders) to at least that")
 
 
-def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[float],
-                 std: list[float], image_size: int) -> None:
-    """``encoder.pt``: weights, config, feature width, the input normalisation and the side of
-    the images it was trained on."""
-    from selfsup import __version__
-
-    save_torch(dict(state_dict=encoder.state_dict(), config=cfg.to_dict(),
-                    feature_dim=encoder.feature_dim, mean=mean, std=std, image_size=image_size,
-                    version=__version__), path)
-
-
-# --- the method -----------------------------------------------------------------------------
-
-
-class _EncoderAndHead(nn.Module):
-    """f then g as one module (what DDP wraps): views -> projections z."""
-
-    def __init__(self, encoder: Encoder, head: nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(v))  # type: ignore[no-any-return]
-
-
-class SimCLR:
-    """The SimCLR method: two views of every image, one forward pass, NT-Xent, one update.
-
-    Holds the encoder f, the projection head g and their optimiser; the loop around it owns the
-    data order, the schedule and the checkpoints. In several processes (torchrun) the pair is
-    wrapped in DistributedDataParallel, its batch norms are global (``sync_bn``) and the loss
-    sees every process's projections (``dist.gather_with_grad``); each process passes its own
-    share of the global batch.
-    """
-
-    def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],
-                 std: list[float], peak_lr: float, amp_dtype: torch.dtype | None) -> None:
-        encoder = init_encoder(cfg)
-        self.nhwc = use_channels_last(encoder, cfg.channels_last, device,
-                                      verbose=dist.is_main())
-        pair = _EncoderAndHead(prepare(encoder, device, self.nhwc),
-                               prepare(init_head(cfg, encoder.feature_dim), device, False))
-        if dist.world_size() > 1 and cfg.sync_bn:
-            pair = dist.convert_batchnorm(pair, device)  # type: ignore[assignment]
-        self.cfg, self.peak_lr = cfg, peak_lr
-        self._adopt(pair)
-        self.aug = AugmentParams.from_config(cfg, image_size)
-        self.mean = torch.tensor(mean, device=device)
-        self.std = torch.tensor(std, device=device)
-        self.mem = torch.channels_last if self.nhwc else torch.contiguous_format
-        self.temperature = cfg.temperature
-        self.amp_dtype = amp_dtype
-        self.device = device
-
-    def _adopt(self, pair: _EncoderAndHead) -> None:
-        self.pair = pair
-        self.encoder, self.head = pair.encoder, pair.head
-        self.opt = build_optimizer([self.encoder, self.head], self.cfg, self.peak_lr)
-        self.net: nn.Module = pair
-        if dist.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            dev = next(pair.parameters()).device
-            self.net = DistributedDataParallel(pair, device_ids=[dev] if dev.type == "cuda"
-                                               else None)
-
-    def clone(self) -> SimCLR:
-        """A throw-away copy (own weights, optimiser state and DDP wrapper) for timing steps."""
-        new = copy.copy(self)
-        new._adopt(copy.deepcopy(self.pair))
-        new.opt.load_state_dict(self.opt.state_dict())
-        return new
-
-    def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
-        v1, v2 = two_views(x, self.aug, gen)  # 2 x (B, 3, S, S) in [0, 1]
-        return normalize(torch.cat((v1, v2)), self.mean, self.std).contiguous(
-            memory_format=self.mem)
-
-    def update(self, v: torch.Tensor, lr: float) -> torch.Tensor:
-        """One optimiser step on ready views (2B, 3, S, S); returns the detached loss."""
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        b = v.shape[0] // 2
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            z = self.net(v)  # h: (2B, D) -> z: (2B, proj_dim)
-            loss = nt_xent(z[:b], z[b:], self.temperature, gather_with_grad, dist.rank())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-    def step(self, x: torch.Tensor, lr: float, gen: torch.Generator) -> torch.Tensor:
-        """Augment a uint8 batch (B, 3, H, W) and take one step; returns the detached loss."""
-        return self.update(self.views(x, gen), lr)
-
-    def train(self, mode: bool = True) -> None:
-        self.encoder.train(mode)
-        self.head.train(mode)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(encoder=self.encoder.state_dict(), head=self.head.state_dict(),
-                    optimizer=self.opt.state_dict())
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.encoder.load_state_dict(state["encoder"])
-        self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["optimizer"])
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work, so wall-clock times mean something."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 # --- time budget ----------------------------------------------------------------------------
 
 
-def measure_step_seconds(method: SimCLR, x_all: torch.Tensor, batch: int, seed: int,
+def measure_step_seconds(method: Method, x_all: torch.Tensor, batch: int, seed: int,
                          warm: int = 3, timed: int = 8) -> float:
     """Median wall time of one full training step, on a throw-away copy of the method.
 
@@ -612,38 +217,7 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
-def global_rng_state() -> dict[str, Any]:
-    """Python's, NumPy's, torch's and the GPUs' global random states, in types that load with
-    ``weights_only=True``. selfsup draws from its own seeded generators; these are saved so that
-    code added around it (or a library) that draws from the global ones resumes exactly too."""
-    import random
-
-    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
-    state: dict[str, Any] = dict(
-        python=[list(t) if isinstance(t, tuple) else t for t in random.getstate()],
-        numpy=dict(keys=torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos=int(pos),
-                   has_gauss=int(has_gauss), gauss=float(gauss)),
-        torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_global_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``global_rng_state`` saved."""
-    import random
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _restore(ck: dict[str, Any], path: Path, method: SimCLR, gen: torch.Generator, rank: int
+def _restore(ck: dict[str, Any], path: Path, method: Method, gen: torch.Generator, rank: int
              ) -> tuple[list[float], int, list[dict[str, float]]]:
     """Load a checkpoint's state into the method and the generators, after checking its fields.
 
@@ -654,8 +228,9 @@ def _restore(ck: dict[str, Any], path: Path, method: SimCLR, gen: torch.Generato
         CheckpointError: a field missing, of the wrong type or shape (names it).
     """
     what = f"{path} is damaged"
-    _check_state_dict(ck.get("encoder"), dict(method.encoder.state_dict()), what)
-    _check_state_dict(ck.get("head"), dict(method.head.state_dict()), what, "projection head")
+    for name, module in method.networks().items():  # every network and buffer of the method
+        part = "projection head" if name == "head" else name.replace("_", " ")
+        check_state_dict(ck.get(name), dict(module.state_dict()), what, part)
     step, losses = ck.get("step"), ck.get("losses")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{what}: step must be a non-negative integer, got {step!r:.40}")
@@ -689,7 +264,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = False
              ) -> PretrainResult:
-    """Train encoder + projection head with NT-Xent on ``data.train_x`` (labels unused).
+    """Train the configured method's networks on ``data.train_x`` (labels unused).
 
     With ``cfg.budget`` and no ``cfg.steps``, a short measurement on a throw-away copy picks the
     number of steps that fits the budget; it is written into the saved config, so that
@@ -716,7 +291,8 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     if main:
         procs = f", {world} processes" if world > 1 else ""
         print(f"device {device}, {torch.get_num_threads()} threads{procs}, precision: "
-              f"{precision}", flush=True)
+              f"{precision}\nmethod {cfg.method}: saves and evaluates "
+              f"{METHODS[cfg.method].evaluated}", flush=True)
 
     if len(data.train_x) < 2:
         raise SelfsupError(f"{data.name} has {len(data.train_x)} training image(s); contrastive "
@@ -732,7 +308,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     steps_per_epoch = n // batch
     peak_lr = cfg.lr * batch / 256
     mean, std = channel_stats(data.train_x)
-    method = SimCLR(cfg, device, x_all.shape[-1], mean, std, peak_lr, amp_dtype)
+    method = build_method(cfg, device, x_all.shape[-1], mean, std, peak_lr, amp_dtype, batch)
     # Augmentation randomness: its own stream per process, derived from the seed and the rank.
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * rank)
     losses: list[float] = []
@@ -834,7 +410,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 idx = order[i * batch:(i + 1) * batch]  # (B,) the global batch
                 idx = idx[rank * local:(rank + 1) * local]  # this process's share
                 # The global loss (mean over processes); the float() syncs: the guard needs it.
-                loss_value = dist.all_mean(float(method.step(x_all[idx], lr, gen)))
+                loss_value = dist.all_mean(float(method.step(x_all[idx], lr, gen, step / total)))
                 if not math.isfinite(loss_value):
                     raise SelfsupError(
                         f"loss became {loss_value} at step {step + 1}; the last good checkpoint "
@@ -871,34 +447,3 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
                           images / max(train_time, 1e-9), precision, mean, std, knn_history,
                           monitor_s, start_step)
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What a speed figure depends on: CPU model and capability, threads, GPU, torch version."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = dict(
-        cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        cpu_native_bf16=cpu_has_fast_bf16(), threads=torch.get_num_threads(),
-        torch=torch.__version__, device=str(device), world_size=dist.world_size(),
-    )
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def describe_machine(device: torch.device) -> str:
-    """``machine_info`` as the line a benchmark prints beside its figures."""
-    info = machine_info(device)
-    return (f"machine: {info['cpu']}, capability {info['cpu_capability']}, native bf16 "
-            f"{info['cpu_native_bf16']}, {info['threads']} threads, torch {info['torch']}, "
-            f"device {device}{', ' + info['gpu'] if 'gpu' in info else ''}")

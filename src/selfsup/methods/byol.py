@@ -1,0 +1,41 @@
+"""BYOL (Grill et al. 2020): an online network f, g, q predicts the target projection of the
+other view, made by a moving-average target f', g'; no negatives. The online encoder is saved
+and evaluated, as in the paper."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfsup.config import Config
+from selfsup.losses import byol_loss
+from selfsup.methods import MomentumMethod, cosine_momentum, register_method
+from selfsup.models import ProjectionHead
+
+
+@register_method("byol")
+class BYOL(MomentumMethod):
+    """Online encoder f, projector g and predictor q (both MLPs with batch norm, as in the paper),
+    target f', g' with momentum rising from ``target_momentum`` to 1 on a cosine over the run,
+    symmetrised loss ``byol_loss(p1, z'2) + byol_loss(p2, z'1)`` (in [0, 8]).
+
+    Starting momentum 0.99 rather than the paper's 0.996: like MoCo's, the paper's value is for
+    ImageNet-length runs; 0.99 is what CIFAR-10 setups use (solo-learn). Both views pass through
+    each network in one batch.
+    """
+
+    evaluated = "the online encoder f"
+
+    def predictor(self, cfg: Config) -> nn.Module | None:
+        torch.manual_seed(cfg.seed + 2)
+        return ProjectionHead(cfg.proj_dim, cfg.pred_hidden or cfg.proj_hidden, cfg.proj_dim)
+
+    def momentum(self, progress: float) -> float:
+        return cosine_momentum(self.cfg.target_momentum, progress)
+
+    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
+        b = v.shape[0] // 2
+        p = self.net(v)  # (2B, proj_dim) predictions q(g(f(v)))
+        with torch.no_grad():
+            z = self.target(v)  # (2B, proj_dim) target projections g'(f'(v))
+        return byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])

@@ -1,0 +1,101 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020, "Improved baselines with momentum contrastive
+learning"): a query encoder trained by InfoNCE against the key of the other view, made by a
+moving-average key encoder, and a queue of earlier keys as negatives. The query encoder is
+saved and evaluated, as in the papers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup import dist
+from selfsup.config import Config, option
+from selfsup.errors import ConfigError
+from selfsup.losses import info_nce
+from selfsup.methods import MomentumMethod, Online, register_method
+
+
+class KeyQueue(nn.Module):
+    """A first-in first-out queue of K normalised keys (K, D), filled a whole global batch at a
+    time; K is a multiple of the batch, so a batch never wraps. Starts as random unit vectors,
+    as in MoCo's code. Buffers only: saved in checkpoints, never trained."""
+
+    def __init__(self, length: int, dim: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("keys", F.normalize(torch.randn(length, dim, generator=g), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    keys: torch.Tensor
+    ptr: torch.Tensor
+
+    @torch.no_grad()
+    def push(self, k: torch.Tensor) -> None:
+        """Replace the oldest rows by ``k`` (B, D), B dividing K."""
+        i, b = int(self.ptr), k.shape[0]
+        self.keys[i:i + b] = F.normalize(k.float(), dim=1)
+        self.ptr.fill_((i + b) % self.keys.shape[0])
+
+
+@register_method("moco")
+class MoCo(MomentumMethod):
+    """Query network f_q, g_q (trained) and key network f_k, g_k (the moving average, no
+    gradient), InfoNCE with temperature 0.2 against a queue of ``queue_size`` keys.
+
+    Momentum: ``target_momentum`` (0.99 by default). The papers' 0.999 is for ImageNet, where
+    200 epochs are 250,000 steps; a 20-minute CPU run takes a few thousand, over which a key
+    encoder at 0.999 would trail the query encoder by about a thousand steps (a quarter of the
+    run). 0.99 (a 100-step horizon) is what the CIFAR-10 setups of MoCo's code and solo-learn use.
+
+    Batch norm: the query and key batches are separate forward passes, each normalised over the
+    whole global batch (global batch norm under torchrun, as for SimCLR; in one process, the plain
+    batch); no process normalises a sub-batch of its own, so nothing leaks between the views.
+    ``symmetric`` adds the loss with the views swapped (MoCo v2+); the queue always receives the
+    keys of the second views, gathered from every process.
+    """
+
+    defaults = dict(temperature=0.2)
+    evaluated = "the query encoder f_q (the key encoder is a moving average of it)"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.queue_size % cfg.batch_size:
+            near = max(1, round(cfg.queue_size / cfg.batch_size)) * cfg.batch_size
+            raise ConfigError(f"{option('queue_size')} ({cfg.queue_size}) must be a multiple of "
+                              f"{option('batch_size')} ({cfg.batch_size}): the queue takes a "
+                              f"whole global batch of keys per step; e.g. {near}")
+
+    def build(self, online: Online) -> dict[str, nn.Module]:
+        nets = super().build(online)
+        length = self.cfg.queue_size
+        if length % self.batch:  # the batch was clipped to a small data set
+            length = max(1, length // self.batch) * self.batch
+            if dist.is_main():
+                print(f"note: queue of {length} keys (a multiple of the batch of {self.batch})",
+                      flush=True)
+        nets["queue"] = KeyQueue(length, self.cfg.proj_dim, self.cfg.seed + 3).to(self.device)
+        return nets
+
+    @property
+    def queue(self) -> KeyQueue:
+        return self.nets["queue"]  # type: ignore[return-value]
+
+    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
+        b = v.shape[0] // 2
+        if self.cfg.symmetric:  # queries of both views, each against the other view's key
+            q = self.net(v)  # (2B, D)
+            with torch.no_grad():
+                k = self.target(torch.cat((v[b:], v[:b])))  # (2B, D)
+        else:
+            q = self.net(v[:b])  # (B, D) queries of the first views
+            with torch.no_grad():
+                k = self.target(v[b:])  # (B, D) keys of the second views
+        self._new_keys = k[:b].detach()
+        return info_nce(q, k, self.queue.keys, self.cfg.temperature)
+
+    def after_step(self, progress: float) -> None:
+        super().after_step(progress)  # the key encoder follows the updated query encoder
+        with torch.no_grad():
+            self.queue.push(dist.gather_with_grad(self._new_keys))  # (global B, D), rank order

@@ -1,0 +1,23 @@
+"""SimCLR (Chen et al. 2020): two views of every image in one forward pass, NT-Xent over the
+2N projections of the global batch, one update. The encoder f is saved and evaluated."""
+
+from __future__ import annotations
+
+import torch
+
+from selfsup import dist
+from selfsup.losses import nt_xent
+from selfsup.methods import Method, register_method
+
+
+@register_method("simclr")
+class SimCLR(Method):
+    """Encoder f and projection head g, trained end to end by NT-Xent. Under torchrun the loss
+    sees every process's projections (``dist.gather_with_grad``) and batch norm is global."""
+
+    evaluated = "the encoder f (the projection head g is dropped, SimCLR section 4.2)"
+
+    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
+        b = v.shape[0] // 2
+        z = self.net(v)  # h: (2B, D) -> z: (2B, proj_dim)
+        return nt_xent(z[:b], z[b:], self.cfg.temperature, dist.gather_with_grad, dist.rank())

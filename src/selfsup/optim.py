@@ -1,0 +1,66 @@
+"""The optimisers (SGD with momentum, LARS) and the per-step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfsup.config import Config
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by SimCLR.
+
+    Parameters with one dimension (biases, norm weights) get neither weight decay nor the trust
+    ratio, as in the paper's implementation.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.norm(p), torch.linalg.norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(d).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum) or LARS; biases and norm parameters get no weight decay."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for m in modules:
+        for p in m.parameters():
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (per step)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
