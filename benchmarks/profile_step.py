@@ -28,7 +28,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
-    cfg = make_config(args.preset, dict(method=args.method, **({"model": args.model} if args.model else {})))
+    over = dict(method=args.method, **({"model": args.model} if args.model else {}))
+    cfg = make_config(args.preset, over)
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

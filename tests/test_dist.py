@@ -84,36 +84,52 @@ def test_nt_xent_rank_slices_match_the_global_loss():
 # --- two real processes --------------------------------------------------------------------
 
 
-def _step(tmp_path, procs, gather="global", bn="sync"):
-    out = tmp_path / f"{procs}-{gather}-{bn}.pt"
+def _step(tmp_path, procs, method="simclr", gather="global", bn="sync"):
+    """Every rank's result of tests/scripts/dist_step.py."""
+    out = tmp_path / f"{method}-{procs}-{gather}-{bn}.pt"
     cmd = [sys.executable] if procs == 1 else _torchrun() + ["--standalone",
                                                             f"--nproc_per_node={procs}"]
-    p = subprocess.run(cmd + [str(SCRIPTS / "dist_step.py"), str(out), gather, bn], env=ENV,
-                       capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd + [str(SCRIPTS / "dist_step.py"), str(out), method, gather, bn],
+                       env=ENV, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(procs)]
 
 
-def _max_diff(a, b):
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+def _max_diff(a, b, prefix=""):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a
+               if k.startswith(prefix))
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_double_batch(tmp_path):
-    one = _step(tmp_path, 1)
-    two = _step(tmp_path, 2)
-    assert two["world"] == 2 and one["world"] == 1
-    # Same loss at both steps and the same weights, BN statistics included (float tolerance:
-    # sums in another order).
-    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
-    assert _max_diff(one["state"], two["state"]) < 1e-4
-    # The test can fail: NT-Xent over each process's own batch, or per-process batch norm,
-    # gives another loss and other weights.
-    local = _step(tmp_path, 2, gather="local")
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
+def test_two_processes_equal_one_process_with_the_double_batch(tmp_path, method):
+    [one] = _step(tmp_path, 1, method)
+    two = _step(tmp_path, 2, method)
+    assert two[0]["world"] == 2 and one["world"] == 1
+    # Same loss at both steps and the same state: weights, BN statistics, target networks and
+    # MoCo's queue (float tolerance: sums in another order).
+    assert one["loss"] == pytest.approx(two[0]["loss"], abs=1e-5)
+    assert one["state"].keys() == two[0]["state"].keys()
+    assert _max_diff(one["state"], two[0]["state"]) < 1e-4
+    # Every process holds the same state, bit for bit: moving averages and queue included.
+    assert all(torch.equal(two[0]["state"][k], two[1]["state"][k]) for k in one["state"])
+    if method != "simclr":
+        assert any(k.startswith("target_encoder.") for k in one["state"])
+
+
+@pytest.mark.slow
+def test_two_process_equivalence_can_fail(tmp_path):
+    """NT-Xent over each process's own batch, per-process batch norm, or a MoCo queue fed only
+    this process's keys give another loss and other weights or queue."""
+    [one] = _step(tmp_path, 1)
+    [local] = _step(tmp_path, 2, gather="local")[:1]
     assert abs(local["loss"][0] - one["loss"][0]) > 0.1
     assert _max_diff(one["state"], local["state"]) > 1e-2
-    per_process_bn = _step(tmp_path, 2, bn="nosync")
+    [per_process_bn] = _step(tmp_path, 2, bn="nosync")[:1]
     assert _max_diff(one["state"], per_process_bn["state"]) > 1e-2
+    [moco] = _step(tmp_path, 1, "moco")
+    [moco_local] = _step(tmp_path, 2, "moco", gather="local")[:1]
+    assert _max_diff(moco["state"], moco_local["state"], "queue.keys") > 1e-2
 
 
 def _outputs(run):

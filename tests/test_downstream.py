@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import selfsup
+from selfsup.checkpoint import pretrained_encoder
 from selfsup.cli import build_parser, main
 from selfsup.config import config_from_dict, make_config
 from selfsup.data import load_digits
 from selfsup.errors import ConfigError
 from selfsup.finetune import FinetuneSettings, stratified_subset, train_classifier
-from selfsup.checkpoint import pretrained_encoder
 from selfsup.models import init_encoder
 from selfsup.train import pretrain
 

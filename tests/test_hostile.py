@@ -26,8 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfsup import checkpoint
-from selfsup import cli, data, files, train
+from selfsup import checkpoint, cli, data, files
 from selfsup.cli import build_parser, main
 from selfsup.errors import CheckpointError, DataError
 from tests.conftest import write_images

@@ -101,3 +101,87 @@ def test_every_loss_computes_in_fp32():
               if f.__module__ == losses.__name__ and not name.startswith("_")
               and name != "fp32_loss"]
     assert public and all(hasattr(f, "__wrapped__") for f in public), public
+
+
+# --- InfoNCE with a queue (MoCo) ---------------------------------------------------------------
+
+
+def naive_info_nce(q, k, queue, tau):
+    """MoCo eq. (1): -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.k_i/tau)), per query."""
+    unit = lambda v: v.double() / v.double().norm()  # noqa: E731
+    total = 0.0
+    for i in range(q.shape[0]):
+        qi = unit(q[i])
+        pos = math.exp(float(qi @ unit(k[i])) / tau)
+        neg = sum(math.exp(float(qi @ unit(queue[j])) / tau) for j in range(queue.shape[0]))
+        total += -math.log(pos / (pos + neg))
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("n,big_k,d,tau", [(1, 1, 3, 0.2), (4, 12, 8, 0.2), (8, 32, 5, 0.07)])
+def test_info_nce_matches_naive_loop(n, big_k, d, tau):
+    from selfsup.losses import info_nce
+
+    g = torch.Generator().manual_seed(n + big_k)
+    q, k = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    queue = torch.randn(big_k, d, generator=g)
+    assert float(info_nce(q, k, queue, tau)) == pytest.approx(
+        naive_info_nce(q, k, queue, tau), rel=1e-5)
+
+
+def test_info_nce_analytic_values_and_gradient_path():
+    from selfsup.losses import info_nce
+
+    # Query, key and K queued keys all identical: each of the 1 + K logits equal, log(1 + K).
+    z = torch.ones(3, 4)
+    assert float(info_nce(z, z, torch.ones(9, 4), 0.2)) == pytest.approx(math.log(10), rel=1e-6)
+    # Lower when the key is the query's and the queue is far; scale does not matter.
+    q = torch.randn(6, 8)
+    queue = torch.randn(20, 8)
+    near, far = info_nce(q, q + 0.01, queue, 0.2), info_nce(q, torch.randn(6, 8), queue, 0.2)
+    assert near < far
+    assert float(info_nce(5 * q, q + 0.01, 0.1 * queue, 0.2)) == pytest.approx(float(near),
+                                                                               rel=1e-5)
+    # Gradients reach the queries only when the keys carry none (as MoCo computes them).
+    q = torch.randn(6, 8, requires_grad=True)
+    info_nce(q, torch.randn(6, 8), queue, 0.2).backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+# --- BYOL's regression loss --------------------------------------------------------------------
+
+
+def naive_byol(p, z):
+    """BYOL eq. (2): || p/|p| - z/|z| ||^2, averaged over the batch."""
+    total = 0.0
+    for i in range(p.shape[0]):
+        a, b = p[i].double() / p[i].double().norm(), z[i].double() / z[i].double().norm()
+        total += float(((a - b) ** 2).sum())
+    return total / p.shape[0]
+
+
+@pytest.mark.parametrize("n,d", [(1, 2), (5, 8), (16, 3)])
+def test_byol_loss_matches_naive_loop(n, d):
+    from selfsup.losses import byol_loss
+
+    g = torch.Generator().manual_seed(n)
+    p, z = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    assert float(byol_loss(p, z)) == pytest.approx(naive_byol(p, z), rel=1e-5)
+
+
+def test_byol_loss_bounds_scale_and_descent():
+    from selfsup.losses import byol_loss
+
+    p = torch.randn(8, 4)
+    assert float(byol_loss(p, 3 * p)) == pytest.approx(0.0, abs=1e-6)
+    assert float(byol_loss(p, -p)) == pytest.approx(4.0, rel=1e-6)
+    z = torch.randn(8, 4)
+    assert float(byol_loss(2 * p, 0.5 * z)) == pytest.approx(float(byol_loss(p, z)), rel=1e-5)
+    p = p.clone().requires_grad_()
+    opt = torch.optim.SGD([p], lr=0.5)
+    first = float(byol_loss(p, z))
+    for _ in range(20):
+        opt.zero_grad()
+        byol_loss(p, z).backward()
+        opt.step()
+    assert float(byol_loss(p, z)) < first / 2

@@ -16,12 +16,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfsup.methods import simclr
-from selfsup import checkpoint
-from selfsup import data, files, train
+from selfsup import checkpoint, data, files, train
 from selfsup.cli import main
 from selfsup.config import FIELD_NAMES, config_from_dict, field_types, parse_duration
 from selfsup.errors import CheckpointError, ConfigError, DataError, SelfsupError
+from selfsup.methods import simclr
 from tests.conftest import write_images
 
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
@@ -42,9 +41,9 @@ def _weights(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.0, 0.7])
-def test_sigkill_at_random_moment_then_resume_is_bit_identical(tmp_path, delay):
-    extra = ["--epochs", "25", "--checkpoint-every", "4"]
+@pytest.mark.parametrize("method,delay", [("simclr", 0.0), ("moco", 0.7), ("byol", 0.35)])
+def test_sigkill_at_random_moment_then_resume_is_bit_identical(tmp_path, method, delay):
+    extra = ["--epochs", "25", "--checkpoint-every", "4", "--method", method]
     full = subprocess.run(_pretrain_cmd(tmp_path, "full", *extra), env=CHILD_ENV,
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
@@ -70,6 +69,12 @@ def test_sigkill_at_random_moment_then_resume_is_bit_identical(tmp_path, delay):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, batch-norm buffers too
     np.testing.assert_array_equal(np.load(tmp_path / "full" / "loss.npy"),
                                   np.load(tmp_path / "cut" / "loss.npy"))
+    # The method's whole state too: target networks, the queue and its pointer.
+    a, b = (checkpoint.load_checkpoint(tmp_path / r / "checkpoint.pt") for r in ("full", "cut"))
+    for part in ("head", "predictor", "target_encoder", "target_head", "queue"):
+        assert (part in a) == (part in b)
+        if part in a:
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 def test_checkpoint_holds_every_random_state(digits, tmp_path):

@@ -5,14 +5,10 @@ import signal
 import pytest
 import torch
 
-from selfsup.methods import simclr
-from selfsup import models
-from selfsup import optim
-from selfsup import hardware
-from selfsup import checkpoint
-from selfsup import train
+from selfsup import checkpoint, hardware, models, optim, train
 from selfsup.config import make_config
 from selfsup.errors import CheckpointError, ConfigError, SelfsupError
+from selfsup.methods import METHODS, simclr
 
 
 def test_lr_schedule_warmup_then_cosine_per_step():
@@ -62,7 +58,7 @@ def test_optimizer_groups_and_lars_moves_weights():
 
 def _cfg(**kw):
     base = dict(dataset="digits", width=4, proj_hidden=16, proj_dim=8, batch_size=128, epochs=2,
-                view_size=8, progress=False, warmup_epochs=0.5)
+                view_size=8, progress=False, warmup_epochs=0.5, queue_size=512)
     return make_config(None, {**base, **kw})
 
 
@@ -82,36 +78,45 @@ def test_pretrain_writes_outputs_and_is_reproducible(digits, tmp_path):
     assert not _same_weights(r1.encoder.state_dict(), models.init_encoder(_cfg()).state_dict())
 
 
-def _interrupt_at(monkeypatch, call):
+def _interrupt_at(monkeypatch, call, method="simclr"):
     """Send a real SIGINT to this process during the loss of the given step."""
-    real = simclr.nt_xent
+    cls = METHODS[method]
+    real = cls.loss
     calls = {"n": 0}
 
-    def loss_then_ctrl_c(*a, **k):
+    def loss_then_ctrl_c(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == call:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(*a, **k)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(simclr, "nt_xent", loss_then_ctrl_c)
+    monkeypatch.setattr(cls, "loss", loss_then_ctrl_c)
     return real
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("stop_at", [5, 11])  # mid-epoch, and the last step of epoch 1
-def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypatch, stop_at):
-    full = train.pretrain(_cfg(), digits, tmp_path / "full")
-    real = _interrupt_at(monkeypatch, stop_at)
+def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypatch, stop_at,
+                                                     method):
+    full = train.pretrain(_cfg(method=method), digits, tmp_path / "full")
+    real = _interrupt_at(monkeypatch, stop_at, method)
     with pytest.raises(KeyboardInterrupt):
-        train.pretrain(_cfg(), digits, tmp_path / "cut")
+        train.pretrain(_cfg(method=method), digits, tmp_path / "cut")
     ck = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert ck["step"] == stop_at  # the step in flight finished before saving
-    monkeypatch.setattr(simclr, "nt_xent", real)
-    resumed = train.pretrain(_cfg(), digits, tmp_path / "cut", resume=True)
+    monkeypatch.setattr(METHODS[method], "loss", real)
+    resumed = train.pretrain(_cfg(method=method), digits, tmp_path / "cut", resume=True)
     assert resumed.steps == full.steps
     assert _same_weights(full.encoder.state_dict(), resumed.encoder.state_dict())
     assert _same_weights(full.encoder.state_dict(), checkpoint.load_checkpoint(
         tmp_path / "cut" / "encoder.pt")["state_dict"])
     assert resumed.losses == full.losses
+    # Every network and buffer of the method (target networks, MoCo's queue and its pointer).
+    a, b = (checkpoint.load_checkpoint(tmp_path / r / "checkpoint.pt") for r in ("full", "cut"))
+    nets = [k for k in ("encoder", "head", "predictor", "target_encoder", "target_head", "queue")
+            if k in a]
+    assert len(nets) == {"simclr": 2, "moco": 5, "byol": 5}[method]
+    assert all(_same_weights(a[k], b[k]) for k in nets)
 
 
 def test_resume_with_more_epochs_continues(digits, tmp_path):

@@ -243,7 +243,10 @@ def _record_pretraining(metrics: dict[str, Any], result: Any, changes: dict[str,
                         resume: bool) -> None:
     """Put this invocation's pretraining into ``metrics``: a new run's figures, or a resume
     added to the record (the first invocation's config and figures are kept)."""
-    this = dict(steps=result.steps, epochs=result.epochs, precision=result.precision,
+    from selfsup.methods import METHODS
+
+    this = dict(method=result.config.method, evaluated=METHODS[result.config.method].evaluated,
+                steps=result.steps, epochs=result.epochs, precision=result.precision,
                 images_per_s=result.images_per_s, train_seconds=result.seconds)
     previous = metrics.get("pretrain")
     if not resume or not isinstance(previous, dict):
@@ -264,8 +267,8 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup import dist
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json
-    from selfsup.report import write_report
     from selfsup.hardware import machine_info, select_device
+    from selfsup.report import write_report
     from selfsup.train import check_model_input, check_model_size, pretrain
 
     start = time.perf_counter()
@@ -444,8 +447,8 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
 
 def cmd_embed(ns: argparse.Namespace) -> int:
     from selfsup.files import save_json, save_npy
-    from selfsup.inference import load_encoder
     from selfsup.hardware import select_device
+    from selfsup.inference import load_encoder
 
     cfg = _run_config(ns.run, None)
     out, listing = _embed_outputs(ns)

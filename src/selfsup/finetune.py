@@ -243,9 +243,9 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
     Writes ``classifier_<mode>_<fraction>.pt`` (``..._seed<S>.pt`` for a seed other than the
     run's) and adds the result under that name in ``finetune`` in ``metrics.json``.
     """
+    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
     from selfsup.evaluate import read_metrics
     from selfsup.files import save_json, save_torch
-    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
     from selfsup.hardware import select_device
 
     run_dir = Path(run_dir)

@@ -143,6 +143,8 @@ def _facts(m: dict[str, Any]) -> str:
     items = [
         ("data", f"{m.get('dataset', cfg.get('dataset', '?'))}: {m.get('train_size', '?')} "
                  f"training, {m.get('test_size', '?')} test images"),
+        ("method", f"{cfg.get('method', 'simclr')}: evaluates "
+                   f"{pre.get('evaluated', 'the encoder f')}"),
         ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}, features "
                     f"{m.get('feature_dim', '?')}"),
         ("pretraining", f"{pre.get('steps', '?')} steps ({pre.get('epochs', 0):.1f} epochs), "
@@ -156,6 +158,14 @@ def _facts(m: dict[str, Any]) -> str:
     ]
     lis = "".join(f"<li><b>{k}</b>: {html.escape(str(v))}</li>" for k, v in items)
     return f"<ul>{lis}</ul>"
+
+
+def method_title(name: str) -> str:
+    """A method's name as its paper writes it (``moco`` -> MoCo v2); unknown names as given."""
+    from selfsup.methods import METHODS
+
+    cls = METHODS.get(name)
+    return cls.title if cls is not None else name
 
 
 def _figure(path: Path, heading: str, caption: str) -> str:
@@ -192,8 +202,9 @@ def build_report(run_dir: str | Path) -> str:
 <script>{_CHECK_SCRIPT}</script></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class="sub">SimCLR pretraining without labels; every accuracy beside the same network at its
-initial weights (untrained), probed the same way.</p>
+<p class="sub">{html.escape(method_title(str(cfg.get("method", "simclr"))))} pretraining
+without labels; every accuracy beside the same network at its initial weights (untrained),
+probed the same way.</p>
 {_facts(m)}
 <h2>Results</h2>
 {_metrics_table(m)}

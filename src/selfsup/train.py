@@ -43,7 +43,6 @@ from selfsup.methods import METHODS, Method, build_method
 from selfsup.models import Encoder, ProjectionHead, build_encoder
 from selfsup.optim import lr_at
 
-
 # --- model construction ---------------------------------------------------------------------
 
 

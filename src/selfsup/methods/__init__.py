@@ -21,7 +21,7 @@ import copy
 import importlib
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from selfsup.config import Config
 from selfsup.models import Encoder, ProjectionHead, init_encoder, nhwc_safe_on_cpu
 from selfsup.optim import build_optimizer
 
+M = TypeVar("M", bound=nn.Module)
 METHODS: dict[str, type[Method]] = {}
 _MODULES = ("simclr", "moco", "byol")  # selfsup.methods.<name> modules, imported on first use
 
@@ -41,6 +42,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
     def deco(cls: type[Method]) -> type[Method]:
         cls.name = name
+        cls.title = cls.__dict__.get("title") or name
         METHODS[name] = cls
         return cls
 
@@ -72,7 +74,7 @@ def use_channels_last(encoder: nn.Module, requested: bool, device: torch.device,
     return requested
 
 
-def prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+def prepare(model: M, device: torch.device, channels_last: bool) -> M:
     """Move a model to the device, in NHWC memory format when ``channels_last``."""
     model = model.to(device)
     if channels_last:
@@ -105,6 +107,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # as the paper writes it, for reports
     defaults: ClassVar[dict[str, Any]] = {}
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
@@ -117,7 +120,7 @@ class Method:
         encoder = init_encoder(cfg)
         self.nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=dist.is_main())
         predictor = self.predictor(cfg)
-        online = Online(prepare(encoder, device, self.nhwc),  # type: ignore[arg-type]
+        online = Online(prepare(encoder, device, self.nhwc),
                         prepare(init_head(cfg, encoder.feature_dim), device, False),
                         None if predictor is None else predictor.to(device))
         nets = nn.ModuleDict(dict(online=online, **self.build(online)))

@@ -24,6 +24,7 @@ class BYOL(MomentumMethod):
     each network in one batch.
     """
 
+    title = "BYOL"
     evaluated = "the online encoder f"
 
     def predictor(self, cfg: Config) -> nn.Module | None:

@@ -15,6 +15,7 @@ class SimCLR(Method):
     """Encoder f and projection head g, trained end to end by NT-Xent. Under torchrun the loss
     sees every process's projections (``dist.gather_with_grad``) and batch norm is global."""
 
+    title = "SimCLR"
     evaluated = "the encoder f (the projection head g is dropped, SimCLR section 4.2)"
 
     def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""The methods behind one interface: what each step changes, what never gets a gradient, what a
+checkpoint holds, and that a new method is one class and one registration."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfsup import checkpoint, train
+from selfsup.config import make_config
+from selfsup.errors import ConfigError
+from selfsup.losses import byol_loss, info_nce
+from selfsup.methods import (
+    METHODS,
+    Method,
+    build_method,
+    cosine_momentum,
+    register_method,
+)
+
+
+def _cfg(method, **kw):
+    base = dict(dataset="digits", method=method, model="small_cnn", width=4, proj_hidden=16,
+                proj_dim=8, batch_size=8, queue_size=24, seed=0, view_size=8, progress=False)
+    return make_config(None, {**base, **kw})
+
+
+def _method(name, **kw):
+    cfg = _cfg(name, **kw)
+    return build_method(cfg, torch.device("cpu"), 8, [0.5] * 3, [0.25] * 3, 0.1, None,
+                        cfg.batch_size)
+
+
+def _views(seed=0, b=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2 * b, 3, 8, 8, generator=g)  # rows k and k + b: two views of image k
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_every_method_steps_on_every_encoder_and_changes_its_online_networks():
+    from selfsup.models import ENCODERS
+
+    for name in METHODS:
+        for model in ENCODERS:
+            m = _method(name, model=model)
+            m.train()
+            before = _state(m.encoder)
+            x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+            loss = m.step(x, 0.1, torch.Generator().manual_seed(0), 0.0)
+            assert torch.isfinite(loss) and loss.ndim == 0, (name, model)
+            after = m.encoder.state_dict()
+            assert any(not torch.equal(before[k], after[k]) for k in before), (name, model)
+
+
+def test_registry_names_what_is_evaluated_and_refuses_unknown_methods():
+    assert {"simclr", "moco", "byol"} <= set(METHODS)
+    assert "query encoder" in METHODS["moco"].evaluated
+    assert "online encoder" in METHODS["byol"].evaluated
+    with pytest.raises(ConfigError, match="unknown method 'swav'; valid methods: simclr"):
+        make_config(None, {"method": "swav"})
+
+
+def test_method_defaults_sit_between_preset_and_options():
+    assert make_config("gpu", {}).temperature == 0.5  # SimCLR's, from the preset
+    assert make_config("gpu", {"method": "moco"}).temperature == 0.2  # MoCo v2's own
+    assert make_config("gpu", {"method": "moco", "temperature": 0.1}).temperature == 0.1
+    assert make_config("gpu", {"method": "byol"}).temperature == 0.5  # BYOL has none
+
+
+def test_moco_queue_must_be_a_multiple_of_the_batch():
+    with pytest.raises(ConfigError, match=r"--queue-size \(1000\) must be a multiple of "
+                                          r"--batch-size \(256\).*e\.g\. 1024"):
+        make_config(None, {"method": "moco", "batch_size": 256, "queue_size": 1000})
+    make_config(None, {"method": "simclr", "batch_size": 256, "queue_size": 1000})  # unused
+
+
+# --- MoCo -----------------------------------------------------------------------------------------
+
+
+def test_moco_key_encoder_gets_no_gradient_and_follows_by_moving_average():
+    m = _method("moco", target_momentum=0.9)
+    m.train()
+    assert not any(p.requires_grad for p in m.target.parameters())
+    target_before, online_before = _state(m.target), _state(m.online)
+    assert all(torch.equal(target_before[k], online_before[k]) for k in target_before
+               if k in online_before)  # the key encoder starts as a copy of the query encoder
+    v = _views()
+    m.update(v, 0.5)
+    online_after, target_after = m.online.state_dict(), m.target.state_dict()
+    assert all(p.grad is None for p in m.target.parameters())
+    params = {k for k, _ in m.target.named_parameters()}
+    for k in params:  # theta_k <- m theta_k + (1 - m) theta_q, with the updated query weights
+        want = 0.9 * target_before[k] + 0.1 * online_after[k]
+        torch.testing.assert_close(target_after[k], want, rtol=0, atol=1e-6)
+    assert any(not torch.equal(online_after[k], online_before[k]) for k in params)
+
+
+def test_moco_loss_is_infonce_against_the_queue_and_the_queue_takes_the_keys():
+    m = _method("moco")
+    m.train()
+    v = _views()
+    ref = copy.deepcopy(m)  # the same networks, to compute what the step should see
+    queue_before = m.queue.keys.clone()
+    loss = m.update(v, 0.0)  # lr 0: the loss of the initial networks
+    q = ref.online(v[:8])
+    with torch.no_grad():
+        k = ref.target(v[8:])
+    assert float(loss) == pytest.approx(float(info_nce(q, k, queue_before, 0.2).detach()),
+                                        rel=1e-5)
+    # The 8 keys of the second views went into the first 8 rows; the rest is unchanged.
+    torch.testing.assert_close(m.queue.keys[:8], F.normalize(k, dim=1), rtol=0, atol=1e-6)
+    assert torch.equal(m.queue.keys[8:], queue_before[8:]) and int(m.queue.ptr) == 8
+    for _ in range(2):  # 24 keys = 3 batches: the pointer wraps to the start
+        m.update(v, 0.0)
+    assert int(m.queue.ptr) == 0
+
+
+def test_moco_symmetric_loss_averages_both_directions():
+    m = _method("moco", symmetric=True)
+    m.train()
+    v = _views()
+    ref = copy.deepcopy(m)
+    loss = m.update(v, 0.0)
+    q = ref.online(v)
+    with torch.no_grad():
+        k = ref.target(torch.cat((v[8:], v[:8])))
+    queue = ref.queue.keys
+    one_way = (info_nce(q[:8], k[:8], queue, 0.2) + info_nce(q[8:], k[8:], queue, 0.2)) / 2
+    assert float(loss) == pytest.approx(float(one_way), rel=1e-5)
+
+
+def test_moco_queue_is_rounded_to_a_clipped_batch(capsys):
+    cfg = _cfg("moco", batch_size=8, queue_size=24)
+    m = build_method(cfg, torch.device("cpu"), 8, [0.5] * 3, [0.25] * 3, 0.1, None, 5)
+    assert m.queue.keys.shape == (20, 8) and "queue of 20 keys" in capsys.readouterr().out
+
+
+# --- BYOL -----------------------------------------------------------------------------------------
+
+
+def test_byol_cosine_momentum_schedule():
+    assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+    values = [cosine_momentum(0.9, i / 10) for i in range(11)]
+    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_byol_step_loss_predictor_and_target_average():
+    m = _method("byol", target_momentum=0.9)
+    m.train()
+    assert m.online.predictor is not None and any(
+        isinstance(x, torch.nn.BatchNorm1d) for x in m.online.predictor.modules())
+    assert any(isinstance(x, torch.nn.BatchNorm1d) for x in m.online.head.modules())
+    v = _views()
+    ref = copy.deepcopy(m)
+    target_before = _state(m.target)
+    progress = 0.25
+    loss = m.update(v, 0.5, progress)
+    p = ref.online(v)
+    with torch.no_grad():
+        z = ref.target(v)
+    want = byol_loss(p[:8], z[8:]) + byol_loss(p[8:], z[:8])
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    tau = cosine_momentum(0.9, progress)
+    online_after = m.online.state_dict()
+    for k, _ in m.target.named_parameters():
+        torch.testing.assert_close(m.target.state_dict()[k],
+                                   tau * target_before[k] + (1 - tau) * online_after[k],
+                                   rtol=0, atol=1e-6)
+    assert all(p.grad is None and not p.requires_grad for p in m.target.parameters())
+
+
+# --- the run: saved encoder, checkpoint, report -----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_saved_encoder_is_the_online_one_and_the_checkpoint_holds_the_target(digits, tmp_path,
+                                                                             method):
+    cfg = make_config(None, dict(dataset="digits", method=method, width=4, proj_hidden=16,
+                                 proj_dim=8, batch_size=128, epochs=2, view_size=8,
+                                 progress=False, queue_size=512, knn_every=0))
+    r = train.pretrain(cfg, digits, tmp_path / "r")
+    saved = checkpoint.load_checkpoint(tmp_path / "r" / "encoder.pt")
+    ck = checkpoint.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert saved["config"]["method"] == method
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(v, ck["encoder"][k]) and torch.equal(v, r.encoder.state_dict()[k])
+    # the target network is another one (a moving average), kept in the checkpoint
+    assert any(not torch.equal(ck["encoder"][k], ck["target_encoder"][k])
+               for k in ck["encoder"] if ck["encoder"][k].is_floating_point())
+    assert ("queue" in ck) == (method == "moco")
+
+
+def test_a_new_method_is_one_class_and_one_registration(digits, tmp_path):
+    """A SimSiam-like method written here, in a few lines, runs through the whole loop."""
+
+    class PredictOther(Method):
+        def predictor(self, cfg):
+            return torch.nn.Linear(cfg.proj_dim, cfg.proj_dim)
+
+        def loss(self, v, progress):
+            b = v.shape[0] // 2
+            p = self.net(v)
+            z = self.head(self.encoder(v)).detach()
+            return (byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])) / 2
+
+    register_method("predict_other")(PredictOther)
+    try:
+        cfg = make_config(None, dict(dataset="digits", method="predict_other", width=4,
+                                     proj_hidden=16, proj_dim=8, batch_size=128, epochs=1,
+                                     view_size=8, progress=False, knn_every=0))
+        r = train.pretrain(cfg, digits, tmp_path / "p")
+        ck = checkpoint.load_checkpoint(tmp_path / "p" / "checkpoint.pt")
+        assert r.steps == 1437 // 128 and "predictor" in ck
+        resumed = train.pretrain(make_config(None, {**cfg.to_dict(), "epochs": 2}), digits,
+                                 tmp_path / "p", resume=True)
+        assert resumed.steps == 2 * r.steps
+    finally:
+        METHODS.pop("predict_other")
