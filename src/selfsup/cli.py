@@ -1,5 +1,5 @@
 """The ``selfsup`` command: run (everything), pretrain, evaluate, plot, finetune,
-label-efficiency, report, embed."""
+label-efficiency, report, embed, compare."""
 
 from __future__ import annotations
 
@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
             default = getattr(FinetuneSettings(), field)
             g.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
                            help=f"{help_} (default {default}; seed: the run's)")
+    p = sub.add_parser("compare", help="run several methods with the same options, one after "
+                                       "the other, and write one page: which to pick",
+                       description="Run each method as RUN = OUT_DIR/NAME/METHOD (a finished "
+                                   "run is kept, a stopped one resumed), then write "
+                                   "OUT_DIR/NAME/compare.html.")
+    p.add_argument("--methods", default="simclr,moco,byol",
+                   help="comma-separated methods (default %(default)s)")
+    p.add_argument("--fraction", type=float, default=0.01,
+                   help="label fraction of the few-label probe (default %(default)s)")
+    p.add_argument("--subsets", type=int, default=3,
+                   help="label subsets the few-label probe averages (default %(default)s)")
+    _add_config_options(p)
     p = runs["embed"]
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (any depth)")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -463,8 +475,86 @@ def cmd_embed(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "plot": cmd_plot, "finetune": cmd_finetune,
-            "label-efficiency": cmd_label_efficiency, "report": cmd_report, "embed": cmd_embed}
+def _compare_methods(ns: argparse.Namespace) -> list[str]:
+    from selfsup.methods import METHODS
+
+    if "method" in vars(ns):
+        raise ConfigError("--method: compare takes --methods (comma-separated)")
+    methods = [m.strip() for m in str(ns.methods).split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods must name distinct methods among {', '.join(METHODS)}, "
+                          f"got {ns.methods!r}")
+    return methods
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from selfsup import dist
+    from selfsup.compare import method_row, recommend, run_state, write_page
+    from selfsup.config import Range, check_number
+    from selfsup.evaluate import read_metrics
+    from selfsup.finetune import LABEL_FRACTION_RANGE
+
+    if dist.launched():
+        raise SelfsupError("compare runs the methods one after the other in one process; under "
+                           "torchrun, run each with `selfsup run --method M --out-dir DIR/NAME "
+                           "--name M`, then `selfsup compare --out-dir DIR --name NAME` with the "
+                           "same options collects them")
+    methods = _compare_methods(ns)
+    fraction = check_number("fraction", ns.fraction, float, LABEL_FRACTION_RANGE)
+    subsets = check_number("subsets", ns.subsets, int, Range(1, 100))
+    overrides = _overrides(ns)
+    preset = getattr(ns, "preset", None)
+    base = make_config(preset, overrides)
+    name = base.name or f"compare-{base.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(base.out_dir) / name
+    if folder.exists() and not folder.is_dir():
+        raise SelfsupError(f"{folder} exists and is not a folder; choose another --name")
+    for m in methods:  # every method's config is valid before the first one trains
+        make_config(preset, {**overrides, "method": m, "out_dir": str(folder), "name": m})
+    for m in methods:
+        run_dir = folder / m
+        state = run_state(run_dir)
+        print(f"compare: {m} ({run_dir}): {state}", flush=True)
+        if state == "new":
+            code = cmd_train(argparse.Namespace(**{**vars(ns), "method": m, "out_dir": str(folder),
+                                                   "name": m, "resume": None, "command": "run"}),
+                             everything=True)
+        elif state == "resume":
+            keep = {k: v for k, v in overrides.items() if k in ("progress", "threads")}
+            code = cmd_train(argparse.Namespace(command="run", resume=str(run_dir), **keep),
+                             everything=True)
+        elif state == "evaluate":
+            code = cmd_evaluate(argparse.Namespace(run=str(run_dir), data_dir=None))
+        else:
+            code = 0
+        if code:
+            return code
+    rows = [method_row(folder / m, fraction, subsets) for m in methods]
+    first = read_metrics(folder / methods[0])
+    shown = ([f"--preset {preset}"] if preset else []) + [
+        f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()
+        if k not in ("out_dir", "name", "progress", "data_dir")]
+    mach = first.get("machine", {})
+    facts = dict(
+        data=f"{first.get('dataset', base.dataset)}: {first.get('train_size', '?')} training, "
+             f"{first.get('test_size', '?')} test images",
+        options=" ".join(shown) or "defaults", fraction=fraction, subsets=subsets,
+        machine=f"{mach.get('cpu', '?')} ({mach.get('cpu_capability', '?')}), "
+                f"{mach.get('threads', '?')} threads, device {mach.get('device', '?')}")
+    page = write_page(folder, rows, facts)
+    for r in rows:
+        if r["linear"] is not None:
+            print(f"{r['method']:>8}: linear probe {r['linear']:.1%}, kNN {r['knn']:.1%}, "
+                  f"{r['steps']} steps")
+    print(recommend(rows))
+    print(f"wrote {page}")
+    return 0
+
+
+COMMANDS = {"compare": cmd_compare, "evaluate": cmd_evaluate, "plot": cmd_plot,
+            "finetune": cmd_finetune, "label-efficiency": cmd_label_efficiency,
+            "report": cmd_report, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:

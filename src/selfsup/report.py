@@ -42,7 +42,7 @@ window.addEventListener('load', function () {
 });
 """
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
        color: #222; }
 h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
@@ -68,7 +68,7 @@ def _gain(t: float | None, u: float | None) -> str:
     return f'<td class="{"gain" if d >= 0 else "loss"}">{d:+.1f}</td>'
 
 
-def _table(head: list[str], rows: list[str]) -> str:
+def html_table(head: list[str], rows: list[str]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -84,7 +84,7 @@ def _metrics_table(m: dict[str, Any]) -> str:
                         "</tr>")
     if not rows:
         return "<p>No labels: embeddings only, no accuracy.</p>"
-    return _table(["test accuracy", "trained encoder", "untrained encoder", "gain (points)"],
+    return html_table(["test accuracy", "trained encoder", "untrained encoder", "gain (points)"],
                   rows)
 
 
@@ -95,7 +95,7 @@ def _finetune_table(m: dict[str, Any]) -> str:
     rows = [f"<tr><td>{html.escape(k)}</td><td>{r['labels']}</td><td>{r['steps']}</td>"
             f"<td>{_pct(r['accuracy'])}</td><td>{r['seconds']:.0f}</td></tr>"
             for k, r in sorted(ft.items())]
-    return "<h3>Classifiers trained with labels</h3>" + _table(
+    return "<h3>Classifiers trained with labels</h3>" + html_table(
         ["mode and label fraction", "labels", "steps", "test accuracy", "seconds"], rows)
 
 
@@ -112,7 +112,7 @@ def _label_efficiency_table(m: dict[str, Any]) -> str:
         rows.append(f"<tr><td>{100 * f:g}% ({le['labels'][i]})</td>{cells}"
                     f"{_gain(le['probe'][i], le['scratch'][i])}"
                     f"{_gain(le['finetune'][i], le['scratch'][i])}</tr>")
-    return "<h3>Label efficiency</h3>" + _table(
+    return "<h3>Label efficiency</h3>" + html_table(
         ["labels used (stratified)", "probe (pretrained)", "fine-tuned", "from scratch",
          "probe (untrained)", "probe vs scratch", "fine-tuned vs scratch"], rows)
 
@@ -134,7 +134,7 @@ def _resumes_table(m: dict[str, Any]) -> str:
                     f"<td>{html.escape(changed)}</td></tr>")
     return ("<h3>Resumed</h3><p>The configuration below is the run's latest; "
             "<code>config.json</code> keeps the one it started with.</p>"
-            + _table(["resumed at", "from step", "to step", "settings changed"], rows))
+            + html_table(["resumed at", "from step", "to step", "settings changed"], rows))
 
 
 def _facts(m: dict[str, Any]) -> str:
@@ -168,7 +168,7 @@ def method_title(name: str) -> str:
     return cls.title if cls is not None else name
 
 
-def _figure(path: Path, heading: str, caption: str) -> str:
+def figure_html(path: Path, heading: str, caption: str) -> str:
     try:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
     except OSError as e:
@@ -190,15 +190,15 @@ def build_report(run_dir: str | Path) -> str:
     cfg = m.get("config") or (read_json(cpath, "a config object", "it is not a selfsup run's")
                               if cpath.is_file() else {})
     m.setdefault("config", cfg)
-    figures = [_figure(run_dir / f, h, c) for f, h, c in FIGURES if (run_dir / f).is_file()]
+    figures = [figure_html(run_dir / f, h, c) for f, h, c in FIGURES if (run_dir / f).is_file()]
     known = {f for f, _, _ in FIGURES}
-    figures += [_figure(p, p.stem.replace("_", " "), "") for p in sorted(run_dir.glob("*.png"))
+    figures += [figure_html(p, p.stem.replace("_", " "), "") for p in sorted(run_dir.glob("*.png"))
                 if p.name not in known and p.is_file()]
     title = f"selfsup run {run_dir.name}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title><style>{_STYLE}</style>
+<title>{html.escape(title)}</title><style>{STYLE}</style>
 <script>{_CHECK_SCRIPT}</script></head>
 <body>
 <h1>{html.escape(title)}</h1>

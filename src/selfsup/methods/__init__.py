@@ -110,6 +110,7 @@ class Method:
     title: ClassVar[str] = ""  # as the paper writes it, for reports
     defaults: ClassVar[dict[str, Any]] = {}
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
+    settings: ClassVar[tuple[str, ...]] = ()  # the config fields only some methods read
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
 
     def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],

@@ -25,6 +25,7 @@ class BYOL(MomentumMethod):
     """
 
     title = "BYOL"
+    settings = ("target_momentum", "pred_hidden")
     evaluated = "the online encoder f"
 
     def predictor(self, cfg: Config) -> nn.Module | None:

@@ -58,6 +58,7 @@ class MoCo(MomentumMethod):
 
     defaults = dict(temperature=0.2)
     title = "MoCo v2"
+    settings = ("temperature", "target_momentum", "queue_size", "symmetric")
     evaluated = "the query encoder f_q (the key encoder is a moving average of it)"
 
     @classmethod

@@ -1,0 +1,210 @@
+"""Several methods on the same data, budget and seed: one page that says which to pick.
+
+``selfsup compare`` runs each method as a normal run folder ``<out_dir>/<name>/<method>`` (so it
+resumes where it stopped: a finished run is kept, a stopped one resumed, an unevaluated one
+evaluated), then reads their results and writes ``compare.json``, ``compare.png`` (loss and kNN
+curves over pretraining time) and ``compare.html`` beside them.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfsup.evaluate import linear_probe, read_metrics
+from selfsup.files import atomic_write_text, read_json, save_json
+from selfsup.finetune import stratified_subset
+
+CLOSE = 1.0  # points of linear-probe accuracy within which two methods are called a tie
+
+
+def run_state(run_dir: Path) -> str:
+    """What a method's run folder needs: ``new``, ``resume``, ``evaluate`` or ``done``."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "new"
+    if not (run_dir / "encoder.pt").is_file():
+        return "resume"
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "train_emb.npy").is_file():
+        return "evaluate"  # evaluation writes the embeddings, labelled data or not
+    return "done"
+
+
+def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = ""
+                    ) -> list[float] | None:
+    """Test accuracy of the logistic probe fitted on a stratified ``fraction`` of the training
+    labels, one value per subset (seeds 0..subsets-1), from the run's saved embeddings;
+    ``which="untrained_"`` for the untrained encoder's. None for unlabeled runs."""
+    lbl = run_dir / "train_lbl.npy"
+    if not lbl.is_file() or not (run_dir / "test_lbl.npy").is_file():
+        return None
+    train_y, test_y = np.load(lbl), np.load(run_dir / "test_lbl.npy")
+    train_f = np.load(run_dir / f"{which}train_emb.npy")
+    test_f = np.load(run_dir / f"{which}test_emb.npy")
+    out = []
+    for seed in range(subsets):
+        idx = stratified_subset(train_y, fraction, seed)
+        out.append(linear_probe(train_f[idx], train_y[idx], test_f, test_y, seed=seed).accuracy)
+    return out
+
+
+def _settings_of(method: str) -> tuple[str, ...]:
+    """The config fields a method reads that others do not (shown beside its row)."""
+    from selfsup.methods import METHODS
+
+    cls = METHODS.get(method)
+    return cls.settings if cls is not None else ()
+
+
+def _mean(xs: list[float] | None) -> float | None:
+    return None if not xs else float(np.mean(xs))
+
+
+def method_row(run_dir: Path, fraction: float, subsets: int) -> dict[str, Any]:
+    """One method's figures from its run folder."""
+    m = read_metrics(run_dir)
+    cfg = m.get("config") or read_json(run_dir / "config.json", "a config object",
+                                       "it is not a selfsup run's")
+    pre = m.get("pretrain", {})
+    lp, knn = m.get("linear_probe", {}), m.get("knn", {})
+    few = few_label_probe(run_dir, fraction, subsets)
+    few_untrained = few_label_probe(run_dir, fraction, subsets, "untrained_")
+    return dict(
+        method=cfg.get("method", "simclr"), run=str(run_dir), steps=pre.get("steps"),
+        epochs=pre.get("epochs"), images_per_s=pre.get("images_per_s"),
+        train_minutes=(pre.get("train_seconds") or 0.0) / 60,
+        linear=lp.get("trained"), linear_untrained=lp.get("untrained"),
+        knn=knn.get("trained"), knn_untrained=knn.get("untrained"),
+        few_labels=few, few_labels_mean=_mean(few),
+        few_labels_std=None if not few else float(np.std(few)),
+        few_labels_untrained=_mean(few_untrained),
+        settings={k: cfg.get(k) for k in _settings_of(cfg.get("method", "simclr"))},
+    )
+
+
+def recommend(rows: list[dict[str, Any]]) -> str:
+    """Which method to pick, from the linear probe (and the few-label probe where it disagrees).
+    """
+    scored = [r for r in rows if isinstance(r.get("linear"), float)]
+    if not scored:
+        return ("No labels, so no accuracy to rank the methods by: the losses of different "
+                "methods are not comparable numbers. Pick by a downstream task of your own.")
+    scored.sort(key=lambda r: -r["linear"])
+    best = scored[0]
+    text = (f"Pick {best['method']}: the highest linear probe ({best['linear']:.1%}) in this "
+            f"budget.")
+    ties = [r["method"] for r in scored[1:] if 100 * (best["linear"] - r["linear"]) < CLOSE]
+    if ties:
+        text += (f" {', '.join(ties)} {'is' if len(ties) == 1 else 'are'} within {CLOSE:g} "
+                 f"point: one run each cannot tell them apart.")
+    few = [r for r in scored if r.get("few_labels_mean") is not None]
+    if few:
+        top = max(few, key=lambda r: r["few_labels_mean"])
+        if top["method"] != best["method"]:
+            text += (f" With few labels {top['method']} leads ({top['few_labels_mean']:.1%} "
+                     f"against {best['few_labels_mean']:.1%}).")
+    return text
+
+
+def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Loss (relative to its first steps) and kNN accuracy of every method over pretraining
+    time, overlaid. Losses of different methods differ in scale, hence the ratio."""
+    from selfsup.plots import _close_and_save, literal_text, plt
+
+    @literal_text
+    def draw() -> Path | None:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        drawn = False
+        for r in rows:
+            run = Path(r["run"])
+            if not (run / "loss.npy").is_file() or not r.get("steps"):
+                continue
+            losses = np.load(run / "loss.npy").astype(np.float64)
+            per_step = r["train_minutes"] / max(1, len(losses))
+            k = max(1, len(losses) // 100)  # a running mean over 1 % of the run
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+            start = float(np.mean(losses[:k])) or 1.0
+            ax1.plot(np.arange(len(smooth)) * per_step, smooth / start, label=r["method"])
+            hist = read_metrics(run).get("knn_history") or []
+            if hist:
+                ax2.plot([h["step"] * per_step for h in hist],
+                         [100 * h["accuracy"] for h in hist], marker=".", label=r["method"])
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            return None
+        ax1.set(xlabel="pretraining minutes", ylabel="loss / its value at the start",
+                title="loss (smoothed)")
+        ax2.set(xlabel="pretraining minutes", ylabel="kNN accuracy (%)",
+                title="kNN monitor (fixed subset)")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend()
+        fig.tight_layout()
+        return _close_and_save(fig, path)
+
+    return draw()
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f} %" if isinstance(x, float) and math.isfinite(x) else "–"
+
+
+def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) -> Path:
+    """``compare.json``, ``compare.png`` and ``compare.html`` in ``folder``."""
+    from selfsup.report import STYLE, figure_html, html_table, method_title
+
+    pick = recommend(rows)
+    save_json(dict(facts, methods=rows, recommendation=pick), folder / "compare.json")
+    figure = curves_figure(rows, folder / "compare.png")
+    frac = facts["fraction"]
+    body = []
+    for r in rows:
+        few = ("–" if r["few_labels_mean"] is None else
+               f"{_pct(r['few_labels_mean'])} ± {100 * r['few_labels_std']:.1f}")
+        settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        cells = [f"<b>{html.escape(method_title(r['method']))}</b>",
+                 f"{r['steps']} ({r['epochs']:.1f} ep.)" if r["steps"] else "–",
+                 f"{r['images_per_s']:.0f}" if r["images_per_s"] else "–",
+                 f"{_pct(r['linear'])} / {_pct(r['linear_untrained'])}",
+                 f"{_pct(r['knn'])} / {_pct(r['knn_untrained'])}",
+                 f"{few} / {_pct(r['few_labels_untrained'])}",
+                 html.escape(settings) or "–"]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table = html_table(["method", "steps", "images/s", "linear probe (trained / untrained)",
+                    "kNN (trained / untrained)",
+                    f"probe with {frac:.0%} of labels, {facts['subsets']} subsets "
+                    f"(trained / untrained)", "method settings"], body)
+    title = f"selfsup compare {folder.name}"
+    fig_html = (figure_html(figure, "Loss and kNN over pretraining time",
+                        "Each method's loss divided by its starting value (the losses are "
+                        "different functions), and the kNN monitor's accuracy on its fixed "
+                        "subset, against minutes of training steps.") if figure else "")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="sub">{html.escape(str(facts['data']))}; every method with the same options
+({html.escape(str(facts['options']))}), one after the other on {html.escape(str(facts['machine']))}.
+Each run is a normal run folder with its own report.</p>
+<h2>Which to pick</h2><p><b>{html.escape(pick)}</b></p>
+<h2>Results</h2>
+{table}
+<p>Linear probe and kNN: the run's evaluation on the test set. The few-label probe: logistic
+regression on a stratified {frac:.0%} of the training labels (mean ± standard deviation over
+{facts['subsets']} subsets), scored on the test set. Untrained: the same network at its initial
+weights.</p>
+{fig_html}
+<h2>Runs</h2><ul>{''.join(f'<li><a href="{html.escape(Path(r["run"]).name)}/report.html">'
+                          f'{html.escape(r["method"])}</a></li>' for r in rows)}</ul>
+</body></html>
+"""
+    path = folder / "compare.html"
+    atomic_write_text(page, path)
+    return path

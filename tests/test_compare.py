@@ -1,0 +1,70 @@
+"""selfsup compare: each method a normal run folder, resumable, one page that says which to pick."""
+
+import json
+
+import pytest
+
+from selfsup.cli import main
+from selfsup.compare import recommend, run_state
+
+TINY = ["--dataset", "digits", "--width", "4", "--proj-hidden", "16", "--proj-dim", "8",
+        "--batch-size", "256", "--epochs", "1", "--view-size", "8", "--no-progress",
+        "--tsne-points", "0", "--knn-every", "1", "--threads", "2"]
+
+
+def _row(method, linear, few=None):
+    return dict(method=method, linear=linear, few_labels_mean=few)
+
+
+def test_recommendation_names_the_best_ties_and_few_label_leader():
+    text = recommend([_row("simclr", 0.70, 0.50), _row("moco", 0.695, 0.55),
+                      _row("byol", 0.60, 0.40)])
+    assert text.startswith("Pick simclr: the highest linear probe (70.0%)")
+    assert "moco is within 1 point" in text and "byol" not in text.split("leads")[0][-60:]
+    assert "With few labels moco leads (55.0% against 50.0%)" in text
+    assert "No labels" in recommend([_row("simclr", None), _row("moco", None)])
+
+
+@pytest.mark.slow
+def test_compare_runs_each_method_writes_one_page_and_resumes(tmp_path, capsys):
+    args = ["compare", "--methods", "simclr,moco", *TINY, "--out-dir", str(tmp_path),
+            "--name", "c", "--queue-size", "512"]
+    assert main(args) == 0
+    folder = tmp_path / "c"
+    for m in ("simclr", "moco"):
+        assert (folder / m / "encoder.pt").is_file() and (folder / m / "report.html").is_file()
+        assert json.loads((folder / m / "metrics.json").read_text())["config"]["method"] == m
+    data = json.loads((folder / "compare.json").read_text())
+    assert [r["method"] for r in data["methods"]] == ["simclr", "moco"]
+    for r in data["methods"]:  # the same options, the method's own settings
+        assert r["steps"] == 1437 // 256 and len(r["few_labels"]) == 3
+        assert 0 < r["linear"] <= 1 and 0 < r["few_labels_untrained"] <= 1
+    assert data["methods"][1]["settings"]["queue_size"] == 512
+    assert data["recommendation"].startswith("Pick ")
+    page = (folder / "compare.html").read_text()
+    assert "MoCo v2" in page and "SimCLR" in page and "Which to pick" in page
+    assert (folder / "compare.png").is_file()
+    capsys.readouterr()
+
+    # Again: nothing is trained; a run without its encoder (stopped) is resumed, then compared.
+    (folder / "moco" / "encoder.pt").unlink()
+    assert run_state(folder / "moco") == "resume" and run_state(folder / "simclr") == "done"
+    before = (folder / "simclr" / "encoder.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "simclr" in out and ": done" in out and ": resume" in out
+    assert (folder / "simclr" / "encoder.pt").stat().st_mtime_ns == before
+    assert (folder / "moco" / "encoder.pt").is_file()
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--methods", "simclr,swav"], "--methods must name distinct methods among simclr"),
+    (["--methods", "moco,moco"], "--methods must name distinct methods"),
+    (["--method", "moco"], "compare takes --methods"),
+    (["--fraction", "0"], "--fraction must be a number in (0, 1]"),
+    (["--methods", "moco", "--queue-size", "1000"], "--queue-size (1000) must be a multiple"),
+])
+def test_compare_refuses_bad_options_before_any_run(tmp_path, capsys, extra, expect):
+    assert main(["compare", *TINY, "--out-dir", str(tmp_path), "--name", "c", *extra]) == 2
+    assert expect in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
