@@ -222,3 +222,45 @@ def test_a_new_method_is_one_class_and_one_registration(digits, tmp_path):
         assert resumed.steps == 2 * r.steps
     finally:
         METHODS.pop("predict_other")
+
+
+def _runtime_imports():
+    """selfsup module -> the selfsup modules it imports when run (TYPE_CHECKING blocks left out,
+    imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    import selfsup
+
+    root = Path(selfsup.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("selfsup", *path.relative_to(root).with_suffix("").parts))
+        name = name.removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("selfsup"):
+                deps |= ({f"selfsup.{a.name}" for a in node.names} if node.module == "selfsup"
+                         else {node.module})
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("selfsup")}
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def test_no_import_cycle_and_only_the_command_line_imports_the_loop():
+    graph = _runtime_imports()
+    assert {m for m, deps in graph.items() if "selfsup.train" in deps} == {"selfsup.cli"}
+    for start in graph:  # depth-first search for a path back to the start
+        stack, seen = [start], set()
+        while stack:
+            for dep in graph.get(stack.pop(), ()):
+                assert dep != start, f"import cycle through {start}"
+                if dep not in seen and dep in graph:
+                    seen.add(dep)
+                    stack.append(dep)

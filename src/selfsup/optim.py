@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from selfsup.config import Config
+if TYPE_CHECKING:
+    from selfsup.config import Config
 
 
 class LARS(torch.optim.Optimizer):

@@ -12,263 +12,30 @@ time budget, checkpoints and the kNN monitor, and knows no method by name. What 
 
 A method is a subclass of ``Method`` that builds its extra networks in ``build`` and computes its
 loss in ``loss``; moving-average targets come from ``MomentumMethod``. Register it with
-``@register_method("name")`` in a module listed in ``_MODULES``.
+``@register_method("name")`` in a module of this package listed in ``_MODULES`` below.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
-import math
-from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
 
-import torch
-from torch import nn
+from selfsup.methods.base import (
+    METHODS,
+    Method,
+    MomentumMethod,
+    Online,
+    build_method,
+    cosine_momentum,
+    init_head,
+    prepare,
+    register_method,
+    use_channels_last,
+)
 
-from selfsup import dist
-from selfsup.augment import AugmentParams, normalize, two_views
-from selfsup.config import Config
-from selfsup.models import Encoder, ProjectionHead, init_encoder, nhwc_safe_on_cpu
-from selfsup.optim import build_optimizer
-
-M = TypeVar("M", bound=nn.Module)
-METHODS: dict[str, type[Method]] = {}
-_MODULES = ("simclr", "moco", "byol")  # selfsup.methods.<name> modules, imported on first use
-
-
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make a method available by name (``--method name``)."""
-
-    def deco(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        cls.title = cls.__dict__.get("title") or name
-        METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def build_method(cfg: Config, device: torch.device, image_size: int, mean: list[float],
-                 std: list[float], peak_lr: float, amp_dtype: torch.dtype | None, batch: int
-                 ) -> Method:
-    """The configured method, its networks on ``device`` at their initial weights."""
-    return METHODS[cfg.method](cfg, device, image_size, mean, std, peak_lr, amp_dtype, batch)
-
-
-def init_head(cfg: Config, feature_dim: int) -> ProjectionHead:
-    """The projection head g at its initial weights (seeded apart from the encoder)."""
-    torch.manual_seed(cfg.seed + 1)
-    return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
-
-
-def use_channels_last(encoder: nn.Module, requested: bool, device: torch.device,
-                      verbose: bool = True) -> bool:
-    """NHWC when ``requested``, unless this encoder hits a known CPU kernel fault in NHWC."""
-    if requested and device.type == "cpu" and not nhwc_safe_on_cpu(encoder):
-        if verbose:
-            print("note: channels_last off: this encoder has a strided 1x1 convolution with "
-                  "fewer than 16 input channels, which the CPU kernels mishandle in NHWC",
-                  flush=True)
-        return False
-    return requested
-
-
-def prepare(model: M, device: torch.device, channels_last: bool) -> M:
-    """Move a model to the device, in NHWC memory format when ``channels_last``."""
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return model
-
-
-class Online(nn.Module):
-    """The trained networks as one module (what DDP wraps): f, g and, for methods that have
-    one, a predictor q. ``forward``: views (B, 3, S, S) -> q(g(f(v))) or g(f(v))."""
-
-    def __init__(self, encoder: Encoder, head: nn.Module, predictor: nn.Module | None = None
-                 ) -> None:
-        super().__init__()
-        self.encoder, self.head, self.predictor = encoder, head, predictor
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.encoder(v))  # h: (B, feature_dim) -> z: (B, proj_dim)
-        return z if self.predictor is None else self.predictor(z)  # type: ignore[no-any-return]
-
-
-class Method:
-    """Base class: the online networks, their optimiser, the views and the update.
-
-    Subclasses set ``defaults`` (config values the method's paper uses, applied over the preset
-    and under the user's options), build their extra networks in ``build`` and compute the loss
-    in ``loss``; ``after_step`` runs after every optimiser step (moving averages, queues).
-    In several processes (torchrun) the online networks are wrapped in DistributedDataParallel and
-    every batch norm, extra networks' included, is global (``sync_bn``).
-    """
-
-    name: ClassVar[str] = ""
-    title: ClassVar[str] = ""  # as the paper writes it, for reports
-    defaults: ClassVar[dict[str, Any]] = {}
-    evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
-    settings: ClassVar[tuple[str, ...]] = ()  # the config fields only some methods read
-    target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
-
-    def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],
-                 std: list[float], peak_lr: float, amp_dtype: torch.dtype | None, batch: int
-                 ) -> None:
-        self.cfg, self.device, self.peak_lr, self.amp_dtype = cfg, device, peak_lr, amp_dtype
-        self.batch = batch  # the global batch
-        encoder = init_encoder(cfg)
-        self.nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=dist.is_main())
-        predictor = self.predictor(cfg)
-        online = Online(prepare(encoder, device, self.nhwc),
-                        prepare(init_head(cfg, encoder.feature_dim), device, False),
-                        None if predictor is None else predictor.to(device))
-        nets = nn.ModuleDict(dict(online=online, **self.build(online)))
-        if dist.world_size() > 1 and cfg.sync_bn:
-            nets = dist.convert_batchnorm(nets, device)  # type: ignore[assignment]
-        self._adopt(nets)
-        self.aug = AugmentParams.from_config(cfg, image_size)
-        self.mean = torch.tensor(mean, device=device)
-        self.std = torch.tensor(std, device=device)
-        self.mem = torch.channels_last if self.nhwc else torch.contiguous_format
-
-    # --- what a method defines ---
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """Raise ConfigError for settings this method cannot run with (nothing by default)."""
-
-    def predictor(self, cfg: Config) -> nn.Module | None:
-        """The online network's predictor after the head, if the method has one."""
-        return None
-
-    def build(self, online: Online) -> dict[str, nn.Module]:
-        """The method's other networks and buffers, by the names the checkpoint uses."""
-        return {}
-
-    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
-        """The loss of views (2B, 3, S, S), rows k and k+B of image k; called under autocast."""
-        raise NotImplementedError
-
-    def after_step(self, progress: float) -> None:
-        """Called after every optimiser step, with the fraction of training done before it."""
-
-    # --- the interface the loop calls ---
-
-    def _adopt(self, nets: nn.ModuleDict) -> None:
-        self.nets = nets
-        self.online: Online = nets["online"]  # type: ignore[assignment]
-        self.encoder: Encoder = self.online.encoder  # type: ignore[assignment]
-        self.head = self.online.head
-        self.opt = build_optimizer([self.online], self.cfg, self.peak_lr)
-        self.net: nn.Module = self.online
-        if dist.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            dev = next(self.online.parameters()).device
-            self.net = DistributedDataParallel(self.online, device_ids=[dev] if dev.type == "cuda"
-                                               else None)
-
-    def networks(self) -> dict[str, nn.Module]:
-        """Every network and buffer a checkpoint holds, by name (``encoder`` and ``head`` first,
-        the names SimCLR checkpoints always had)."""
-        named: dict[str, nn.Module] = dict(encoder=self.encoder, head=self.head)
-        if self.online.predictor is not None:
-            named["predictor"] = self.online.predictor
-        named.update((k, m) for k, m in self.nets.items() if k != "online")
-        return named
-
-    def clone(self) -> Method:
-        """A throw-away copy (own weights, optimiser state, buffers and DDP wrapper)."""
-        new = copy.copy(self)
-        new._adopt(copy.deepcopy(self.nets))
-        new.opt.load_state_dict(self.opt.state_dict())
-        return new
-
-    def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
-        v1, v2 = two_views(x, self.aug, gen)  # 2 x (B, 3, S, S) in [0, 1]
-        return normalize(torch.cat((v1, v2)), self.mean, self.std).contiguous(
-            memory_format=self.mem)
-
-    def update(self, v: torch.Tensor, lr: float, progress: float = 0.0) -> torch.Tensor:
-        """One optimiser step on ready views (2B, 3, S, S); returns the detached loss.
-
-        Args:
-            progress: the fraction of training done before this step (momentum schedules).
-        """
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss = self.loss(v, progress)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.after_step(progress)
-        return loss.detach()
-
-    def step(self, x: torch.Tensor, lr: float, gen: torch.Generator, progress: float = 0.0
-             ) -> torch.Tensor:
-        """Augment a uint8 batch (B, 3, H, W) and take one step; returns the detached loss."""
-        return self.update(self.views(x, gen), lr, progress)
-
-    def train(self, mode: bool = True) -> None:
-        self.nets.train(mode)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict({k: m.state_dict() for k, m in self.networks().items()},
-                    optimizer=self.opt.state_dict())
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, m in self.networks().items():
-            m.load_state_dict(state[k])
-        self.opt.load_state_dict(state["optimizer"])
-
-
-class MomentumMethod(Method):
-    """A method with a target copy of f and g that follows the online one as an exponential
-    moving average, theta_t <- m theta_t + (1 - m) theta_o, after every step, and gets no
-    gradient. Batch-norm statistics are the target's own (from its forward passes), as in the
-    papers' code. ``momentum(progress)`` gives m; constant ``target_momentum`` by default."""
-
-    target_copies = 1
-
-    def build(self, online: Online) -> dict[str, nn.Module]:
-        target = copy.deepcopy(Online(online.encoder, online.head))
-        target.requires_grad_(False)
-        return dict(target=target)
-
-    @property
-    def target(self) -> Online:
-        return self.nets["target"]  # type: ignore[return-value]
-
-    def momentum(self, progress: float) -> float:
-        return self.cfg.target_momentum
-
-    @torch.no_grad()
-    def after_step(self, progress: float) -> None:
-        m = self.momentum(progress)
-        pairs = [(t, o) for part in ("encoder", "head")
-                 for t, o in zip(getattr(self.target, part).parameters(),
-                                 getattr(self.online, part).parameters(), strict=True)]
-        targets, onlines = zip(*pairs, strict=True)
-        torch._foreach_mul_(targets, m)
-        torch._foreach_add_(targets, onlines, alpha=1 - m)
-
-    def networks(self) -> dict[str, nn.Module]:
-        named = super().networks()
-        target = named.pop("target")
-        named.update(target_encoder=target.encoder, target_head=target.head)  # type: ignore
-        return named
-
-
-def cosine_momentum(base: float, progress: float) -> float:
-    """BYOL's schedule: m = 1 - (1 - base) (cos(pi k / K) + 1) / 2, from base at k = 0 to 1 at
-    the last step K (``progress`` = k / K)."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(1.0, progress)) + 1) / 2
-
+_MODULES = ("simclr", "moco", "byol")  # each registers its method when imported
 
 for _name in _MODULES:
     importlib.import_module(f"selfsup.methods.{_name}")
+
+__all__ = ["METHODS", "Method", "MomentumMethod", "Online", "build_method", "cosine_momentum",
+           "init_head", "prepare", "register_method", "use_channels_last"]

@@ -4,13 +4,17 @@ and evaluated, as in the paper."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from selfsup.config import Config
 from selfsup.losses import byol_loss
-from selfsup.methods import MomentumMethod, cosine_momentum, register_method
+from selfsup.methods.base import MomentumMethod, cosine_momentum, register_method
 from selfsup.models import ProjectionHead
+
+if TYPE_CHECKING:
+    from selfsup.config import Config
 
 
 @register_method("byol")

@@ -6,15 +6,19 @@ saved and evaluated, as in the papers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup import dist
-from selfsup.config import Config, option
 from selfsup.errors import ConfigError
 from selfsup.losses import info_nce
-from selfsup.methods import MomentumMethod, Online, register_method
+from selfsup.methods.base import MomentumMethod, Online, register_method
+
+if TYPE_CHECKING:
+    from selfsup.config import Config
 
 
 class KeyQueue(nn.Module):
@@ -65,8 +69,8 @@ class MoCo(MomentumMethod):
     def check_config(cls, cfg: Config) -> None:
         if cfg.queue_size % cfg.batch_size:
             near = max(1, round(cfg.queue_size / cfg.batch_size)) * cfg.batch_size
-            raise ConfigError(f"{option('queue_size')} ({cfg.queue_size}) must be a multiple of "
-                              f"{option('batch_size')} ({cfg.batch_size}): the queue takes a "
+            raise ConfigError(f"--queue-size ({cfg.queue_size}) must be a multiple of "
+                              f"--batch-size ({cfg.batch_size}): the queue takes a "
                               f"whole global batch of keys per step; e.g. {near}")
 
     def build(self, online: Online) -> dict[str, nn.Module]:

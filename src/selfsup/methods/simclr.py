@@ -7,7 +7,7 @@ import torch
 
 from selfsup import dist
 from selfsup.losses import nt_xent
-from selfsup.methods import Method, register_method
+from selfsup.methods.base import Method, register_method
 
 
 @register_method("simclr")
