@@ -553,7 +553,7 @@ _VALUE = st.one_of(
 @st.composite
 def _argv(draw, command: str, run_dir: str) -> list[str]:
     argv = [command]
-    if command not in ("run", "pretrain"):
+    if command not in ("run", "pretrain", "compare"):
         argv.append(draw(st.one_of(st.just(run_dir), st.just(run_dir), _TEXT)))
     options = OPTIONS[command] or [("--bogus", True)]  # report has none: an unknown one
     for flag, takes_value in draw(st.lists(st.sampled_from(options), max_size=4)):
