@@ -74,6 +74,7 @@ def method_row(run_dir: Path, fraction: float, subsets: int) -> dict[str, Any]:
     few_untrained = few_label_probe(run_dir, fraction, subsets, "untrained_")
     return dict(
         method=cfg.get("method", "simclr"), run=str(run_dir), steps=pre.get("steps"),
+        budget=cfg.get("budget") or None,
         epochs=pre.get("epochs"), images_per_s=pre.get("images_per_s"),
         train_minutes=(pre.get("train_seconds") or 0.0) / 60,
         linear=lp.get("trained"), linear_untrained=lp.get("untrained"),
@@ -109,6 +110,18 @@ def recommend(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def _minutes_per_step(r: dict[str, Any], steps: int) -> tuple[float, str]:
+    """Minutes per step for the curves' time axis: from the budget when the run had one (its
+    steps were fitted to it, so a run slowed by other work on the machine is not stretched),
+    else from the measured training time."""
+    from selfsup.config import parse_duration
+
+    budget = r.get("budget")
+    if budget:
+        return parse_duration(str(budget)) / 60 / max(1, steps), "minutes of the budget"
+    return r["train_minutes"] / max(1, steps), "pretraining minutes (measured)"
+
+
 def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Loss (relative to its first steps) and kNN accuracy of every method over pretraining
     time, overlaid. Losses of different methods differ in scale, hence the ratio."""
@@ -117,13 +130,14 @@ def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     @literal_text
     def draw() -> Path | None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        xlabel = "pretraining minutes"
         drawn = False
         for r in rows:
             run = Path(r["run"])
             if not (run / "loss.npy").is_file() or not r.get("steps"):
                 continue
             losses = np.load(run / "loss.npy").astype(np.float64)
-            per_step = r["train_minutes"] / max(1, len(losses))
+            per_step, xlabel = _minutes_per_step(r, len(losses))
             k = max(1, len(losses) // 100)  # a running mean over 1 % of the run
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
             start = float(np.mean(losses[:k])) or 1.0
@@ -136,10 +150,8 @@ def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
         if not drawn:
             plt.close(fig)
             return None
-        ax1.set(xlabel="pretraining minutes", ylabel="loss / its value at the start",
-                title="loss (smoothed)")
-        ax2.set(xlabel="pretraining minutes", ylabel="kNN accuracy (%)",
-                title="kNN monitor (fixed subset)")
+        ax1.set(xlabel=xlabel, ylabel="loss / its value at the start", title="loss (smoothed)")
+        ax2.set(xlabel=xlabel, ylabel="kNN accuracy (%)", title="kNN monitor (fixed subset)")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
             if ax.lines:
@@ -156,6 +168,7 @@ def _pct(x: Any) -> str:
 
 def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) -> Path:
     """``compare.json``, ``compare.png`` and ``compare.html`` in ``folder``."""
+    from selfsup.config import parse_duration
     from selfsup.report import STYLE, figure_html, html_table, method_title
 
     pick = recommend(rows)
@@ -179,11 +192,20 @@ def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) 
                     "kNN (trained / untrained)",
                     f"probe with {frac:.0%} of labels, {facts['subsets']} subsets "
                     f"(trained / untrained)", "method settings"], body)
+    slow = [f"{r['method']} trained {r['train_minutes']:.1f} min for a budget of {r['budget']}"
+            for r in rows if r.get("budget") and r["train_minutes"] * 60 > 1.1 * parse_duration(
+                str(r["budget"]))]
+    if slow:  # the steps were fitted at the start; something else took the machine later
+        table += ("<p><b>Note:</b> " + html.escape("; ".join(slow)) + ": the machine was busy "
+                  "with other work during these runs, so their images/s are low. Their steps "
+                  "were fitted to the budget at the start, so their accuracy is what the budget "
+                  "buys.</p>")
     title = f"selfsup compare {folder.name}"
     fig_html = (figure_html(figure, "Loss and kNN over pretraining time",
                         "Each method's loss divided by its starting value (the losses are "
                         "different functions), and the kNN monitor's accuracy on its fixed "
-                        "subset, against minutes of training steps.") if figure else "")
+                        "subset, against time: with a budget, each step at its share of the "
+                        "budget (the steps were fitted to it).") if figure else "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
