@@ -179,7 +179,7 @@ def test_byol_loss_bounds_scale_and_descent():
     assert float(byol_loss(2 * p, 0.5 * z)) == pytest.approx(float(byol_loss(p, z)), rel=1e-5)
     p = p.clone().requires_grad_()
     opt = torch.optim.SGD([p], lr=0.5)
-    first = float(byol_loss(p, z))
+    first = float(byol_loss(p, z).detach())
     for _ in range(20):
         opt.zero_grad()
         byol_loss(p, z).backward()
