@@ -9,12 +9,12 @@ curves over pretraining time) and ``compare.html`` beside them.
 from __future__ import annotations
 
 import html
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from selfsup.checkpoint import ENCODER
 from selfsup.evaluate import linear_probe, read_metrics
 from selfsup.files import atomic_write_text, read_json, save_json
 from selfsup.finetune import stratified_subset
@@ -26,7 +26,7 @@ def run_state(run_dir: Path) -> str:
     """What a method's run folder needs: ``new``, ``resume``, ``evaluate`` or ``done``."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "new"
-    if not (run_dir / "encoder.pt").is_file():
+    if not (run_dir / ENCODER).is_file():
         return "resume"
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "train_emb.npy").is_file():
         return "evaluate"  # evaluation writes the embeddings, labelled data or not
@@ -162,14 +162,10 @@ def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return draw()
 
 
-def _pct(x: Any) -> str:
-    return f"{100 * x:.1f} %" if isinstance(x, float) and math.isfinite(x) else "–"
-
-
 def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) -> Path:
     """``compare.json``, ``compare.png`` and ``compare.html`` in ``folder``."""
     from selfsup.config import parse_duration
-    from selfsup.report import STYLE, figure_html, html_table, method_title
+    from selfsup.report import STYLE, figure_html, html_table, method_title, pct
 
     pick = recommend(rows)
     save_json(dict(facts, methods=rows, recommendation=pick), folder / "compare.json")
@@ -178,14 +174,14 @@ def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) 
     body = []
     for r in rows:
         few = ("–" if r["few_labels_mean"] is None else
-               f"{_pct(r['few_labels_mean'])} ± {100 * r['few_labels_std']:.1f}")
+               f"{pct(r['few_labels_mean'])} ± {100 * r['few_labels_std']:.1f}")
         settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
         cells = [f"<b>{html.escape(method_title(r['method']))}</b>",
                  f"{r['steps']} ({r['epochs']:.1f} ep.)" if r["steps"] else "–",
                  f"{r['images_per_s']:.0f}" if r["images_per_s"] else "–",
-                 f"{_pct(r['linear'])} / {_pct(r['linear_untrained'])}",
-                 f"{_pct(r['knn'])} / {_pct(r['knn_untrained'])}",
-                 f"{few} / {_pct(r['few_labels_untrained'])}",
+                 f"{pct(r['linear'])} / {pct(r['linear_untrained'])}",
+                 f"{pct(r['knn'])} / {pct(r['knn_untrained'])}",
+                 f"{few} / {pct(r['few_labels_untrained'])}",
                  html.escape(settings) or "–"]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     table = html_table(["method", "steps", "images/s", "linear probe (trained / untrained)",

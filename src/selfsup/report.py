@@ -57,7 +57,7 @@ details pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.
 """
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
@@ -79,8 +79,8 @@ def _metrics_table(m: dict[str, Any]) -> str:
                        ("knn", f"kNN (k={m.get('knn', {}).get('k', '?')})")):
         r = m.get(key)
         if r and "trained" in r:
-            rows.append(f"<tr><td>{label}</td><td>{_pct(r['trained'])}</td>"
-                        f"<td>{_pct(r['untrained'])}</td>{_gain(r['trained'], r['untrained'])}"
+            rows.append(f"<tr><td>{label}</td><td>{pct(r['trained'])}</td>"
+                        f"<td>{pct(r['untrained'])}</td>{_gain(r['trained'], r['untrained'])}"
                         "</tr>")
     if not rows:
         return "<p>No labels: embeddings only, no accuracy.</p>"
@@ -93,7 +93,7 @@ def _finetune_table(m: dict[str, Any]) -> str:
     if not ft:
         return ""
     rows = [f"<tr><td>{html.escape(k)}</td><td>{r['labels']}</td><td>{r['steps']}</td>"
-            f"<td>{_pct(r['accuracy'])}</td><td>{r['seconds']:.0f}</td></tr>"
+            f"<td>{pct(r['accuracy'])}</td><td>{r['seconds']:.0f}</td></tr>"
             for k, r in sorted(ft.items())]
     return "<h3>Classifiers trained with labels</h3>" + html_table(
         ["mode and label fraction", "labels", "steps", "test accuracy", "seconds"], rows)
@@ -107,7 +107,7 @@ def _label_efficiency_table(m: dict[str, Any]) -> str:
         return ""
     rows = []
     for i, f in enumerate(le["fraction"]):
-        cells = "".join(f"<td>{_pct(le[k][i])}</td>"
+        cells = "".join(f"<td>{pct(le[k][i])}</td>"
                         for k in ("probe", "finetune", "scratch", "probe_untrained"))
         rows.append(f"<tr><td>{100 * f:g}% ({le['labels'][i]})</td>{cells}"
                     f"{_gain(le['probe'][i], le['scratch'][i])}"
