@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--model", default=None, help="encoder (default: the preset's)")
     ap.add_argument("--method", default="simclr")
+    ap.add_argument("--width", type=int, default=None, help="encoder width (default: the preset's)")
+    ap.add_argument("--view-size", type=int, default=None, help="view side in px (preset's)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     ap.add_argument("--device", default=None)
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps per repeat")
     args = ap.parse_args()
     over = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
+                              ("width", args.width), ("view_size", args.view_size),
                               ("method", args.method),
                               ("precision", args.precision), ("device", args.device))
             if v is not None}

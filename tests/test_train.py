@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 import signal
@@ -161,18 +162,27 @@ def test_parse_duration_rejects(bad):
 
 
 def test_steps_for_budget_counts_checkpoints():
-    assert train.steps_for_budget(100.0, 0.1, 10, 0.0) == 940
-    assert train.steps_for_budget(100.0, 0.1, 10, 1.0) == 470  # a 1 s checkpoint every 10 steps
+    assert train.steps_for_budget(100.0, 0.1, 10, 0.0) == 970
+    assert train.steps_for_budget(100.0, 0.1, 10, 1.0) == 485  # a 1 s checkpoint every 10 steps
     assert train.steps_for_budget(0.01, 1.0, 10, 0.0) == 1
 
 
-def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path):
+@pytest.mark.parametrize("method,batch,kept", [
+    ("simclr", 64, True),  # 22 steps per epoch: the timed warm-up steps are the run's own
+    ("simclr", 128, False),  # 11 per epoch: too few to time inside the first epoch; undone
+    ("byol", 64, False),  # its momentum follows step / total: undone
+])
+def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, method, batch, kept):
     import json
 
-    budgeted = train.pretrain(_cfg(budget="2s"), digits, tmp_path / "b")
+    cfg = _cfg(budget="3s", method=method, batch_size=batch, knn_every=0)
+    budgeted = train.pretrain(cfg, digits, tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     n = saved["steps"]
-    assert n == budgeted.steps == budgeted.config.steps and n >= 1 and saved["budget"] == "2s"
-    again = train.pretrain(_cfg(steps=n), digits, tmp_path / "s")
+    assert n == budgeted.steps == budgeted.config.steps and n >= 1 and saved["budget"] == "3s"
+    b = budgeted.budget
+    assert b["timed_steps_kept"] is kept and b["steps"] == n and b["timed_steps"] >= 11
+    assert 0 < b["used_s"] and b["used_fraction"] == pytest.approx(b["used_s"] / 3.0)
+    again = train.pretrain(dataclasses.replace(cfg, budget="", steps=n), digits, tmp_path / "s")
     assert _same_weights(budgeted.encoder.state_dict(), again.encoder.state_dict())
-    assert budgeted.losses == again.losses
+    assert budgeted.losses == again.losses and len(budgeted.losses) == n

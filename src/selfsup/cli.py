@@ -259,7 +259,8 @@ def _record_pretraining(metrics: dict[str, Any], result: Any, changes: dict[str,
 
     this = dict(method=result.config.method, evaluated=METHODS[result.config.method].evaluated,
                 steps=result.steps, epochs=result.epochs, precision=result.precision,
-                images_per_s=result.images_per_s, train_seconds=result.seconds)
+                images_per_s=result.images_per_s, train_seconds=result.seconds,
+                **({"budget": result.budget} if result.budget else {}))
     previous = metrics.get("pretrain")
     if not resume or not isinstance(previous, dict):
         metrics["pretrain"] = this

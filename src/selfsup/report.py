@@ -150,6 +150,8 @@ def _facts(m: dict[str, Any]) -> str:
         ("pretraining", f"{pre.get('steps', '?')} steps ({pre.get('epochs', 0):.1f} epochs), "
                         f"batch {cfg.get('batch_size', '?')}, {pre.get('precision', '?')}, "
                         f"{pre.get('images_per_s', 0):.0f} images/s"),
+        *([("budget", _budget_text(cfg, pre["budget"]))] if isinstance(pre.get("budget"), dict)
+          else []),
         ("machine", f"{mach.get('cpu', '?')} ({mach.get('cpu_capability', '?')}), "
                     f"{mach.get('threads', '?')} threads, device {mach.get('device', '?')}"
                     + (f", {mach['gpu']}" if mach.get("gpu") else "")
@@ -158,6 +160,19 @@ def _facts(m: dict[str, Any]) -> str:
     ]
     lis = "".join(f"<li><b>{k}</b>: {html.escape(str(v))}</li>" for k, v in items)
     return f"<ul>{lis}</ul>"
+
+
+def _budget_text(cfg: dict[str, Any], b: dict[str, Any]) -> str:
+    """How a time budget was fitted and how much of it pretraining used."""
+    try:
+        size = b.get("size")
+        chosen = (f"; encoder chosen for this machine: {size['chosen']}"
+                  if isinstance(size, dict) and size.get("chosen") else "")
+        return (f"{cfg.get('budget', '?')} given, {float(b['used_s']) / 60:.1f} min used "
+                f"({100 * float(b['used_fraction']):.1f} %); {int(b['steps'])} steps fitted from "
+                f"{int(b['timed_steps'])} timed at {1000 * float(b['step_s']):.0f} ms{chosen}")
+    except (KeyError, TypeError, ValueError):
+        return "recorded, but its figures are incomplete"
 
 
 def method_title(name: str) -> str:

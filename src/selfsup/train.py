@@ -9,6 +9,7 @@ imports this module.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -98,38 +99,28 @@ def check_model_input(cfg: Config, image_size: int) -> None:
 
 # --- time budget ----------------------------------------------------------------------------
 
-
-def measure_step_seconds(method: Method, x_all: torch.Tensor, batch: int, seed: int,
-                         warm: int = 3, timed: int = 8) -> float:
-    """Median wall time of one full training step, on a throw-away copy of the method.
-
-    The copy has its own random generator, so the real run's weights and random streams are
-    exactly those of a run without the measurement.
-    """
-    probe = method.clone()
-    probe.train()
-    gen = torch.Generator(device=x_all.device).manual_seed(seed + 7919)
-    idx = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))
-    times = []
-    for i in range(warm + timed):
-        j = idx[(i * batch) % max(1, len(x_all) - batch):][:batch].to(x_all.device)
-        t0 = time.perf_counter()
-        probe.step(x_all[j], 1e-6, gen)
-        sync(x_all.device)
-        if i >= warm:
-            times.append(time.perf_counter() - t0)
-    return float(sorted(times)[len(times) // 2])
+BUDGET_MARGIN = 0.97  # of the time left, what the steps may take (speed drifts a little)
+TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's first steps...
+TIMING_MAX_STEPS = 200  # ... and at most this many
+TIMING_MIN_STEPS = 8  # ... and at least this many (more when the warm-up allows)
+TIMING_SKIP = 3  # the first steps pick kernels and grow the allocator: not timed
 
 
 def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
                      checkpoint_s: float) -> int:
     """The number of steps that fit ``budget_s``, counting one checkpoint per epoch.
 
-    A 6 % margin absorbs drift in speed over the run (seen here: a 2-core CPU measured at
-    1,418 images/s for the first steps averaged 1,339 over 20 minutes).
+    The steps are timed on the run itself (``pretrain``), so a small margin (3 %) is enough for
+    the drift of speed over a run.
     """
     per_step = step_s + checkpoint_s / max(1, steps_per_epoch)
-    return max(1, int(0.94 * budget_s / per_step))
+    return max(1, int(BUDGET_MARGIN * budget_s / per_step))
+
+
+def timed_mean(times: list[float]) -> float:
+    """Mean seconds per step, leaving out the first ``TIMING_SKIP`` steps when more remain."""
+    kept = times[TIMING_SKIP:] if len(times) > TIMING_SKIP + 2 else times
+    return sum(kept) / len(kept)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -150,6 +141,7 @@ class PretrainResult:
     knn_history: list[dict[str, float]] = field(default_factory=list)  # {step, epoch, accuracy}
     knn_seconds: float = 0.0  # spent on those kNN checks (not in seconds or images_per_s)
     start_step: int = 0  # the step this invocation started from (> 0 when resumed)
+    budget: dict[str, Any] = field(default_factory=dict)  # how the budget was fitted and used
 
 
 class _Progress:
@@ -255,6 +247,81 @@ def _restore(ck: dict[str, Any], path: Path, method: Method, gen: torch.Generato
     return [float(x) for x in losses], step, list(knn_history)
 
 
+def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generator,
+                losses: list[float], t_start: float, check_s: float, steps_per_epoch: int,
+                run_dir: Path, main: bool) -> tuple[Config, int, dict[str, Any]]:
+    """Fix the number of steps that fills ``cfg.budget``, timed on the run's own first steps.
+
+    The first steps of warm-up (inside the first epoch) take the same batches, views and
+    learning rates whatever the total, and no checkpoint or kNN check falls among them; for a
+    method whose steps do not read ``progress`` they are the run's first steps and are kept.
+    Otherwise (a momentum schedule over the run, no warm-up, a total that ends inside the
+    window) the timed steps are undone, state and random streams included. Either way the run
+    equals ``--steps N`` with the N printed and saved.
+
+    Args:
+        take_step: ``take_step(step, total, warmup)``, the loop's step (appends to ``losses``).
+        t_start: when the budget started (``time.perf_counter()``).
+        check_s: seconds of one kNN check, charged to the budget per check (0: no monitor).
+    Returns:
+        The config with ``steps`` fixed, the step the run continues from, and the figures of
+        the fit (for ``metrics.json``).
+    """
+    budget_s = parse_duration(cfg.budget)
+    warmup_full = round(cfg.warmup_epochs * steps_per_epoch)
+    window = min(warmup_full, steps_per_epoch - 1, TIMING_MAX_STEPS)
+    keep = method.progress_free and window >= TIMING_MIN_STEPS + TIMING_SKIP
+    if not keep:
+        window = TIMING_MIN_STEPS + TIMING_SKIP
+    snapshot = (copy.deepcopy(method.state_dict()), gen.get_state(), global_rng_state())
+    if main:
+        print(f"budget {cfg.budget}: timing the run's first steps", flush=True)
+    times: list[float] = []
+    step = 0
+    while step < window:  # the total is not known yet: no step here depends on it
+        t0 = time.perf_counter()
+        take_step(step, 2**62, warmup_full)
+        times.append(time.perf_counter() - t0)
+        step += 1
+        enough = step >= TIMING_MIN_STEPS + TIMING_SKIP and sum(times) >= TIMING_SECONDS
+        if dist.any_true(enough):  # every process takes the same steps
+            break
+    step_s = timed_mean(times)
+    t1 = time.perf_counter()
+    if main:  # the time of one checkpoint, from a throw-away one
+        save_torch(dict(method.state_dict(), config=cfg.to_dict()), run_dir / ".timing.pt")
+        (run_dir / ".timing.pt").unlink()
+    ckpt_s = time.perf_counter() - t1
+
+    def fit(left: float) -> int:
+        steps = steps_for_budget(left, step_s, steps_per_epoch, ckpt_s)
+        if check_s:  # the kNN checks that will run come out of the budget too
+            every = steps_per_epoch * cfg.knn_every
+            checks = steps // every + (steps % every > 0)
+            steps = steps_for_budget(left - checks * check_s, step_s, steps_per_epoch, ckpt_s)
+        return steps
+
+    total = step + fit(budget_s - (time.perf_counter() - t_start))
+    keep = bool(dist.broadcast_object(keep and total >= max(warmup_full, step + 1)))
+    if not keep:  # undo the timed steps
+        state, gen_state, rng = snapshot
+        method.load_state_dict(state)
+        gen.set_state(gen_state)
+        set_global_rng_state(rng)
+        del losses[:]
+        step = 0
+        total = fit(budget_s - (time.perf_counter() - t_start))
+    total = dist.broadcast_object(total)  # rank 0's measurement decides for all
+    cfg = dataclasses.replace(cfg, steps=total)
+    if main:
+        print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step over the first "
+              f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
+              f"({total / steps_per_epoch:.1f} epochs); repeat with --steps {total}", flush=True)
+    return cfg, step, dict(budget_s=budget_s, timed_steps=len(times), step_s=step_s,
+                           checkpoint_s=ckpt_s, timed_steps_kept=keep, steps=total,
+                           kept_seconds=sum(times) if keep else 0.0)
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The permutation of the data for one epoch: a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -347,31 +414,40 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         losses, step, knn_history = _restore(ck, ckpt_path, method, gen, rank)
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
+    t_start = time.perf_counter()  # the budget counts from here: kNN checks, timing, steps
     if monitor is not None and step == 0 and main:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
+    order_cache: dict[int, torch.Tensor] = {}
+
+    def take_step(at: int, total: int, warmup: int) -> float:
+        """Step ``at`` of ``total`` (its batch, learning rate, views, update); appends the loss.
+
+        Raises:
+            SelfsupError: a non-finite loss.
+        """
+        epoch, i = divmod(at, steps_per_epoch)
+        if epoch not in order_cache:  # one permutation per epoch, a function of (seed, epoch)
+            order_cache.clear()
+            order_cache[epoch] = _epoch_order(cfg.seed, epoch, n).to(device)
+        lr = lr_at(at, total, warmup, peak_lr)
+        idx = order_cache[epoch][i * batch:(i + 1) * batch]  # (B,) the global batch
+        idx = idx[rank * local:(rank + 1) * local]  # this process's share
+        # The global loss (mean over processes); the float() syncs: the guard needs it.
+        loss_value = dist.all_mean(float(method.step(x_all[idx], lr, gen, at / total)))
+        if not math.isfinite(loss_value):
+            raise SelfsupError(
+                f"loss became {loss_value} at step {at + 1}; the last good checkpoint "
+                f"is kept. Try a lower lr (now {cfg.lr}) or --precision fp32.")
+        losses.append(loss_value)
+        return lr
+
+    start_step = step
+    budget: dict[str, Any] = {}
     if not resume and cfg.budget and not cfg.steps:
-        budget_s = parse_duration(cfg.budget) - monitor_s
-        t0 = time.perf_counter()
-        step_s = measure_step_seconds(method, x_all, batch, cfg.seed)
-        t1 = time.perf_counter()
-        if main:  # only rank 0 writes; its figures decide
-            save_torch(dict(method.state_dict(), config=cfg.to_dict()), run_dir / ".timing.pt")
-            (run_dir / ".timing.pt").unlink()
-        ckpt_s = time.perf_counter() - t1
-        left = budget_s - (time.perf_counter() - t0)
-        steps = steps_for_budget(left, step_s, steps_per_epoch, ckpt_s)
-        if monitor is not None:  # the kNN checks come out of the budget too
-            checks = steps // (steps_per_epoch * cfg.knn_every)
-            steps = steps_for_budget(left - checks * monitor_s, step_s, steps_per_epoch, ckpt_s)
-        steps = dist.broadcast_object(steps)  # rank 0's measurement decides for all
-        cfg = dataclasses.replace(cfg, steps=steps)
-        if main:
-            print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step measured, so {steps} "
-                  f"steps ({steps / steps_per_epoch:.1f} epochs); repeat with --steps {steps}",
-                  flush=True)
+        cfg, step, budget = _fit_budget(cfg, method, take_step, gen, losses, t_start, monitor_s,
+                                        steps_per_epoch, run_dir, main)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    start_step = step
     if resume and main:
         print(f"resumed {ckpt_path} at step {step}/{total}", flush=True)
         if step >= total:
@@ -395,26 +471,15 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
 
     progress = _Progress(total, step, cfg.progress and main, every=max(1, total // 50))
     method.train()
-    train_time, images, order_epoch = 0.0, 0, -1
-    order = torch.empty(0, dtype=torch.long)
+    train_time = budget.get("kept_seconds", 0.0)  # the timed steps the run kept
+    images = (step - start_step) * batch
     gen_state = gen.get_state()  # state at the start of step `step`
     with _StopOnSignal(announce=main) as stop:
         try:
             while step < total:
-                epoch, i = divmod(step, steps_per_epoch)
-                if epoch != order_epoch:
-                    order, order_epoch = _epoch_order(cfg.seed, epoch, n).to(device), epoch
                 t0 = time.perf_counter()
-                lr = lr_at(step, total, warmup, peak_lr)
-                idx = order[i * batch:(i + 1) * batch]  # (B,) the global batch
-                idx = idx[rank * local:(rank + 1) * local]  # this process's share
-                # The global loss (mean over processes); the float() syncs: the guard needs it.
-                loss_value = dist.all_mean(float(method.step(x_all[idx], lr, gen, step / total)))
-                if not math.isfinite(loss_value):
-                    raise SelfsupError(
-                        f"loss became {loss_value} at step {step + 1}; the last good checkpoint "
-                        f"is kept. Try a lower lr (now {cfg.lr}) or --precision fp32.")
-                losses.append(loss_value)
+                lr = take_step(step, total, warmup)
+                loss_value = losses[-1]
                 step += 1
                 gen_state = gen.get_state()  # state at the start of step `step`
                 sync(device)
@@ -443,6 +508,12 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     if main:
         save_encoder(run_dir / ENCODER, encoder, cfg, mean, std, int(x_all.shape[-1]))
         save_npy(np.asarray(losses, dtype=np.float32), run_dir / "loss.npy")
+    if budget:
+        budget["used_s"] = time.perf_counter() - t_start
+        budget["used_fraction"] = budget["used_s"] / budget["budget_s"]
+        if main:
+            print(f"budget {cfg.budget}: pretraining took {budget['used_s'] / 60:.1f} min, "
+                  f"{100 * budget['used_fraction']:.1f} % of it", flush=True)
     return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
                           images / max(train_time, 1e-9), precision, mean, std, knn_history,
-                          monitor_s, start_step)
+                          monitor_s, start_step, budget)

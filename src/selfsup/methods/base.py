@@ -98,6 +98,9 @@ class Method:
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
     settings: ClassVar[tuple[str, ...]] = ()  # the config fields only some methods read
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
+    # True when neither ``loss`` nor ``after_step`` reads ``progress``: a budgeted run can then
+    # keep the first steps it timed (they do not depend on the total it fixes from them).
+    progress_free: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, device: torch.device, image_size: int, mean: list[float],
                  std: list[float], peak_lr: float, amp_dtype: torch.dtype | None, batch: int

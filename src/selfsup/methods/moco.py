@@ -62,6 +62,7 @@ class MoCo(MomentumMethod):
 
     defaults = dict(temperature=0.2)
     title = "MoCo v2"
+    progress_free = True
     settings = ("temperature", "target_momentum", "queue_size", "symmetric")
     evaluated = "the query encoder f_q (the key encoder is a moving average of it)"
 

@@ -16,6 +16,7 @@ class SimCLR(Method):
     sees every process's projections (``dist.gather_with_grad``) and batch norm is global."""
 
     title = "SimCLR"
+    progress_free = True
     settings = ("temperature",)
     evaluated = "the encoder f (the projection head g is dropped, SimCLR section 4.2)"
 
