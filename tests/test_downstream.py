@@ -294,3 +294,21 @@ def test_pretrained_encoder_initial_is_the_untrained_baseline(digits_run):
     ref = init_encoder(cfg).state_dict()
     assert all(torch.equal(init[k], ref[k]) for k in ref)
     assert not all(torch.equal(trained[k], ref[k]) for k in ref)
+
+
+def test_vit_pretrains_and_serves_finetune_and_load_encoder(tmp_path):
+    """The ViT does what every encoder does (methods: ``test_methods``): pretraining, then
+    load_encoder on images of another size than its views, and fine-tuning."""
+    assert main(["pretrain", "--dataset", "digits", "--epochs", "1", "--model", "vit_micro",
+                 "--width", "8", "--view-size", "12", "--proj-hidden", "32", "--proj-dim", "16",
+                 "--no-progress", "--knn-every", "0", "--out-dir", str(tmp_path),
+                 "--name", "v"]) == 0
+    run = tmp_path / "v"
+    fx = selfsup.load_encoder(run)
+    data = load_digits()
+    feats = fx.embed(data.test_x)  # 16 px images: 4x4 tokens, where training saw 3x3
+    assert feats.shape == (len(data.test_x), 32) and np.isfinite(feats).all()
+    assert main(["finetune", str(run), "--label-fraction", "0.1", "--epochs", "1",
+                 "--min-steps", "5", "--batch-size", "64"]) == 0
+    r = json.loads((run / "metrics.json").read_text())["finetune"]["finetune_0.1"]
+    assert r["steps"] == 5 and 0 <= r["accuracy"] <= 1

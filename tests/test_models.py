@@ -5,7 +5,8 @@ from torch import nn
 
 from selfsup.models import ENCODERS, Conv3x3, ProjectionHead, build_encoder, nhwc_safe_on_cpu
 
-WIDTHS = {"small_cnn": 8, "fast_cnn": 8, "resnet18": 8, "resnet50": 4}
+WIDTHS = {"small_cnn": 8, "fast_cnn": 8, "resnet18": 8, "resnet50": 4, "vit_tiny": 4,
+          "vit_micro": 8}
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -105,3 +106,38 @@ def test_fast_cnn_pools_before_norm():
     assert [type(m).__name__ for m in slow.features][:4] == ["Conv3x3", "BatchNorm2d", "ReLU",
                                                             "MaxPool2d"]
     assert fast.feature_dim == 64 and fast(torch.randn(2, 3, 16, 16)).shape == (2, 64)
+
+
+def test_vit_attention_equals_the_naive_computation():
+    from selfsup.models import Block
+
+    torch.manual_seed(0)
+    blk = Block(dim=12, heads=3, mlp_ratio=2.0)
+    x = torch.randn(2, 5, 12)
+    b, t, d, nh = 2, 5, 12, 3
+    qkv = blk.qkv(blk.norm1(x)).view(b, t, 3, nh, d // nh)
+    out = torch.zeros(b, t, d)
+    for i in range(b):
+        for h in range(nh):
+            q, k, v = qkv[i, :, 0, h], qkv[i, :, 1, h], qkv[i, :, 2, h]  # (T, d/heads)
+            a = torch.softmax(q @ k.t() / (d // nh) ** 0.5, dim=-1)
+            out[i, :, h * 4:(h + 1) * 4] = a @ v
+    y = x + blk.proj(out)
+    y = y + blk.mlp(blk.norm2(y))
+    torch.testing.assert_close(blk(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_positions_fixed_and_any_image_size():
+    from selfsup.models import sincos_positions
+
+    pos = sincos_positions(4, 4, 32, torch.device("cpu"), torch.float32)
+    assert pos.shape == (16, 32) and len({tuple(r.tolist()) for r in pos}) == 16
+    # The rows of a 4x4 grid are those of an 8x8 grid at the same (row, column).
+    big = sincos_positions(8, 8, 32, torch.device("cpu"), torch.float32).view(8, 8, 32)
+    torch.testing.assert_close(pos.view(4, 4, 32), big[:4, :4])
+    enc = build_encoder("vit_micro", 8)
+    assert not any("pos" in k for k in enc.state_dict())  # nothing tied to one grid size
+    for side in (12, 16, 20, 32):
+        assert enc(torch.randn(2, 3, side, side)).shape == (2, 32)
+    assert build_encoder("vit_micro", 32).feature_dim == 128
+    assert build_encoder("vit_tiny", 32).feature_dim == 192

@@ -282,7 +282,8 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup.files import save_json
     from selfsup.hardware import machine_info, select_device
     from selfsup.report import write_report
-    from selfsup.train import check_model_input, check_model_size, pretrain
+    from selfsup.sizing import check_model_input, check_model_size
+    from selfsup.train import pretrain
 
     start = time.perf_counter()
     cfg, run_dir, changes = _resolve(ns)

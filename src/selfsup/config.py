@@ -49,6 +49,9 @@ class Config:
     symmetric: bool = False  # moco: also the loss with the views swapped (byol always is)
     pred_hidden: int = 0  # byol: hidden width of the predictor; 0 = proj_hidden
     # --- model ---
+    # With a budget (and no --steps): choose model, width and view size from this machine's
+    # measured speed (selfsup.sizing); off when any of the three is given.
+    auto_size: bool = True
     model: str = "small_cnn"  # encoder name in selfsup.models.ENCODERS
     width: int = 32  # base channel width of the encoder (small_cnn: first stage)
     proj_hidden: int = 512  # hidden width of the 2-layer projection head
@@ -103,9 +106,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A first look in a minute or two on a laptop CPU.
-    "quick": dict(epochs=3, batch_size=256, width=16, view_size=16, warmup_epochs=0.5,
-                  tsne_points=1000),
-    # The best linear probe ~20 minutes of a 2-core CPU buys (see BENCHMARKS.md).
+    "quick": dict(auto_size=False, epochs=3, batch_size=256, width=16, view_size=16,
+                  warmup_epochs=0.5, tsne_points=1000),
+    # The best linear probe ~20 minutes of a 2-core CPU buys (see BENCHMARKS.md): the budget
+    # sizes the encoder to the machine (selfsup.sizing); these three are the smallest rung,
+    # used when --steps replaces the budget.
     "cpu": dict(model="fast_cnn", width=32, view_size=16, batch_size=512, budget="20m",
                 lr=0.06, temperature=0.2, warmup_epochs=1.0, crop_scale_min=0.2),
     # The SimCLR authors' CIFAR-10 command (README of google-research/simclr): ResNet-18 with
@@ -113,10 +118,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decay 1e-6, temperature 0.5, 10 warm-up epochs then cosine, colour jitter strength 0.5, no
     # blur, 1000 epochs. Differences: the projection head has one hidden layer of the feature
     # width (their code's default has two), and the augmentations are selfsup's batched ones.
-    "gpu": dict(model="resnet18", width=64, batch_size=512, epochs=1000, optimizer="lars",
-                lr=1.0, weight_decay=1e-6, momentum=0.9, temperature=0.5, warmup_epochs=10,
-                crop_scale_min=0.08, jitter_strength=0.5, blur_p=0.0, proj_hidden=512,
-                proj_dim=128, eval_batch_size=1024),
+    "gpu": dict(auto_size=False, model="resnet18", width=64, batch_size=512, epochs=1000,
+                optimizer="lars", lr=1.0, weight_decay=1e-6, momentum=0.9, temperature=0.5,
+                warmup_epochs=10, crop_scale_min=0.08, jitter_strength=0.5, blur_p=0.0,
+                proj_hidden=512, proj_dim=128, eval_batch_size=1024),
 }
 
 # Defaults that suit a data set better than the general ones; presets and options still win.
@@ -125,6 +130,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # MoCo's queue: fewer keys than images, so that no image meets an old key of itself.
     "digits": dict(batch_size=256, epochs=40, flip_p=0.0, crop_scale_min=0.3, queue_size=1024),
 }
+
+SIZE_KEYS = ("model", "width", "view_size")  # what the budget's sizing chooses (auto_size)
 
 FIELD_NAMES = tuple(f.name for f in fields(Config))
 
@@ -300,6 +307,8 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | None = No
     method = overrides.get("method", values.get("method", Config.method))
     if method in METHODS:  # an unknown name is refused by validate, with the valid ones
         values.update(METHODS[method].defaults)
+    if "auto_size" not in overrides and any(k in overrides for k in SIZE_KEYS):
+        values["auto_size"] = False  # the user named a size: theirs wins over the sizing
     values.update(overrides)
     return config_from_dict(values)
 

@@ -210,6 +210,100 @@ def resnet50(width: int) -> Encoder:
     return CifarResNet(Bottleneck, [3, 4, 6, 3], width)  # 2048-d features at width 64
 
 
+def sincos_positions(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
+                     ) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE, MoCo v3) for an h x w grid of tokens.
+
+    Half the channels encode the row, half the column, each as sines and cosines of the position
+    at ``dim / 4`` frequencies. No parameters, so one encoder takes 16 px views in training and
+    32 px images in evaluation (4x4 and 8x8 tokens at patch 4) with no interpolation.
+
+    Returns:
+        (h * w, dim), rows in row-major token order.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    parts = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        angle = pos[:, None] * omega[None, :]  # (T, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    emb = torch.cat(parts, dim=1)  # (T, 4 * quarter)
+    if emb.shape[1] < dim:  # dim not a multiple of 4: pad with zeros
+        emb = torch.nn.functional.pad(emb, (0, dim - emb.shape[1]))
+    return emb.to(dtype)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (ViT, section 3.1)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = torch.nn.functional.scaled_dot_product_attention(  # (B, heads, T, d/heads)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(Encoder):
+    """A Vision Transformer for small images: non-overlapping ``patch`` x ``patch`` patches
+    embedded linearly, fixed 2-D sine-cosine positions, ``depth`` pre-norm blocks, a final
+    LayerNorm, and features that are the mean of the token outputs.
+
+    Mean pooling instead of a class token: every token's output feeds the features, which suits
+    the few tokens of a 16-24 px view (4x4-6x6 at patch 4) and any token count at evaluation
+    time; MoCo v3 and MAE report mean pooling as good as the class token, and it costs no token.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, patch: int, mlp_ratio: float = 4.0
+                 ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"ViT width {dim} is not divisible by its {heads} heads")
+        self.patch = patch
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)  # (B, dim, H/p, W/p)
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.feature_dim = dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)  # (B, D, h, w)
+        b, d, h, w = t.shape
+        t = t.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        t = t + sincos_positions(h, w, d, t.device, t.dtype)
+        return self.norm(self.blocks(t).mean(dim=1))  # (B, D)
+
+
+@register("vit_tiny")
+def vit_tiny(width: int) -> Encoder:
+    """ViT-Tiny (DeiT's: 12 blocks of width 192, 3 heads) at the default width 32 (192 = 6w),
+    patch 4: 64 tokens for a 32 px image. A GPU model: on 2 CPU cores a step takes seconds."""
+    dim = 6 * width
+    return ViT(dim, depth=12, heads=max(1, dim // 64), patch=4)
+
+
+@register("vit_micro")
+def vit_micro(width: int) -> Encoder:
+    """The small sibling for CPUs: 6 blocks of width 4w (128 at w=32), heads of 32 channels,
+    MLP ratio 2, patch 4 (16 tokens for a 16 px view, 64 for a 32 px image)."""
+    dim = 4 * width
+    return ViT(dim, depth=6, heads=max(1, dim // 32), patch=4, mlp_ratio=2.0)
+
+
 class ProjectionHead(nn.Module):
     """g(h) = W2 ReLU(BN(W1 h)): the 2-layer MLP of SimCLR, (B, in_dim) -> (B, out_dim)."""
 

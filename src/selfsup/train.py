@@ -36,66 +36,14 @@ from selfsup.checkpoint import (
     set_global_rng_state,
 )
 from selfsup.config import Config, diff_keys, parse_duration
-from selfsup.data import ImageData, channel_stats, physical_memory
+from selfsup.data import ImageData, channel_stats
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.hardware import select_device, select_precision, sync
 from selfsup.methods import METHODS, Method, build_method
-from selfsup.models import Encoder, ProjectionHead, build_encoder
+from selfsup.models import Encoder
 from selfsup.optim import lr_at
-
-# --- model construction ---------------------------------------------------------------------
-
-
-def check_model_size(cfg: Config, device: torch.device) -> None:
-    """Refuse, before any work, a network whose weights, gradients and optimiser state cannot
-    fit in this machine's memory (counted on the meta device: nothing is allocated).
-
-    Raises:
-        ConfigError: naming the sizes that make it too large.
-    """
-    with torch.device("meta"):
-        encoder = build_encoder(cfg.model, cfg.width)
-        head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
-    params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
-    # weights, gradients, momentum, the budget's throw-away copy, and a method's target copies
-    need = params * 4 * (4 + 2 * METHODS[cfg.method].target_copies)
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else physical_memory())
-    if total is not None and need > 0.8 * total:
-        raise ConfigError(f"{cfg.model} of --width {cfg.width} with a head of --proj-hidden "
-                          f"{cfg.proj_hidden} and --proj-dim {cfg.proj_dim} has {params:,} "
-                          f"parameters: training them needs about {need / 2**30:.1f} GiB, more "
-                          f"than the {total / 2**30:.1f} GiB of {device.type} memory here")
-
-
-def check_model_input(cfg: Config, image_size: int) -> None:
-    """Refuse, before any work, views too small for the encoder (each pooling halves them).
-
-    Tried on the meta device (nothing computed or allocated); the message names the smallest
-    side that works.
-
-    Raises:
-        ConfigError: the views are too small.
-    """
-    side = cfg.view_size or image_size
-
-    def fits(s: int) -> bool:
-        try:
-            with torch.device("meta"):
-                build_encoder(cfg.model, min(cfg.width, 8))(torch.empty(2, 3, s, s))
-            return True
-        except RuntimeError:
-            return False
-
-    if fits(side):
-        return
-    smallest = next((s for s in range(side + 1, 257) if fits(s)), None)
-    need = f"at least {smallest}x{smallest} px" if smallest else "larger views"
-    where = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side}x{side} px"
-    raise ConfigError(f"{where}: too small for {cfg.model}, which needs {need}; set "
-                      f"--view-size (or --image-size for image folders) to at least that")
-
+from selfsup.sizing import choose_size
 
 # --- time budget ----------------------------------------------------------------------------
 
@@ -316,7 +264,9 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
     if main:
         print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step over the first "
               f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
-              f"({total / steps_per_epoch:.1f} epochs); repeat with --steps {total}", flush=True)
+              f"({total / steps_per_epoch:.1f} epochs); repeat with --steps {total}"
+              + (f" --model {cfg.model} --width {cfg.width} --view-size {cfg.view_size}"
+                 if cfg.auto_size else ""), flush=True)
     return cfg, step, dict(budget_s=budget_s, timed_steps=len(times), step_s=step_s,
                            checkpoint_s=ckpt_s, timed_steps_kept=keep, steps=total,
                            kept_seconds=sum(times) if keep else 0.0)
@@ -374,6 +324,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     steps_per_epoch = n // batch
     peak_lr = cfg.lr * batch / 256
     mean, std = channel_stats(data.train_x)
+    t_start = time.perf_counter()  # the budget counts from here: sizing, kNN checks, steps
+    sizing: dict[str, Any] = {}
+    if not resume and cfg.budget and not cfg.steps and cfg.auto_size:
+        cfg, sizing = choose_size(cfg, x_all, mean, std, amp_dtype, batch,
+                                  parse_duration(cfg.budget), main)
     method = build_method(cfg, device, x_all.shape[-1], mean, std, peak_lr, amp_dtype, batch)
     # Augmentation randomness: its own stream per process, derived from the seed and the rank.
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * rank)
@@ -414,7 +369,6 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         losses, step, knn_history = _restore(ck, ckpt_path, method, gen, rank)
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
-    t_start = time.perf_counter()  # the budget counts from here: kNN checks, timing, steps
     if monitor is not None and step == 0 and main:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
     order_cache: dict[int, torch.Tensor] = {}
@@ -446,6 +400,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     if not resume and cfg.budget and not cfg.steps:
         cfg, step, budget = _fit_budget(cfg, method, take_step, gen, losses, t_start, monitor_s,
                                         steps_per_epoch, run_dir, main)
+        budget["size"] = sizing
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     if resume and main:

@@ -1,0 +1,160 @@
+"""Which encoder a time budget buys on this machine, and what fits it at all.
+
+With a budget and no model size named (``auto_size``), a short timing of a ladder of encoders,
+cheapest first, picks the largest that still gets ``MIN_EPOCHS`` passes over the training images
+in the budget: a fast machine gets a bigger encoder instead of more epochs of a saturated one,
+a slow one keeps the small network. The ladder and the threshold come from 20-minute runs on
+CIFAR-10 on more than one kind of CPU (BENCHMARKS.md, "An encoder sized to the machine").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from selfsup import dist
+from selfsup.config import Config
+from selfsup.data import physical_memory
+from selfsup.errors import ConfigError
+from selfsup.hardware import sync
+from selfsup.methods import METHODS, build_method
+from selfsup.models import ProjectionHead, build_encoder
+
+# Cheapest first. View sides are for 32 px images and scale with the image side. A side of
+# 16-23 px leaves 2x2 maps for the last stage, which runs as a matrix product (``Conv3x3``):
+# 20 px costs far less than 24 px at the same width.
+LADDER: tuple[dict[str, Any], ...] = (
+    dict(model="fast_cnn", width=32, view_size=16),
+    dict(model="fast_cnn", width=48, view_size=20),
+    dict(model="fast_cnn", width=64, view_size=20),
+    dict(model="fast_cnn", width=96, view_size=20),
+    dict(model="fast_cnn", width=128, view_size=24),
+)
+MIN_EPOCHS = 40.0  # passes over the data the chosen encoder must still get in the budget
+SIZING_SHARE = 0.9  # of the budget, what the steps get (kNN checks, checkpoints take the rest)
+
+
+def check_model_size(cfg: Config, device: torch.device) -> None:
+    """Refuse, before any work, a network whose weights, gradients and optimiser state cannot
+    fit in this machine's memory (counted on the meta device: nothing is allocated).
+
+    Raises:
+        ConfigError: naming the sizes that make it too large.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model, cfg.width)
+        head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
+    params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
+    # weights, gradients, momentum, the budget's throw-away copy, and a method's target copies
+    need = params * 4 * (4 + 2 * METHODS[cfg.method].target_copies)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else physical_memory())
+    if total is not None and need > 0.8 * total:
+        raise ConfigError(f"{cfg.model} of --width {cfg.width} with a head of --proj-hidden "
+                          f"{cfg.proj_hidden} and --proj-dim {cfg.proj_dim} has {params:,} "
+                          f"parameters: training them needs about {need / 2**30:.1f} GiB, more "
+                          f"than the {total / 2**30:.1f} GiB of {device.type} memory here")
+
+
+def check_model_input(cfg: Config, image_size: int) -> None:
+    """Refuse, before any work, views too small for the encoder (each pooling halves them).
+
+    Tried on the meta device (nothing computed or allocated); the message names the smallest
+    side that works.
+
+    Raises:
+        ConfigError: the views are too small.
+    """
+    side = cfg.view_size or image_size
+
+    def fits(s: int) -> bool:
+        try:
+            with torch.device("meta"):
+                build_encoder(cfg.model, min(cfg.width, 8))(torch.empty(2, 3, s, s))
+            return True
+        except RuntimeError:
+            return False
+
+    if fits(side):
+        return
+    smallest = next((s for s in range(side + 1, 257) if fits(s)), None)
+    need = f"at least {smallest}x{smallest} px" if smallest else "larger views"
+    where = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side}x{side} px"
+    raise ConfigError(f"{where}: too small for {cfg.model}, which needs {need}; set "
+                      f"--view-size (or --image-size for image folders) to at least that")
+
+
+def describe_size(cfg: Config) -> str:
+    return f"{cfg.model} width {cfg.width}, {cfg.view_size or 'full-size'} px views"
+
+
+def _fits(cfg: Config, image_size: int, device: torch.device) -> bool:
+    try:
+        check_model_size(cfg, device)
+        check_model_input(cfg, image_size)
+    except ConfigError:
+        return False
+    return True
+
+
+def time_step(cfg: Config, x_all: torch.Tensor, mean: list[float], std: list[float],
+              amp_dtype: torch.dtype | None, batch: int, warm: int = 2, timed: int = 3) -> float:
+    """Median seconds of one training step of ``cfg``'s networks, built apart for this (their
+    own seeded weights and generator: nothing of the run's state or random streams is used)."""
+    device = x_all.device
+    method = build_method(cfg, device, int(x_all.shape[-1]), mean, std, 1e-6, amp_dtype, batch)
+    method.train()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
+    local = batch // dist.world_size()
+    times = []
+    for i in range(warm + timed):
+        t0 = time.perf_counter()
+        method.step(x_all[i * local % max(1, len(x_all) - local):][:local], 1e-6, gen)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(sorted(times[warm:])[timed // 2])
+
+
+def choose_size(cfg: Config, x_all: torch.Tensor, mean: list[float], std: list[float],
+                amp_dtype: torch.dtype | None, batch: int, budget_s: float, main: bool
+                ) -> tuple[Config, dict[str, Any]]:
+    """The config with the ladder's largest encoder that gets ``MIN_EPOCHS`` in ``budget_s``.
+
+    Each rung is timed in turn until one falls short; rungs that do not fit the images or the
+    memory are passed over. When even the first falls short, the first is taken. Under torchrun
+    rank 0's timings decide for every process.
+
+    Returns:
+        The config (``cfg`` unchanged when no rung fits) and the record: every rung timed, with
+        its step time and epochs, and the one chosen.
+    """
+    side = int(x_all.shape[-1])
+    steps_per_epoch = max(1, len(x_all) // batch)
+    rows: list[dict[str, Any]] = []
+    chosen: Config | None = None
+    torch_state = torch.random.get_rng_state()
+    for rung in LADDER:
+        view = max(1, round(rung["view_size"] * side / 32))
+        c = dataclasses.replace(cfg, model=rung["model"], width=rung["width"], view_size=view)
+        if not _fits(c, side, x_all.device):
+            continue
+        step_s = float(dist.broadcast_object(time_step(c, x_all, mean, std, amp_dtype, batch)))
+        epochs = SIZING_SHARE * budget_s / step_s / steps_per_epoch
+        rows.append(dict(size=describe_size(c), step_s=step_s, epochs=epochs))
+        if epochs < MIN_EPOCHS:
+            chosen = chosen or c
+            break
+        chosen = c
+    torch.random.set_rng_state(torch_state)  # building the networks seeded torch's stream
+    if chosen is None:
+        return cfg, dict(rows=rows, chosen="")
+    if main:
+        lines = "\n".join(f"  {r['size']}: {1000 * r['step_s']:.0f} ms per step, "
+                          f"{r['epochs']:.0f} epochs" for r in rows)
+        print(f"encoder for a {cfg.budget} budget on this machine (the largest with at least "
+              f"{MIN_EPOCHS:.0f} epochs):\n{lines}\n  chosen: {describe_size(chosen)}; "
+              f"--model, --width or --view-size choose it yourself", flush=True)
+    return chosen, dict(rows=rows, chosen=describe_size(chosen))

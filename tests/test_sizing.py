@@ -1,0 +1,90 @@
+"""The encoder a budget buys: the ladder rule, the user's sizes winning, exact repetition."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from selfsup import sizing, train
+from selfsup.config import make_config
+
+# Seconds per step for each rung of the ladder, by width (monkeypatched timings).
+STEP_S = {32: 0.01, 48: 0.02, 64: 0.04, 96: 0.08, 128: 0.16}
+
+
+@pytest.fixture
+def fake_timing(monkeypatch):
+    timed = []
+
+    def time_step(cfg, *args, **kw):
+        timed.append(cfg.width)
+        return STEP_S[cfg.width]
+
+    monkeypatch.setattr(sizing, "time_step", time_step)
+    return timed
+
+
+# 100 images at batch 10: 10 steps per epoch; epochs = 0.9 * budget / step_s / 10.
+@pytest.mark.parametrize("budget_s,chosen,timed", [
+    (100.0, (128, 24), [32, 48, 64, 96, 128]),  # every rung gets >= 40 epochs: the largest
+    (20.0, (64, 20), [32, 48, 64, 96]),  # w64: 45 epochs; w96: 22 < 40, and nothing past it
+    (1.0, (32, 16), [32]),  # even the first falls short: the first
+])
+def test_largest_rung_with_enough_epochs(fake_timing, budget_s, chosen, timed):
+    cfg = make_config("cpu", {"budget": "20m"})
+    x = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)
+    out, record = sizing.choose_size(cfg, x, [0.5] * 3, [0.25] * 3, None, 10, budget_s, False)
+    assert (out.model, out.width, out.view_size) == ("fast_cnn", *chosen)
+    assert fake_timing == timed and [r["step_s"] for r in record["rows"]] == [
+        STEP_S[w] for w in timed]
+    assert record["rows"][-1]["epochs"] == pytest.approx(0.9 * budget_s / STEP_S[timed[-1]] / 10)
+    assert record["chosen"] == sizing.describe_size(out)
+
+
+def test_view_sides_scale_with_the_image_and_rungs_that_do_not_fit_are_skipped(fake_timing):
+    cfg = make_config("cpu", {"budget": "20m"})
+    big = torch.zeros(100, 3, 64, 64, dtype=torch.uint8)
+    out, _ = sizing.choose_size(cfg, big, [0.5] * 3, [0.25] * 3, None, 10, 1.0, False)
+    assert out.view_size == 32  # 16 px of 32, on 64 px images
+    tiny = torch.zeros(100, 3, 8, 8, dtype=torch.uint8)  # 4-6 px views: too small for every rung
+    out, record = sizing.choose_size(cfg, tiny, [0.5] * 3, [0.25] * 3, None, 10, 100.0, False)
+    assert out == cfg and record == dict(rows=[], chosen="")
+
+
+def test_a_size_given_by_the_user_turns_sizing_off():
+    assert make_config("cpu", {}).auto_size and make_config(None, {"budget": "5m"}).auto_size
+    for key, value in (("model", "small_cnn"), ("width", 64), ("view_size", 24)):
+        cfg = make_config("cpu", {key: value})
+        assert not cfg.auto_size and getattr(cfg, key) == value
+    assert make_config("cpu", {"width": 64, "auto_size": True}).auto_size
+    assert not make_config("gpu", {}).auto_size and not make_config("quick", {}).auto_size
+
+
+def _digits_cfg(**kw):
+    base = dict(dataset="digits", proj_hidden=16, proj_dim=8, batch_size=256, progress=False,
+                warmup_epochs=0.5, knn_every=0)
+    return make_config(None, {**base, **kw})
+
+
+def test_budget_sizes_the_encoder_and_the_printed_command_repeats_the_run(digits, tmp_path,
+                                                                          capsys):
+    cfg = _digits_cfg(budget="4s")
+    assert cfg.auto_size
+    sized = train.pretrain(cfg, digits, tmp_path / "b")
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    size = sized.budget["size"]
+    assert size["rows"] and size["chosen"] == sizing.describe_size(sized.config)
+    assert (saved["model"], saved["width"], saved["view_size"]) == (
+        sized.config.model, sized.config.width, sized.config.view_size)
+    assert saved["view_size"] in (8, 10, 12)  # the ladder's sides, scaled to 16 px images
+    repeat = (f"--steps {saved['steps']} --model {saved['model']} --width {saved['width']} "
+              f"--view-size {saved['view_size']}")
+    assert repeat in out and "chosen: " in out
+    again = train.pretrain(dataclasses.replace(sized.config, budget="", steps=saved["steps"],
+                                               auto_size=False), digits, tmp_path / "s")
+    assert all(torch.equal(a, b) for a, b in zip(sized.encoder.state_dict().values(),
+                                                 again.encoder.state_dict().values(),
+                                                 strict=True))
+    assert sized.losses == again.losses
