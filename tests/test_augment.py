@@ -266,3 +266,24 @@ def test_color_jitter_uses_the_drawn_factors_and_orders():
                           + [torch.rand(40, generator=g) * 0.2 - 0.1], dim=1)
     orders = jitter_orders(40, g, torch.device("cpu"))
     torch.testing.assert_close(out, apply_jitters(x, factors, orders), atol=1e-5, rtol=0)
+
+
+def test_two_views_from_one_sampling_call_equal_a_batch_of_both_copies():
+    """Each image read once for both views gives the views of the batch cat(x, x)."""
+    x = _images(24, 32, seed=4)
+    for p in (AugmentParams(out_size=16, scale=(0.2, 1.0)), AugmentParams(out_size=20, blur_p=0.5)):
+        both = augment(x, p, torch.Generator().manual_seed(9), views=2)
+        plain = augment(torch.cat((x, x)), p, torch.Generator().manual_seed(9))
+        torch.testing.assert_close(both, plain, atol=1e-6, rtol=0)
+        v1, v2 = two_views(x, p, torch.Generator().manual_seed(9))
+        assert torch.equal(torch.cat((v1, v2)), both)
+
+
+def test_normalize_into_the_models_memory_format():
+    from selfsup.augment import normalize_into
+
+    x = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    y = normalize_into(x, mean, std, torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, normalize(x, mean, std), atol=1e-6, rtol=1e-6)

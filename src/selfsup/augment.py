@@ -103,36 +103,50 @@ def crop_boxes(b: int, height: int, width: int, scale: tuple[float, float],
     return top, left, h, w
 
 
-def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None) -> torch.Tensor:
-    """Random resized crop and horizontal flip, each image with its own box (``crop_boxes``).
+def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None,
+              views: int = 1) -> torch.Tensor:
+    """Random resized crop and horizontal flip, each view with its own box (``crop_boxes``).
 
     The box is resampled bilinearly to ``out_size`` (one ``affine_grid``/``grid_sample`` call).
+    With ``views`` > 1 every image gives that many views from one sampling call: the grids of
+    an image's views are stacked along the output's height, so each image is read (and was
+    converted to float) once, not once per view. The boxes and flips are drawn as for a batch
+    of ``views * B`` images whose row ``v * B + k`` is image k, and each output pixel is the
+    same function of its image and grid point, so the views equal those of that batch.
 
     Args:
         x: (B, C, H, W) float images.
     Returns:
-        (B, C, out_size, out_size)
+        (views * B, C, out_size, out_size), rows v * B + k from image k.
     """
     b, dev = x.shape[0], x.device
+    n, c, s = views * b, x.shape[1], p.out_size
     height, width = x.shape[-2:]
-    top, left, h, w = crop_boxes(b, height, width, p.scale, p.ratio, g, dev)
-    flip = torch.where(_bernoulli(b, p.flip_p, g, dev), -1.0, 1.0)
+    top, left, h, w = crop_boxes(n, height, width, p.scale, p.ratio, g, dev)
+    flip = torch.where(_bernoulli(n, p.flip_p, g, dev), -1.0, 1.0)
     # The box in normalised coordinates [-1, 1] (align_corners=False): half-size and centre.
     sx, sy = w.to(x.dtype) / width, h.to(x.dtype) / height
     cx = (2 * left.to(x.dtype) + w.to(x.dtype)) / width - 1
     cy = (2 * top.to(x.dtype) + h.to(x.dtype)) / height - 1
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)  # (B, 2, 3) affine maps
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)  # (n, 2, 3) affine maps
     theta[:, 0, 0] = sx * flip
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [b, x.shape[1], p.out_size, p.out_size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    grid = F.affine_grid(theta, [n, c, s, s], align_corners=False)  # (n, S, S, 2)
+    if views > 1:  # (B, views * S, S, 2): image k's views one above the other
+        grid = grid.view(views, b, s, s, 2).transpose(0, 1).reshape(b, views * s, s, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                        align_corners=False)  # (B, C, views * S, S)
+    if views > 1:
+        out = out.view(b, c, views, s, s).permute(2, 0, 1, 3, 4).reshape(n, c, s, s)
+    return out
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return F.conv2d(x, w)  # one pass: the weighted sum over the channels
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -166,22 +180,23 @@ JITTERS = ("brightness", "contrast", "saturation", "hue")
 
 
 def _jitter(k: int, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Jitter ``k`` of ``JITTERS`` with per-image factors ``f`` (n,) on images y (n, 3, H, W)."""
+    """Jitter ``k`` of ``JITTERS`` with per-image factors ``f`` (n,) on images y (n, 3, H, W),
+    in place (``y`` is a fresh copy). Each linear jitter is a blend y * f + a * (1 - f) with
+    the image's mean grey (contrast), its luma (saturation) or 0 (brightness), as one fused
+    pass and an in-place clamp."""
     if k == 3:
-        return shift_hue(y, f).clamp(0, 1)
+        return shift_hue(y, f).clamp_(0, 1)
     f = f.view(-1, 1, 1, 1)
     if k == 0:
-        return (y * f).clamp(0, 1)
-    if k == 1:  # blend with the mean grey level of the image as it is at this point
-        mean = grayscale(y).mean(dim=(2, 3), keepdim=True)  # (n, 1, 1, 1)
-        return ((y - mean) * f + mean).clamp(0, 1)
-    gray = grayscale(y)  # saturation: blend with the image's own luma
-    return ((y - gray) * f + gray).clamp(0, 1)
+        return y.mul_(f).clamp_(0, 1)
+    # contrast: blend with the mean grey level of the image as it is at this point
+    a = grayscale(y).mean(dim=(2, 3), keepdim=True) if k == 1 else grayscale(y)
+    return torch.addcmul(a * (1 - f), y, f).clamp_(0, 1)
 
 
 def apply_jitters(x: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor,
-                  skip: tuple[int, ...] = (), active: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  skip: tuple[int, ...] = (), active: torch.Tensor | None = None,
+                  inplace: bool = False) -> torch.Tensor:
     """Apply the four jitters to each image in its own order.
 
     Position by position in the order, the images whose jitter at that position is k are
@@ -194,10 +209,11 @@ def apply_jitters(x: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor,
         orders: (B, 4) a permutation of 0..3 per image: the order its jitters are applied in.
         skip: jitters that are the identity here (strength 0), left out.
         active: (B,) bool, the images to jitter (None: all); the others pass unchanged.
+        inplace: write into ``x`` instead of a copy.
     Returns:
         (B, 3, H, W) in [0, 1].
     """
-    out = x.clone()
+    out = x if inplace else x.clone()
     for position in range(4):
         for k in range(4):
             if k in skip:
@@ -207,12 +223,12 @@ def apply_jitters(x: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor,
                 mask &= active
             idx = torch.nonzero(mask).squeeze(1)  # (n,) images whose jitter here is k
             if len(idx):
-                out[idx] = _jitter(k, out[idx], factors[idx, k])
+                out.index_copy_(0, idx, _jitter(k, out.index_select(0, idx), factors[idx, k]))
     return out
 
 
-def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
-                 ) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None,
+                 inplace: bool = False) -> torch.Tensor:
     """Brightness, contrast, saturation and hue jitter, each image with its own factors and its
     own random order of the four (as the SimCLR code and torchvision's ``ColorJitter`` do).
 
@@ -234,7 +250,7 @@ def color_jitter(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = 
                           + [_uniform(b, -p.hue, p.hue, g, dev)], dim=1)  # (B, 4)
     orders = jitter_orders(b, g, dev)  # (B, 4)
     skip = tuple(k for k, s in enumerate((*strengths, p.hue)) if s == 0)
-    return apply_jitters(x, factors, orders, skip, active=apply)
+    return apply_jitters(x, factors, orders, skip, active=apply, inplace=inplace)
 
 
 def jitter_orders(b: int, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -282,19 +298,21 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None) -> torch.Tensor:
-    """One random view of every image, before normalisation.
+def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None,
+            views: int = 1) -> torch.Tensor:
+    """``views`` random views of every image, before normalisation.
 
     Args:
         x: (B, 3, H, W) uint8 images.
         p: augmentation settings.
         g: random generator on ``x``'s device (None = torch's global one).
+        views: views per image, each with its own random parameters.
     Returns:
-        (B, 3, out_size, out_size) float in [0, 1].
+        (views * B, 3, out_size, out_size) float in [0, 1]; rows v * B + k from image k.
     """
-    v = crop_flip(to_float(x), p, g)
+    v = crop_flip(to_float(x), p, g, views)  # bilinear: stays in [0, 1]
     if p.jitter_p > 0:
-        v = color_jitter(v, p, g)
+        v = color_jitter(v, p, g, inplace=True)
     if p.gray_p > 0:
         v = random_grayscale(v, p.gray_p, g)
     if p.blur_p > 0:
@@ -305,5 +323,14 @@ def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None)
 def two_views(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent random views of every image (x_i, x_j in the paper), before normalisation."""
-    both = augment(torch.cat((x, x)), p, g)  # (2B, 3, S, S): one pass, independent params
+    both = augment(x, p, g, views=2)  # (2B, 3, S, S): one pass, independent params
     return both[: len(x)], both[len(x):]
+
+
+def normalize_into(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``normalize`` in one fused pass, written straight into ``memory_format`` (the model's)."""
+    scale = (1.0 / std).view(1, -1, 1, 1).to(x.dtype)
+    shift = (-mean / std).view(1, -1, 1, 1).to(x.dtype)
+    out = torch.empty_like(x, memory_format=memory_format)
+    return torch.addcmul(shift, x, scale, out=out)

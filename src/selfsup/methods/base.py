@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from selfsup import dist
-from selfsup.augment import AugmentParams, normalize, two_views
+from selfsup.augment import AugmentParams, augment, normalize_into
 from selfsup.models import Encoder, ProjectionHead, init_encoder, nhwc_safe_on_cpu
 from selfsup.optim import build_optimizer
 
@@ -177,9 +177,8 @@ class Method:
 
     def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
-        v1, v2 = two_views(x, self.aug, gen)  # 2 x (B, 3, S, S) in [0, 1]
-        return normalize(torch.cat((v1, v2)), self.mean, self.std).contiguous(
-            memory_format=self.mem)
+        v = augment(x, self.aug, gen, views=2)  # (2B, 3, S, S) in [0, 1]
+        return normalize_into(v, self.mean, self.std, self.mem)
 
     def update(self, v: torch.Tensor, lr: float, progress: float = 0.0) -> torch.Tensor:
         """One optimiser step on ready views (2B, 3, S, S); returns the detached loss.
