@@ -57,6 +57,19 @@ def test_optimizer_groups_and_lars_moves_weights():
     assert float(step.detach()) == pytest.approx(0.001 * 0.1, rel=1e-3)
 
 
+def test_adamw_decays_only_matrices():
+    cfg = make_config(None, {"optimizer": "adamw", "weight_decay": 0.05})
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = optim.build_optimizer([m], cfg, lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {p.ndim: g["weight_decay"] for g in opt.param_groups for p in g["params"]} == {
+        2: 0.05, 1: 0.0}
+    before = m[0].weight.clone()
+    m(torch.randn(8, 4)).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(before, m[0].weight)
+
+
 def _cfg(**kw):
     base = dict(dataset="digits", width=4, proj_hidden=16, proj_dim=8, batch_size=128, epochs=2,
                 view_size=8, progress=False, warmup_epochs=0.5, queue_size=512)

@@ -145,8 +145,7 @@ def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = Non
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return F.conv2d(x, w)  # one pass: the weighted sum over the channels
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

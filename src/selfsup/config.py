@@ -59,7 +59,7 @@ class Config:
     # --- loss ---
     temperature: float = 0.5  # tau in NT-Xent
     # --- optimisation ---
-    optimizer: str = "sgd"  # sgd | lars
+    optimizer: str = "sgd"  # sgd | lars | adamw (for ViTs)
     lr: float = 0.06  # learning rate per 256 images; peak lr = lr * batch_size / 256
     momentum: float = 0.9
     weight_decay: float = 5e-4  # not applied to biases and norm parameters
@@ -99,7 +99,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar10", "digits", "folder"),
-    "optimizer": ("sgd", "lars"),
+    "optimizer": ("sgd", "lars", "adamw"),
     "precision": ("auto", "fp32", "bf16"),
     "bad_images": ("skip", "fail"),
 }

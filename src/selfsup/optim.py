@@ -1,4 +1,4 @@
-"""The optimisers (SGD with momentum, LARS) and the per-step learning-rate schedule."""
+"""The optimisers (SGD with momentum, LARS, AdamW) and the per-step learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum) or LARS; biases and norm parameters get no weight decay."""
+    """SGD (momentum), LARS or AdamW (decoupled weight decay, as transformers are trained);
+    biases and norm parameters get no weight decay."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for m in modules:
@@ -56,6 +57,8 @@ def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.o
               dict(params=no_decay, weight_decay=0.0)]
     if cfg.optimizer == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
