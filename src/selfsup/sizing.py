@@ -102,9 +102,14 @@ def _fits(cfg: Config, image_size: int, device: torch.device) -> bool:
 
 
 def time_step(cfg: Config, x_all: torch.Tensor, mean: list[float], std: list[float],
-              amp_dtype: torch.dtype | None, batch: int, warm: int = 2, timed: int = 3) -> float:
+              amp_dtype: torch.dtype | None, batch: int, warm: int = 5, timed: int = 4) -> float:
     """Median seconds of one training step of ``cfg``'s networks, built apart for this (their
-    own seeded weights and generator: nothing of the run's state or random streams is used)."""
+    own seeded weights and generator: nothing of the run's state or random streams is used).
+
+    The first steps of a new network are slow (kernels chosen, memory mapped) and more so the
+    larger it is: with 2 steps of warm-up a width-64 step timed 329 ms that ran at 220 ms in
+    the run, and the sizing chose one rung too small. Five warm-up steps come first.
+    """
     device = x_all.device
     method = build_method(cfg, device, int(x_all.shape[-1]), mean, std, 1e-6, amp_dtype, batch)
     method.train()
