@@ -22,13 +22,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--model", default=None, help="encoder (default: the preset's)")
+    ap.add_argument("--width", type=int, default=None, help="encoder width (default: preset's)")
+    ap.add_argument("--view-size", type=int, default=None, help="view side in px (preset's)")
     ap.add_argument("--method", default="simclr")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
-    over = dict(method=args.method, **({"model": args.model} if args.model else {}))
+    over = dict(method=args.method, **{k: v for k, v in (("model", args.model),
+                                                         ("width", args.width),
+                                                         ("view_size", args.view_size)) if v})
     cfg = make_config(args.preset, over)
     device = select_device(cfg.device)
     if cfg.threads:

@@ -478,6 +478,8 @@ def test_data_that_cannot_be_read_or_held_is_a_clear_error(tmp_path, capsys):
     ("--lr", "inf", "--lr must be a number in (0, 100], got inf"),
     ("--device", "cuda:zero", "--device must be auto, cpu, cuda, cuda:N or mps"),
     ("--out-dir", "a\x00b", "--out-dir must not contain a NUL character"),
+    ("--out-dir", "d/" + "1" * 300, "--out-dir holds a name of 300 bytes; file systems allow"),
+    ("--resume", "1" * 3000, "--resume holds a name of 3000 bytes; file systems allow"),
 ])
 def test_run_options_out_of_range(tmp_path, capsys, option, value, expect):
     model = ["--model", "resnet50"] if value == "1024" else []

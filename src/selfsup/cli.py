@@ -21,6 +21,7 @@ from selfsup.config import (
     diff_keys,
     field_types,
     make_config,
+    shown,
 )
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.finetune import LABEL_FRACTIONS, FinetuneSettings
@@ -574,13 +575,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+NAME_MAX = 255  # bytes in one file or folder name, the usual file systems' limit
+
+
 def _check_paths(ns: argparse.Namespace) -> None:
-    """Paths given to a command: a NUL character cannot be in any file name."""
-    for key in ("run", "resume", "images", "out", "data_dir"):
+    """Paths given to a command: a NUL character cannot be in any file name, and no name in
+    the path may be longer than the file system allows (checking such a path raises instead of
+    answering "no such file")."""
+    for key in ("run", "resume", "images", "out", "data_dir", "out_dir"):
         value = getattr(ns, key, None)
-        if isinstance(value, str) and "\x00" in value:
-            flag = key.upper() if key == "run" else "--" + key.replace("_", "-")
+        if not isinstance(value, str):
+            continue
+        flag = key.upper() if key == "run" else "--" + key.replace("_", "-")
+        if "\x00" in value:
+            if key == "out_dir":  # a config field: its own check names it
+                continue
             raise SelfsupError(f"{flag} must be a path without NUL characters, got {value!r}")
+        longest = max(len(part.encode("utf-8", "surrogateescape")) for part in value.split("/"))
+        if longest > NAME_MAX:
+            raise SelfsupError(f"{flag} holds a name of {longest} bytes; file systems allow at "
+                               f"most {NAME_MAX}, got {shown(value)}")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -382,10 +382,10 @@ def validate(cfg: Config) -> None:
 
 
 # Keys that may differ when resuming a run: they do not change what is being trained.
-RESUMABLE_KEYS = ("epochs", "steps", "budget", "progress", "device", "threads", "out_dir", "name",
-                  "eval_batch_size", "tsne_points", "knn_k", "knn_t", "probe_val_frac",
-                  "knn_every", "knn_monitor_size", "bad_images", "checkpoint_every",
-                  "dist_timeout")
+RESUMABLE_KEYS = ("epochs", "steps", "budget", "auto_size", "progress", "device", "threads",
+                  "out_dir", "name", "eval_batch_size", "tsne_points", "knn_k", "knn_t",
+                  "probe_val_frac", "knn_every", "knn_monitor_size", "bad_images",
+                  "checkpoint_every", "dist_timeout")
 
 
 def diff_keys(old: Config, new: Config, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
