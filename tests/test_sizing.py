@@ -88,3 +88,20 @@ def test_budget_sizes_the_encoder_and_the_printed_command_repeats_the_run(digits
                                                  again.encoder.state_dict().values(),
                                                  strict=True))
     assert sized.losses == again.losses
+
+
+def test_run_records_the_budget_used_and_the_size_in_metrics_and_report(tmp_path):
+    from selfsup.cli import main
+
+    assert main(["run", "--dataset", "digits", "--budget", "3s", "--proj-hidden", "32",
+                 "--proj-dim", "16", "--tsne-points", "0", "--knn-every", "0", "--no-progress",
+                 "--out-dir", str(tmp_path), "--name", "b"]) == 0
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    b = m["pretrain"]["budget"]
+    assert b["budget_s"] == 3.0 and b["steps"] == m["pretrain"]["steps"] == m["config"]["steps"]
+    assert 0 < b["used_s"] and b["used_fraction"] == pytest.approx(b["used_s"] / 3.0)
+    assert b["size"]["chosen"] == sizing.describe_size(make_config(None, m["config"]))
+    page = (tmp_path / "b" / "report.html").read_text()
+    assert (f"<b>budget</b>: 3s given, {b['used_s'] / 60:.1f} min used "
+            f"({100 * b['used_fraction']:.1f} %)") in page
+    assert f"encoder chosen for this machine: {b['size']['chosen']}" in page
