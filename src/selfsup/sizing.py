@@ -49,7 +49,7 @@ def check_model_size(cfg: Config, device: torch.device) -> None:
         encoder = build_encoder(cfg.model, cfg.width)
         head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
     params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
-    # weights, gradients, momentum, the budget's throw-away copy, and a method's target copies
+    # weights, gradients, momentum, the budget's snapshot of them, and a method's target copies
     need = params * 4 * (4 + 2 * METHODS[cfg.method].target_copies)
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else physical_memory())

@@ -50,8 +50,7 @@ from selfsup.sizing import choose_size
 BUDGET_MARGIN = 0.97  # of the time left, what the steps may take (speed drifts a little)
 TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's first steps...
 TIMING_MAX_STEPS = 200  # ... and at most this many
-TIMING_MIN_STEPS = 8  # ... and at least this many (more when the warm-up allows)
-TIMING_SKIP = 3  # with at least twice this many steps, the first half is left out
+TIMING_MIN_STEPS = 11  # ... and at least this many; the mean is over the second half
 
 
 def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
@@ -66,10 +65,9 @@ def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
 
 
 def timed_mean(times: list[float]) -> float:
-    """Mean seconds per step over the second half of the timed steps (all of them when there
-    are few): the first steps of a run are slower than the rest, for a ViT by 9 % over its
-    first 21 (BENCHMARKS.md)."""
-    kept = times[len(times) // 2:] if len(times) >= 2 * TIMING_SKIP else times
+    """Mean seconds per step over the second half of the timed steps: the first steps of a run
+    are slower than the rest, for a ViT by 9 % over its first 21 (BENCHMARKS.md)."""
+    kept = times[len(times) // 2:]
     return sum(kept) / len(kept)
 
 
@@ -220,9 +218,9 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
     budget_s = parse_duration(cfg.budget)
     warmup_full = round(cfg.warmup_epochs * steps_per_epoch)
     window = min(warmup_full, steps_per_epoch - 1, TIMING_MAX_STEPS)
-    keep = method.progress_free and window >= TIMING_MIN_STEPS + TIMING_SKIP
+    keep = method.progress_free and window >= TIMING_MIN_STEPS
     if not keep:
-        window = TIMING_MIN_STEPS + TIMING_SKIP
+        window = TIMING_MIN_STEPS
     snapshot = (copy.deepcopy(method.state_dict()), gen.get_state(), global_rng_state())
     if main:
         print(f"budget {cfg.budget}: timing the run's first steps", flush=True)
@@ -233,7 +231,7 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
         take_step(step, 2**62, warmup_full)
         times.append(time.perf_counter() - t0)
         step += 1
-        enough = step >= TIMING_MIN_STEPS + TIMING_SKIP and sum(times) >= TIMING_SECONDS
+        enough = step >= TIMING_MIN_STEPS and sum(times) >= TIMING_SECONDS
         if dist.any_true(enough):  # every process takes the same steps
             break
     step_s = timed_mean(times)
@@ -284,9 +282,10 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
              ) -> PretrainResult:
     """Train the configured method's networks on ``data.train_x`` (labels unused).
 
-    With ``cfg.budget`` and no ``cfg.steps``, a short measurement on a throw-away copy picks the
-    number of steps that fits the budget; it is written into the saved config, so that
-    ``--steps N`` repeats the run exactly.
+    With ``cfg.budget`` and no ``cfg.steps``, the encoder is sized to the machine when
+    ``cfg.auto_size`` (``selfsup.sizing``), then the run's first steps are timed and fix the
+    number of steps that fits the budget (``_fit_budget``); it is written into the saved
+    config, so that ``--steps N`` repeats the run exactly.
 
     Writes ``config.json`` (at start), ``checkpoint.pt`` (every epoch, on Ctrl-C),
     ``encoder.pt`` and ``loss.npy`` (at the end) into ``run_dir``.

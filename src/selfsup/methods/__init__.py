@@ -8,7 +8,7 @@ time budget, checkpoints and the kNN monitor, and knows no method by name. What 
   detached loss (``views`` + ``update``, which benchmarks also call apart);
 * ``encoder``: the network that is saved and evaluated;
 * ``networks()`` and ``state_dict()`` / ``load_state_dict()``: everything a checkpoint holds;
-* ``clone()`` (a throw-away copy for timing steps) and ``train(mode)``.
+* ``train(mode)``.
 
 A method is a subclass of ``Method`` that builds its extra networks in ``build`` and computes its
 loss in ``loss``; moving-average targets come from ``MomentumMethod``. Register it with

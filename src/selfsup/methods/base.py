@@ -168,13 +168,6 @@ class Method:
         named.update((k, m) for k, m in self.nets.items() if k != "online")
         return named
 
-    def clone(self) -> Method:
-        """A throw-away copy (own weights, optimiser state, buffers and DDP wrapper)."""
-        new = copy.copy(self)
-        new._adopt(copy.deepcopy(self.nets))
-        new.opt.load_state_dict(self.opt.state_dict())
-        return new
-
     def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
         v = augment(x, self.aug, gen, views=2)  # (2B, 3, S, S) in [0, 1]
