@@ -28,7 +28,7 @@ def main() -> None:
     cfg = make_config(args.preset, dict(dataset=args.dataset, data_dir=args.data_dir,
                                         budget=args.budget))
     device = select_device(cfg.device)
-    data = _load_data(cfg)
+    data = _load_data(cfg, pretraining=True)
     mean, std = channel_stats(data.train_x)
     amp, why = select_precision(cfg.precision, device)
     print(describe_machine(device), f"precision {why}", sep="\n")

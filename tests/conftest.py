@@ -82,6 +82,135 @@ def cifar_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def cifar100_files(n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict[str, bytes]:
+    """The files of the CIFAR-100 python release (``train``, ``test``, ``meta``) in its format:
+    pickled dicts with the release's keys, 100 fine classes in 20 coarse ones (fine // 5)."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int, name: str) -> bytes:
+        fine = [int(i % 100) for i in range(n)]
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        imgs = data.reshape(n, 3, 32, 32)
+        for i, c in enumerate(fine):  # learnable: coarse class c // 5 brightens a band of rows
+            imgs[i, :, c // 5, :] = 255
+        return pickle.dumps({b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                             b"batch_label": name.encode(), b"fine_labels": fine,
+                             b"coarse_labels": [c // 5 for c in fine], b"data": data},
+                            protocol=2)
+
+    meta = {b"fine_label_names": [f"fine{i:02d}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)]}
+    return {"train": split(n_train, "training batch 1 of 1"),
+            "test": split(n_test, "testing batch 1 of 1"),
+            "meta": pickle.dumps(meta, protocol=2)}
+
+
+def tar_gz(files: dict[str, bytes], folder: str) -> bytes:
+    """A .tar.gz of ``files`` under ``folder/``, as the releases are packed."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data folder holding a generated cifar-100-python/, with the MD5 table set to match."""
+    from selfsup import data
+
+    folder = tmp_path / "data" / data.CIFAR100_DIR
+    folder.mkdir(parents=True)
+    table = dict(data.CIFAR100_MD5)
+    for name, content in cifar100_files().items():
+        (folder / name).write_bytes(content)
+        table[name] = md5(content)
+    monkeypatch.setattr(data, "CIFAR100_MD5", table)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def cifar100_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data folder holding a generated cifar-100-python.tar.gz, its MD5 in the table."""
+    from selfsup import data
+
+    blob = tar_gz(cifar100_files(), data.CIFAR100_DIR)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / data.CIFAR100_ARCHIVE).write_bytes(blob)
+    monkeypatch.setattr(data, "CIFAR100_MD5", {**data.CIFAR100_MD5,
+                                               data.CIFAR100_ARCHIVE: md5(blob)})
+    return root
+
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                 "truck"]
+
+
+def stl10_images(n: int, seed: int) -> np.ndarray:
+    """(n, 3, 96, 96) uint8 images, image i of class i % 10 with a white row band (learnable)
+    and a marker: pixel (row 1, column 2) of the red channel is 200, (row 2, column 1) is 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(30, 180, size=(n, 3, 96, 96), dtype=np.uint8)
+    for i in range(n):
+        c = i % 10
+        x[i, :, 8 * c:8 * c + 8, :] = 255
+    x[:, 0, 1, 2], x[:, 0, 2, 1] = 200, 0
+    return x
+
+
+def stl10_bin(x: np.ndarray) -> bytes:
+    """Images (N, 3, H, W) as the release stores them: each channel in column-major order."""
+    return np.ascontiguousarray(x.transpose(0, 1, 3, 2)).tobytes()
+
+
+def stl10_files(n_train: int = 40, n_test: int = 20, n_unlabeled: int = 30) -> dict[str, bytes]:
+    """The files of the STL-10 binary release, in its format, with a few images each."""
+    folds = [" ".join(str((f + 4 * k) % n_train) for k in range(4)) for f in range(10)]
+    return {
+        "train_X.bin": stl10_bin(stl10_images(n_train, 0)),
+        "train_y.bin": bytes(i % 10 + 1 for i in range(n_train)),  # 1-based, as released
+        "test_X.bin": stl10_bin(stl10_images(n_test, 1)),
+        "test_y.bin": bytes(i % 10 + 1 for i in range(n_test)),
+        "unlabeled_X.bin": stl10_bin(stl10_images(n_unlabeled, 2)),
+        "class_names.txt": ("\n".join(STL10_CLASSES) + "\n").encode(),
+        "fold_indices.txt": (" \n".join(folds) + " \n").encode(),
+    }
+
+
+@pytest.fixture
+def stl10_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data folder holding a generated stl10_binary/, with the MD5 table set to match."""
+    from selfsup import stl10
+
+    folder = tmp_path / "data" / stl10.STL10_DIR
+    folder.mkdir(parents=True)
+    table = dict(stl10.STL10_MD5)
+    for name, content in stl10_files().items():
+        (folder / name).write_bytes(content)
+        if name in table:
+            table[name] = md5(content)
+    monkeypatch.setattr(stl10, "STL10_MD5", table)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def stl10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data folder holding only a generated stl10_binary.tar.gz; every digest matches."""
+    from selfsup import stl10
+
+    files = stl10_files()
+    blob = tar_gz(files, stl10.STL10_DIR)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / stl10.STL10_ARCHIVE).write_bytes(blob)
+    table = {n: md5(files[n]) for n in stl10.STL10_MD5 if n in files}
+    monkeypatch.setattr(stl10, "STL10_MD5", {**table, stl10.STL10_ARCHIVE: md5(blob)})
+    return root
+
+
 def write_images(folder: Path, n: int, size: int = 12, seed: int = 0, suffix: str = ".png",
                  color: int | None = None) -> None:
     from PIL import Image

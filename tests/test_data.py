@@ -145,7 +145,7 @@ def test_digits():
 
 def test_channel_stats_matches_numpy():
     x = torch.randint(0, 256, (7, 3, 5, 5), dtype=torch.uint8)
-    mean, std = data.channel_stats(x, chunk=3)
+    mean, std = data.channel_stats(x, chunk_pixels=3 * 3 * 25)  # chunks of 3 images
     a = x.numpy().astype(np.float64) / 255
     np.testing.assert_allclose(mean, a.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(std, a.std(axis=(0, 2, 3)), rtol=1e-6)

@@ -31,3 +31,16 @@ def test_subsample_is_stratified():
     idx = plots.subsample(y, len(y), 40)
     assert np.bincount(y[idx]).tolist() == [10, 10, 10, 10]
     assert len(plots.subsample(None, 10, 40)) == 10
+
+
+def test_many_classes_give_a_readable_page(tmp_path):
+    """CIFAR-100's 100 classes: the confusion matrix stays a page (at most 25 names per axis)
+    and the maps use a colour scale, not a 100-entry legend."""
+    n = 100
+    classes = [f"class{i}" for i in range(n)]
+    cm = np.random.default_rng(0).integers(0, 9, (n, n))
+    img = Image.open(plots.confusion(cm, classes, tmp_path / "c.png", "t"))
+    assert img.size[0] <= 3000 and img.size[1] <= 1500
+    xy = np.random.default_rng(1).normal(size=(300, 2))
+    path = plots._scatter(xy, np.arange(300) % n, classes, tmp_path / "s.png", "t", "x", "y")
+    assert Image.open(path).size[0] < 1200

@@ -200,10 +200,14 @@ def _check_new_run_dir(run_dir: Path) -> None:
                            f"--name (or --out-dir), or continue a run with --resume")
 
 
-def _load_data(cfg: Config) -> Any:
+def _load_data(cfg: Config, pretraining: bool = False) -> Any:
+    """The run's data; STL-10's unlabeled images only where pretraining uses them."""
     from selfsup.data import load_dataset
 
-    return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download, cfg.bad_images)
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download, cfg.bad_images,
+                        cifar100_labels=cfg.cifar100_labels,
+                        stl10_unlabeled=cfg.stl10_unlabeled and pretraining,
+                        stl10_fold=cfg.stl10_fold)
 
 
 def _summary(metrics: dict[str, Any]) -> str:
@@ -301,11 +305,13 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     if cfg.view_size:
         check_model_input(cfg, cfg.view_size)
     t0 = time.perf_counter()
-    data = _load_data(cfg)
+    data = _load_data(cfg, pretraining=True)
     load_s = time.perf_counter() - t0
     if main:
+        extra = data.pretrain_size - len(data.train_x)
         print(f"data: {data.name}, {len(data.train_x)} training images "
-              f"{tuple(data.train_x.shape[1:])}, "
+              f"{tuple(data.train_x.shape[1:])}"
+              f"{f' (+{extra} unlabeled, for pretraining only)' if extra else ''}, "
               f"{0 if data.test_x is None else len(data.test_x)} test images "
               f"({load_s:.1f} s)", flush=True)
     check_model_input(cfg, int(data.train_x.shape[-1]))
@@ -321,7 +327,7 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     metrics = read_metrics(run_dir)
     _record_pretraining(metrics, result, changes, resume)
     metrics.update(config=cfg.to_dict(), machine=dict(machine_info(device), world_size=world),
-                   knn_history=result.knn_history)
+                   knn_history=result.knn_history, pretrain_size=data.pretrain_size)
     times = metrics.setdefault("time_s", {})
     times.update(load_data=load_s, knn_monitor=result.knn_seconds,
                  pretrain=pretrain_s + (float(times.get("pretrain", 0.0)) if resume else 0.0))

@@ -28,10 +28,13 @@ class Config:
     """Everything that defines a run. Saved as ``config.json`` and inside every checkpoint."""
 
     # --- data ---
-    dataset: str = "cifar10"  # cifar10 | digits | folder (image folder at data_dir)
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | digits | folder (images at data_dir)
     data_dir: str = field(default_factory=_default_data_dir)  # $SELFSUP_DATA or ./data
-    image_size: int = 0  # folder images are resized to this side (px); 0 = size of the first image
-    download: bool = True  # fetch CIFAR-10 when absent (checked against its published MD5)
+    image_size: int = 0  # images are resized to this side (px); 0 = own size (folders: the first)
+    download: bool = True  # fetch CIFAR-10/100 or STL-10 when absent (checked against its MD5)
+    cifar100_labels: str = "fine"  # cifar100: fine (100 classes) | coarse (20 superclasses)
+    stl10_unlabeled: bool = True  # stl10: pretrain on the 100,000 unlabeled images too
+    stl10_fold: int = -1  # stl10: probe/kNN/fine-tune on predefined fold 0-9 (1,000); -1 = all
     bad_images: str = "skip"  # image folders: skip unreadable or non-image files (counted), or fail
     # --- augmentation (two views per image per step; SimCLR appendix B.9 for CIFAR) ---
     view_size: int = 0  # side of the augmented views during pretraining (px); 0 = image side
@@ -98,7 +101,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("cifar10", "digits", "folder"),
+    "dataset": ("cifar10", "cifar100", "stl10", "digits", "folder"),
+    "cifar100_labels": ("fine", "coarse"),
     "optimizer": ("sgd", "lars", "adamw"),
     "precision": ("auto", "fp32", "bf16"),
     "bad_images": ("skip", "fail"),
@@ -174,6 +178,7 @@ def option(key: str) -> str:
 SEED_MAX = 2**32 - 1
 RANGES: dict[str, Range] = {
     "image_size": Range(0, 4096),  # 0 = the first image's side
+    "stl10_fold": Range(-1, 9),  # -1 = every labelled training image
     "view_size": Range(0, 4096),  # 0 = the image side
     "crop_scale_min": Range(0, 1, lo_open=True),
     "crop_scale_max": Range(0, 1, lo_open=True),

@@ -1,8 +1,11 @@
 """Data sets, decoded once into uint8 tensors held in memory.
 
 Readers:
-- CIFAR-10 python release (``cifar-10-python.tar.gz`` or the extracted ``cifar-10-batches-py/``),
-  every file checked against its published MD5, pickles read by a restricted unpickler;
+- CIFAR-10 and CIFAR-100 python releases (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``
+  or their extracted folders), every file checked against its published MD5, pickles read by a
+  restricted unpickler;
+- STL-10's binary release (``selfsup.stl10``): 5,000 labelled training, 8,000 test and 100,000
+  unlabeled 96x96 images, the unlabeled ones memory-mapped for pretraining;
 - image folders: ``train/<class>/*`` + ``test/<class>/*`` (labels from folder names), or a flat
   folder of unlabeled images (pretraining and embeddings only);
 - scikit-learn's bundled 8x8 digits, a tiny real data set for demos and tests.
@@ -18,7 +21,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 
 from selfsup.errors import DataError
+
+DATASETS = ("cifar10", "cifar100", "stl10", "digits", "folder")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -46,20 +51,32 @@ CIFAR10_MD5: dict[str, str] = {
     "test_batch": "40351d587109b95175f43aff81a1287e",
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
+CIFAR100_DIR = "cifar-100-python"
+CIFAR100_MD5: dict[str, str] = {
+    CIFAR100_ARCHIVE: "eb9058c3a382ffc7106e4002c42a8d85",
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
 class ImageData:
-    """A data set in memory.
+    """A data set in memory (or memory-mapped).
 
     Attributes:
-        train_x: (N, 3, H, W) uint8 images used for pretraining (and the probe's training set).
+        train_x: (N, 3, H, W) uint8 labelled training images: the probe's, kNN's and
+            fine-tuning's training set, and the first part of the pretraining set.
         train_y: (N,) int64 labels, or None for unlabeled data.
         test_x: (M, 3, H, W) uint8 test images, or None.
         test_y: (M,) int64 labels, or None.
         classes: class names, indexed by label.
         name: short name of the data set.
+        unlabeled_x: further (K, 3, H, W) uint8 images for pretraining only, after ``train_x``
+            (STL-10's unlabeled split, which may be a memory-mapped file).
     """
 
     train_x: torch.Tensor
@@ -68,10 +85,21 @@ class ImageData:
     test_y: torch.Tensor | None
     classes: list[str]
     name: str
+    unlabeled_x: tuple[torch.Tensor, ...] = ()
 
     @property
     def labeled(self) -> bool:
         return self.train_y is not None and self.test_x is not None and self.test_y is not None
+
+    @property
+    def pretrain_size(self) -> int:
+        """Images pretraining sees per epoch: the training images and the unlabeled ones."""
+        return len(self.train_x) + sum(len(u) for u in self.unlabeled_x)
+
+    def pretrain_images(self) -> torch.Tensor | ImageStack:
+        """The pretraining set: ``train_x`` itself, or it and the unlabeled images as one
+        indexable stack (nothing is copied)."""
+        return ImageStack((self.train_x, *self.unlabeled_x)) if self.unlabeled_x else self.train_x
 
     def to(self, device: torch.device) -> ImageData:
         """The same data with every tensor on ``device``."""
@@ -80,7 +108,53 @@ class ImageData:
             return None if t is None else t.to(device)
 
         return ImageData(move(self.train_x), move(self.train_y), move(self.test_x),  # type: ignore[arg-type]
-                         move(self.test_y), self.classes, self.name)
+                         move(self.test_y), self.classes, self.name,
+                         tuple(u.to(device) for u in self.unlabeled_x))
+
+
+class ImageStack:
+    """Several (N_i, 3, H, W) uint8 image tensors indexed as one, without copying them.
+
+    Indexing with a tensor (or a slice) of positions gathers those images, in that order, into
+    one new contiguous tensor; the parts may be memory-mapped and non-contiguous.
+    """
+
+    def __init__(self, parts: Sequence[torch.Tensor]) -> None:
+        if not parts or any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+            raise ValueError("an ImageStack needs parts of one image shape")
+        self.parts = tuple(parts)
+        self.offsets = torch.tensor([0, *np.cumsum([len(p) for p in parts]).tolist()])
+        self.device = parts[0].device
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self.parts[0].shape[1:]))
+
+    def to(self, device: torch.device | str) -> ImageStack:
+        return ImageStack([p.to(device) for p in self.parts])
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        if isinstance(idx, slice):
+            idx = torch.arange(len(self))[idx]
+        idx = idx.to("cpu", torch.int64)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"image index out of range for {len(self)} images")
+        out = torch.empty((len(idx), *self.parts[0].shape[1:]), dtype=self.dtype,
+                          device=self.device)  # (B, 3, H, W)
+        part = torch.bucketize(idx, self.offsets[1:], right=True)  # which part holds each
+        for k, p in enumerate(self.parts):
+            where = (part == k).nonzero().squeeze(1)
+            if len(where):
+                rows = idx[where] - self.offsets[k]
+                out[where.to(self.device)] = p[rows.to(p.device)].to(self.device)
+        return out
+
+
+Images = torch.Tensor | ImageStack  # what pretraining indexes: one tensor, or a stack of them
 
 
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -145,30 +219,74 @@ def safe_unpickle(data: bytes, source: str) -> Any:
         raise DataError(f"{source}: damaged or truncated pickle ({why})") from None
 
 
-def _cifar_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(data: bytes, source: str, label_key: bytes = b"labels"
+                 ) -> tuple[np.ndarray, np.ndarray]:
     d = safe_unpickle(data, source)
     try:
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d[b"labels"], dtype=np.int64)
+        y = np.asarray(d[label_key], dtype=np.int64)
     except Exception as e:
-        raise DataError(f"{source}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    if len(x) != len(y):
-        raise DataError(f"{source}: {len(x)} images but {len(y)} labels")
+        raise DataError(f"{source}: not a CIFAR batch ({type(e).__name__}: {e})") from None
+    if len(x) != len(y) or y.ndim != 1:
+        raise DataError(f"{source}: {len(x)} images but {y.size} labels")
     return x, y
 
 
-def _cifar_from_files(read: dict[str, bytes], where: str) -> ImageData:
-    xs, ys = zip(*(_cifar_batch(read[n], f"{where}/{n}") for n in CIFAR10_TRAIN), strict=True)
-    tx, ty = _cifar_batch(read[CIFAR10_TEST], f"{where}/{CIFAR10_TEST}")
-    meta = safe_unpickle(read[CIFAR10_META], f"{where}/{CIFAR10_META}")
+@dataclass(frozen=True)
+class CifarRelease:
+    """Where one CIFAR python release lives and how its pickles are laid out."""
+
+    name: str  # the data set's short name
+    title: str  # as messages say it
+    url: str
+    archive: str
+    folder: str
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    md5_table: str  # the name of this module's table of published digests (tests replace it)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train, self.test, self.meta)
+
+    def digests(self) -> dict[str, str]:
+        table: dict[str, str] = globals()[self.md5_table]
+        return table
+
+
+CIFAR10 = CifarRelease("cifar10", "CIFAR-10", CIFAR10_URL, CIFAR10_ARCHIVE, CIFAR10_DIR,
+                       CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META, "CIFAR10_MD5")
+CIFAR100 = CifarRelease("cifar100", "CIFAR-100", CIFAR100_URL, CIFAR100_ARCHIVE, CIFAR100_DIR,
+                        ("train",), "test", "meta", "CIFAR100_MD5")
+CIFAR100_LABELS = ("fine", "coarse")  # 100 classes, or the 20 superclasses
+
+
+def _cifar_from_files(release: CifarRelease, read: dict[str, bytes], where: str,
+                      labels: str = "fine") -> ImageData:
+    """The release's images and labels from the bytes of its files.
+
+    CIFAR-10's batches hold ``labels`` and the meta file ``label_names``; CIFAR-100's hold
+    ``fine_labels`` and ``coarse_labels``, its meta file ``fine_label_names`` and
+    ``coarse_label_names``.
+    """
+    label_key, names_key = ((b"labels", b"label_names") if release is CIFAR10 else
+                            (f"{labels}_labels".encode(), f"{labels}_label_names".encode()))
+    xs, ys = zip(*(_cifar_batch(read[n], f"{where}/{n}", label_key) for n in release.train),
+                 strict=True)
+    tx, ty = _cifar_batch(read[release.test], f"{where}/{release.test}", label_key)
+    meta = safe_unpickle(read[release.meta], f"{where}/{release.meta}")
     try:
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
     except Exception:
-        raise DataError(f"{where}/{CIFAR10_META}: no label_names") from None
-    return ImageData(
-        torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
-        torch.from_numpy(tx), torch.from_numpy(ty), classes, "cifar10",
-    )
+        raise DataError(f"{where}/{release.meta}: no {names_key.decode()}") from None
+    y = np.concatenate(ys)
+    for split, lab in (("training", y), ("test", ty)):
+        if lab.size and (lab.min() < 0 or lab.max() >= len(classes)):
+            raise DataError(f"{where}: {split} labels outside 0..{len(classes) - 1}, the "
+                            f"{len(classes)} classes of {release.meta}")
+    return ImageData(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(y),
+                     torch.from_numpy(tx), torch.from_numpy(ty), classes, release.name)
 
 
 def _download(url: str, dest: Path) -> None:
@@ -182,63 +300,128 @@ def _download(url: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_cifar10(data_dir: str | Path, download: bool = True) -> ImageData:
-    """CIFAR-10 from ``data_dir``: the extracted batches, else the archive, else a download.
+def fetch_archive(root: Path, archive: str, url: str, digest: str, download: bool,
+                  missing: Callable[[str], str]) -> Path:
+    """``root/archive``, downloaded from ``url`` when absent (and allowed), checked against its
+    published MD5.
 
-    Every file is checked against its published MD5 (``CIFAR10_MD5``) before it is read.
+    Raises:
+        DataError: absent and not downloadable (``missing(why)`` is the message), or damaged.
+    """
+    path = root / archive
+    if not path.is_file():
+        if not download:
+            raise DataError(missing("download is off"))
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url} to {path} ...", flush=True)
+        try:
+            _download(url, path)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            raise DataError(missing(f"download failed: {e}")) from None
+    check_md5(path, digest)
+    return path
+
+
+def load_cifar(release: CifarRelease, data_dir: str | Path, download: bool = True,
+               labels: str = "fine", image_size: int = 0) -> ImageData:
+    """A CIFAR python release from ``data_dir``: the extracted files, else the archive, else a
+    download.
+
+    Every file is checked against its published MD5 (``release.digests()``) before it is read.
+
+    Args:
+        labels: CIFAR-100's ``fine`` (100 classes) or ``coarse`` (20 superclasses) labels.
+        image_size: resize the 32x32 images to this side (0: keep them).
 
     Raises:
         DataError: missing and not downloadable (says which file, where to put it and where to
             get it), wrong MD5 (names the file, expected and actual digest), or unsafe pickle.
     """
+    if labels not in CIFAR100_LABELS:
+        raise DataError(f"CIFAR-100 labels must be one of {', '.join(CIFAR100_LABELS)}, "
+                        f"got {labels!r}")
     root = Path(data_dir)
-    folder = root / CIFAR10_DIR
-    names = (*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META)
+    folder = root / release.folder
+    digests = release.digests()
     if folder.is_dir():
-        missing = [n for n in names if not (folder / n).is_file()]
+        missing = [n for n in release.files if not (folder / n).is_file()]
         if missing:
             raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}. "
-                            f"Put the archive {CIFAR10_ARCHIVE} from {CIFAR10_URL} in {root}.")
-        for n in names:
-            check_md5(folder / n, CIFAR10_MD5[n])
-        return _cifar_from_files({n: (folder / n).read_bytes() for n in names}, str(folder))
+                            f"Put the archive {release.archive} from {release.url} in {root}.")
+        for n in release.files:
+            check_md5(folder / n, digests[n])
+        data = _cifar_from_files(release, {n: (folder / n).read_bytes() for n in release.files},
+                                 str(folder), labels)
+        return resize_data(data, image_size)
 
-    archive = root / CIFAR10_ARCHIVE
-    if not archive.is_file():
-        if not download:
-            raise DataError(_missing_cifar_message(root, "download is off"))
-        root.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {CIFAR10_URL} to {archive} ...", flush=True)
-        try:
-            _download(CIFAR10_URL, archive)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            raise DataError(_missing_cifar_message(root, f"download failed: {e}")) from None
-    check_md5(archive, CIFAR10_MD5[CIFAR10_ARCHIVE])
+    archive = fetch_archive(root, release.archive, release.url, digests[release.archive],
+                            download, lambda why: _missing_cifar_message(release, root, why))
     read: dict[str, bytes] = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar.getmembers():
                 base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base in names:
+                if member.isfile() and base in release.files:
                     f = tar.extractfile(member)
                     if f is not None:
                         read[base] = f.read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{archive} cannot be read as a tar.gz archive: {e}") from None
-    missing = [n for n in names if n not in read]
+    missing = [n for n in release.files if n not in read]
     if missing:
         raise DataError(f"{archive} lacks {', '.join(missing)}")
-    return _cifar_from_files(read, str(archive))
+    return resize_data(_cifar_from_files(release, read, str(archive), labels), image_size)
 
 
-def _missing_cifar_message(root: Path, why: str) -> str:
+def load_cifar10(data_dir: str | Path, download: bool = True, image_size: int = 0) -> ImageData:
+    """CIFAR-10 (50,000 training and 10,000 test images of 32x32, 10 classes); see
+    ``load_cifar``."""
+    return load_cifar(CIFAR10, data_dir, download, image_size=image_size)
+
+
+def load_cifar100(data_dir: str | Path, download: bool = True, labels: str = "fine",
+                  image_size: int = 0) -> ImageData:
+    """CIFAR-100 (50,000 training and 10,000 test images of 32x32; 100 fine classes or 20
+    coarse superclasses); see ``load_cifar``."""
+    return load_cifar(CIFAR100, data_dir, download, labels, image_size)
+
+
+def _missing_cifar_message(release: CifarRelease, root: Path, why: str) -> str:
     return (
-        f"CIFAR-10 not found in {root.resolve()} ({why}).\n"
-        f"  missing: {root / CIFAR10_ARCHIVE} (or the extracted folder {root / CIFAR10_DIR}/)\n"
-        f"  get it from {CIFAR10_URL} (MD5 {CIFAR10_MD5[CIFAR10_ARCHIVE]}) and put it there,\n"
+        f"{release.title} not found in {root.resolve()} ({why}).\n"
+        f"  missing: {root / release.archive} (or the extracted folder {root / release.folder}/)\n"
+        f"  get it from {release.url} (MD5 {release.digests()[release.archive]}) and put it "
+        f"there,\n"
         f"  or point --data-dir (or $SELFSUP_DATA) at the folder that holds it.\n"
         f"  For a demo without downloads: selfsup run --dataset digits"
     )
+
+
+def resize_images(x: torch.Tensor, size: int, chunk_pixels: int = 1 << 24) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images resized to (N, 3, size, size), antialiased bilinear (as Pillow
+    resizes folder images), a chunk at a time so that a memory-mapped set is never held whole
+    as floats."""
+    n, _, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    step = max(1, chunk_pixels // (3 * h * w))
+    for i in range(0, n, step):
+        b = x[i:i + step].float()  # (b, 3, H, W)
+        b = torch.nn.functional.interpolate(b, size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[i:i + step] = b.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def resize_data(data: ImageData, size: int) -> ImageData:
+    """Every image of ``data`` at ``size`` px (0: unchanged)."""
+    if not size or data.train_x.shape[-1] == size:
+        return data
+    return ImageData(resize_images(data.train_x, size), data.train_y,
+                     None if data.test_x is None else resize_images(data.test_x, size),
+                     data.test_y, data.classes, data.name,
+                     tuple(resize_images(u, size) for u in data.unlabeled_x))
 
 
 # --- image folders ---------------------------------------------------------------------------
@@ -640,8 +823,18 @@ def load_digits(size: int = 16, test_frac: float = 0.2) -> ImageData:
 
 
 def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
-                 download: bool = True, bad_images: str = "skip") -> ImageData:
-    """Load a data set by name: ``cifar10``, ``digits`` or ``folder`` (image folder at data_dir).
+                 download: bool = True, bad_images: str = "skip", *,
+                 cifar100_labels: str = "fine", stl10_unlabeled: bool = True,
+                 stl10_fold: int = -1) -> ImageData:
+    """Load a data set by name (``DATASETS``): ``cifar10``, ``cifar100``, ``stl10``, ``digits``
+    or ``folder`` (image folder at data_dir).
+
+    Args:
+        image_size: resize the images to this side (0: their own size; folders: the first's).
+        cifar100_labels: ``fine`` (100 classes) or ``coarse`` (20).
+        stl10_unlabeled: STL-10's 100,000 unlabeled images join the pretraining set.
+        stl10_fold: STL-10's predefined fold of 1,000 labelled training images (0-9) that the
+            probe, kNN and fine-tuning learn from; -1: all 5,000.
 
     Raises:
         DataError: anything wrong with the data, a file or folder that cannot be read or
@@ -649,7 +842,13 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
     """
     try:
         if name == "cifar10":
-            return load_cifar10(data_dir, download=download)
+            return load_cifar10(data_dir, download, image_size)
+        if name == "cifar100":
+            return load_cifar100(data_dir, download, cifar100_labels, image_size)
+        if name == "stl10":
+            from selfsup.stl10 import load_stl10
+
+            return load_stl10(data_dir, download, image_size, stl10_unlabeled, stl10_fold)
         if name == "digits":
             return load_digits()
         if name == "folder":
@@ -658,11 +857,14 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
         where = e.filename or data_dir
         raise DataError(f"cannot read the {name} data at {where}: "
                         f"{e.strerror or type(e).__name__}") from None
-    raise DataError(f"unknown dataset {name!r}; valid: cifar10, digits, folder")
+    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images (N, 3, H, W), in [0, 1] units."""
+def channel_stats(x: torch.Tensor, chunk_pixels: int = 1 << 24
+                  ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, 3, H, W), in [0, 1] units, a chunk of
+    about ``chunk_pixels`` values at a time (bounded memory at any image size)."""
+    chunk = max(1, chunk_pixels // (3 * x.shape[2] * x.shape[3]))
     s = torch.zeros(3, dtype=torch.float64)
     s2 = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(x), chunk):

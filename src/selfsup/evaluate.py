@@ -313,7 +313,7 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     if data.test_y is not None:
         save_npy(data.test_y.cpu().numpy(), run_dir / "test_lbl.npy")
     metrics.update(dataset=data.name, classes=data.classes, feature_dim=int(saved["feature_dim"]),
-                   train_size=len(data.train_x),
+                   train_size=len(data.train_x), image_size=int(data.train_x.shape[-1]),
                    test_size=0 if data.test_x is None else len(data.test_x))
     if data.labeled:
         ytr = data.train_y.cpu().numpy()  # type: ignore[union-attr]

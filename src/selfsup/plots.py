@@ -8,6 +8,7 @@ skips a figure that cannot be drawn (too few points, say) with a note, never the
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -167,16 +168,18 @@ def retrieval_grid(queries: np.ndarray, query_labels: np.ndarray | None,
 def confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: str) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     n = len(classes)
-    side = max(4.5, 0.55 * n + 1.5)
+    side = min(12.0, max(4.5, 0.55 * n + 1.5))  # 100 classes: a readable page, not 56 inches
+    every = max(1, math.ceil(n / 25))  # the classes named on the axes: at most 25
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2, side))
     rows = cm.sum(1, keepdims=True).clip(min=1)
     for ax, mat, sub, fmt in ((axes[0], cm, "counts", "d"),
                               (axes[1], cm / rows, "row-normalised (recall)", ".2f")):
         im = ax.imshow(mat, cmap="Blues")
-        ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class",
-               title=sub)
-        ax.set_xticklabels(classes, rotation=45, ha="right")
-        ax.set_yticklabels(classes)
+        ticks = range(0, n, every)
+        ax.set(xticks=ticks, yticks=ticks, xlabel="predicted class", ylabel="true class",
+               title=sub if every == 1 else f"{sub}; every {every}th class named")
+        ax.set_xticklabels([classes[i] for i in ticks], rotation=45, ha="right")
+        ax.set_yticklabels([classes[i] for i in ticks])
         if n <= 20:
             hi = mat.max() / 2
             for i in range(n):
@@ -189,11 +192,19 @@ def confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: str) 
     return _close_and_save(fig, path)
 
 
+MAX_LEGEND_CLASSES = 20  # more classes than distinct colours: a colour scale instead
+
+
 def _scatter(xy: np.ndarray, labels: np.ndarray | None, classes: list[str], path: str | Path,
              title: str, xlabel: str, ylabel: str) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.6)
+    elif len(classes) > MAX_LEGEND_CLASSES:  # too many for a legend: a colour scale of labels
+        points = ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.7, c=labels, cmap="turbo",
+                            vmin=0, vmax=len(classes) - 1)
+        fig.colorbar(points, ax=ax, label=f"class (0-{len(classes) - 1}, in the order of "
+                                          f"the data set's class list)")
     else:
         cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
         for c, name in enumerate(classes):

@@ -137,12 +137,22 @@ def _resumes_table(m: dict[str, Any]) -> str:
             + html_table(["resumed at", "from step", "to step", "settings changed"], rows))
 
 
+def _data_text(m: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """The data set, its image size and what each part was used for."""
+    name, size = m.get("dataset", cfg.get("dataset", "?")), m.get("image_size")
+    train, extra = m.get("train_size", "?"), 0
+    if isinstance(train, int) and isinstance(m.get("pretrain_size"), int):
+        extra = m["pretrain_size"] - train
+    return (f"{name}{f', {size}x{size} px' if size else ''}: {train} training images"
+            f"{f' (and {extra} unlabeled ones for pretraining only)' if extra > 0 else ''}, "
+            f"{m.get('test_size', '?')} test images")
+
+
 def _facts(m: dict[str, Any]) -> str:
     cfg, mach, pre = m.get("config", {}), m.get("machine", {}), m.get("pretrain", {})
     t = m.get("time_s", {})
     items = [
-        ("data", f"{m.get('dataset', cfg.get('dataset', '?'))}: {m.get('train_size', '?')} "
-                 f"training, {m.get('test_size', '?')} test images"),
+        ("data", _data_text(m, cfg)),
         ("method", f"{cfg.get('method', 'simclr')}: evaluates "
                    f"{pre.get('evaluated', 'the encoder f')}"),
         ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}, features "

@@ -17,7 +17,7 @@ import torch
 
 from selfsup import dist
 from selfsup.config import Config
-from selfsup.data import physical_memory
+from selfsup.data import Images, physical_memory
 from selfsup.errors import ConfigError
 from selfsup.hardware import sync
 from selfsup.methods import METHODS, build_method
@@ -101,7 +101,7 @@ def _fits(cfg: Config, image_size: int, device: torch.device) -> bool:
     return True
 
 
-def time_step(cfg: Config, x_all: torch.Tensor, mean: list[float], std: list[float],
+def time_step(cfg: Config, x_all: Images, mean: list[float], std: list[float],
               amp_dtype: torch.dtype | None, batch: int, warm: int = 5, timed: int = 4) -> float:
     """Median seconds of one training step of ``cfg``'s networks, built apart for this (their
     own seeded weights and generator: nothing of the run's state or random streams is used).
@@ -118,13 +118,14 @@ def time_step(cfg: Config, x_all: torch.Tensor, mean: list[float], std: list[flo
     times = []
     for i in range(warm + timed):
         t0 = time.perf_counter()
-        method.step(x_all[i * local % max(1, len(x_all) - local):][:local], 1e-6, gen)
+        start = i * local % max(1, len(x_all) - local)
+        method.step(x_all[start:start + local], 1e-6, gen)
         sync(device)
         times.append(time.perf_counter() - t0)
     return float(sorted(times[warm:])[timed // 2])
 
 
-def choose_size(cfg: Config, x_all: torch.Tensor, mean: list[float], std: list[float],
+def choose_size(cfg: Config, x_all: Images, mean: list[float], std: list[float],
                 amp_dtype: torch.dtype | None, batch: int, budget_s: float, main: bool
                 ) -> tuple[Config, dict[str, Any]]:
     """The config with the ladder's largest encoder that gets ``MIN_EPOCHS`` in ``budget_s``.

@@ -280,7 +280,8 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = False
              ) -> PretrainResult:
-    """Train the configured method's networks on ``data.train_x`` (labels unused).
+    """Train the configured method's networks on ``data.train_x`` and ``data.unlabeled_x``
+    (labels unused).
 
     With ``cfg.budget`` and no ``cfg.steps``, the encoder is sized to the machine when
     ``cfg.auto_size`` (``selfsup.sizing``), then the run's first steps are timed and fix the
@@ -311,10 +312,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
               f"{precision}\nmethod {cfg.method}: saves and evaluates "
               f"{METHODS[cfg.method].evaluated}", flush=True)
 
-    if len(data.train_x) < 2:
-        raise SelfsupError(f"{data.name} has {len(data.train_x)} training image(s); contrastive "
+    if data.pretrain_size < 2:
+        raise SelfsupError(f"{data.name} has {data.pretrain_size} training image(s); contrastive "
                            f"pretraining needs at least 2 (each image's negatives are the others)")
-    x_all = data.train_x.to(device)  # (N, 3, H, W) uint8, resident
+    # (N, 3, H, W) uint8, resident: the training images, then any unlabeled ones
+    x_all = data.pretrain_images().to(device)
     n = x_all.shape[0]
     batch = min(cfg.batch_size, n)  # the global batch, over all processes
     if batch < cfg.batch_size and main:
