@@ -210,6 +210,29 @@ def _load_data(cfg: Config, pretraining: bool = False) -> Any:
                         stl10_fold=cfg.stl10_fold)
 
 
+def _label_free_summary(metrics: dict[str, Any]) -> None:
+    """Print the label-free signals, untrained (step 0) and now, and record and print a
+    collapse warning when they show one."""
+    from selfsup.quality import collapse_warning
+
+    history = metrics.get("quality_history") or []
+    metrics.pop("collapse_warning", None)
+    if not history:
+        return
+    first, last = history[0], history[-1]
+    width = int(last.get("feature_dim", 0))
+    print(f"{'label-free (no labels used)':28}{'step ' + str(int(last['step'])):>12}"
+          f"{'step 0':>10}\n"
+          f"{f'RankMe (of {width} dims)':28}{last['rankme']:>12.1f}{first['rankme']:>10.1f}\n"
+          f"{'alignment (lower better)':28}{last['alignment']:>12.3f}{first['alignment']:>10.3f}\n"
+          f"{'uniformity (lower better)':28}{last['uniformity']:>12.3f}"
+          f"{first['uniformity']:>10.3f}", flush=True)
+    warning = collapse_warning(history)
+    if warning:
+        metrics["collapse_warning"] = warning
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     lines = [f"{'':16}{'trained':>10}{'untrained':>11}{'gain':>9}"]
     for key, label in SUMMARY_ROWS:
@@ -327,7 +350,9 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     metrics = read_metrics(run_dir)
     _record_pretraining(metrics, result, changes, resume)
     metrics.update(config=cfg.to_dict(), machine=dict(machine_info(device), world_size=world),
-                   knn_history=result.knn_history, pretrain_size=data.pretrain_size)
+                   knn_history=result.knn_history, pretrain_size=data.pretrain_size,
+                   quality_history=result.quality_history)
+    _label_free_summary(metrics)
     times = metrics.setdefault("time_s", {})
     times.update(load_data=load_s, knn_monitor=result.knn_seconds,
                  pretrain=pretrain_s + (float(times.get("pretrain", 0.0)) if resume else 0.0))

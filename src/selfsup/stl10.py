@@ -118,10 +118,11 @@ def _fold(path: Path, fold: int, n_train: int) -> torch.Tensor:
 
 
 def _extract(archive: Path, folder: Path) -> None:
-    """Write the release's files from ``archive`` into ``folder``: into a temporary folder
-    first, renamed when complete, so an interrupted extraction leaves nothing half-written.
-    Only the known file names are written, never a path the archive names."""
-    tmp = folder.with_name(folder.name + ".part")
+    """Write the release's files from ``archive`` into ``folder``: into a temporary folder of
+    this process first, renamed when complete, so an interrupted extraction leaves nothing
+    half-written and several processes (torchrun) extracting at once do not collide. Only the
+    known file names are written, never a path the archive names."""
+    tmp = folder.with_name(f"{folder.name}.part-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -142,7 +143,11 @@ def _extract(archive: Path, folder: Path) -> None:
         missing = [n for n in FILES if not (tmp / n).is_file()]
         if missing:
             raise DataError(f"{archive} lacks {', '.join(missing)}")
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # else another process finished first: theirs is used
+                raise
     except (tarfile.TarError, EOFError) as e:
         raise DataError(f"{archive} cannot be read as a tar.gz archive: {e}") from None
     finally:

@@ -87,9 +87,11 @@ class PretrainResult:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     knn_history: list[dict[str, float]] = field(default_factory=list)  # {step, epoch, accuracy}
-    knn_seconds: float = 0.0  # spent on those kNN checks (not in seconds or images_per_s)
+    knn_seconds: float = 0.0  # spent on the kNN and quality checks (not in seconds or images/s)
     start_step: int = 0  # the step this invocation started from (> 0 when resumed)
     budget: dict[str, Any] = field(default_factory=dict)  # how the budget was fitted and used
+    # {step, epoch, rankme, feature_dim, alignment, uniformity} (selfsup.quality)
+    quality_history: list[dict[str, float]] = field(default_factory=list)
 
 
 class _Progress:
@@ -180,9 +182,10 @@ def _restore(ck: dict[str, Any], path: Path, method: Method, gen: torch.Generato
     if not isinstance(states, list) or len(states) <= rank or not isinstance(
             states[rank], torch.Tensor) or states[rank].dtype != torch.uint8:
         raise CheckpointError(f"{what}: no augmentation generator state for process {rank}")
+    for key in ("knn_history", "quality_history"):
+        if not isinstance(ck.get(key, []), list):
+            raise CheckpointError(f"{what}: {key} is not a list")
     knn_history = ck.get("knn_history", [])
-    if not isinstance(knn_history, list):
-        raise CheckpointError(f"{what}: knn_history is not a list")
     try:
         method.load_state_dict(ck)
         gen.set_state(states[rank])
@@ -338,20 +341,29 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     losses: list[float] = []
     knn_history: list[dict[str, float]] = []
     step = 0
-    monitor = None
-    if cfg.knn_every and data.labeled:
+    monitor = quality = None
+    if cfg.knn_every and data.labeled and main:
         from selfsup.evaluate import KnnMonitor
 
         monitor = KnnMonitor(data, cfg.knn_monitor_size, cfg.knn_k, cfg.knn_t, cfg.seed,
                              cfg.eval_batch_size)
+    if cfg.knn_every and main:  # the label-free signals, on the same schedule, labels or not
+        from selfsup.quality import MONITOR_IMAGES, QualityMonitor
+
+        quality = QualityMonitor(x_all, min(MONITOR_IMAGES, n), cfg.seed, cfg.eval_batch_size)
     monitor_s = 0.0
 
     def check_knn(at_step: int) -> float:
-        """Append the monitor's kNN accuracy at ``at_step``; returns the seconds it took."""
-        assert monitor is not None
+        """The monitors' checks at ``at_step`` (kNN accuracy where there are labels, RankMe and
+        alignment/uniformity always), appended to their histories; returns the seconds taken.
+        Eval mode, no_grad and their own generators: the run's state is not touched."""
         t0 = time.perf_counter()
-        acc = monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
-        knn_history.append(dict(step=at_step, epoch=at_step / steps_per_epoch, accuracy=acc))
+        epoch = at_step / steps_per_epoch
+        if monitor is not None:
+            acc = monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
+            knn_history.append(dict(step=at_step, epoch=epoch, accuracy=acc))
+        if quality is not None:
+            quality.check(method, at_step, epoch)
         return time.perf_counter() - t0
 
     ckpt_path = run_dir / CHECKPOINT
@@ -370,9 +382,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 f"{saved_world!r:.20}, and each process's augmentation stream is part of the "
                 f"state. Resume with {saved_world!r:.20} process(es) (the same global batch).")
         losses, step, knn_history = _restore(ck, ckpt_path, method, gen, rank)
+        if quality is not None:
+            quality.history = list(ck.get("quality_history", []))
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
-    if monitor is not None and step == 0 and main:
+    if (monitor is not None or quality is not None) and step == 0:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
     order_cache: dict[int, torch.Tensor] = {}
 
@@ -424,6 +438,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         if main:
             save_torch(dict(method.state_dict(), gen_state=gen_states[0], gen_states=gen_states,
                             step=at_step, losses=losses, knn_history=knn_history,
+                            quality_history=[] if quality is None else quality.history,
                             config=cfg.to_dict(), rng=rngs[0], rng_all=rngs,
                             world_size=world), ckpt_path)
 
@@ -448,8 +463,9 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 if world > 1:  # Ctrl-C reaches the processes at different steps: agree
                     stop.requested = dist.any_true(stop.requested)
                 periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-                if monitor is not None and main and (step == total or epoch_end and (
-                        step // steps_per_epoch) % cfg.knn_every == 0):
+                if (monitor is not None or quality is not None) and (
+                        step == total or epoch_end and (step // steps_per_epoch) % cfg.knn_every
+                        == 0):
                     monitor_s += check_knn(step)  # embeds in eval mode, then restores train
                 if epoch_end or periodic or step == total or stop.requested:
                     checkpoint(step, gen_state)
@@ -474,4 +490,5 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                   f"{100 * budget['used_fraction']:.1f} % of it", flush=True)
     return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
                           images / max(train_time, 1e-9), precision, mean, std, knn_history,
-                          monitor_s, start_step, budget)
+                          monitor_s, start_step, budget,
+                          [] if quality is None else quality.history)

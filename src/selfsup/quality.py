@@ -1,0 +1,142 @@
+"""Label-free measures of a representation, for runs without labels.
+
+- **RankMe** (Garrido, Balestriero, Najman & LeCun, ICML 2023, eq. 1): the effective rank of
+  the encoder's features, ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / ||sigma||_1 + eps``
+  over the singular values ``sigma`` of the (N, D) feature matrix. From 1 (every image gets the
+  same direction: a collapsed encoder) to min(N, D) (features spread over every dimension). Across
+  checkpoints and hyper-parameters of one method, a higher RankMe went with a better downstream
+  accuracy in that paper; it is not comparable between different feature widths without care.
+- **Alignment and uniformity** (Wang & Isola, ICML 2020, eqs. 4 and 5) of the L2-normalised
+  projections z of two views of each image: alignment ``E ||z1 - z2||^2`` (lower: the two
+  views of an image agree), uniformity ``log E exp(-2 ||z_i - z_j||^2)`` over pairs of different
+  images (lower: the images spread over the sphere). A collapsed network has alignment 0 and
+  uniformity 0 (its maximum).
+
+``QualityMonitor`` measures all three during pretraining on a fixed subset of the training
+images, in eval mode, under no_grad, with its own generator for the views: nothing it does
+changes the run's weights, batch-norm statistics or random streams.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selfsup.data import Images
+
+if TYPE_CHECKING:
+    from selfsup.methods import Method
+
+RANKME_EPS = 1e-7  # the paper's epsilon inside the entropy
+MONITOR_IMAGES = 2048  # the fixed subset: more rows than any encoder here has feature columns
+COLLAPSE_FRACTION = 0.05  # effective rank under this share of the feature width: collapsed
+FALLING_CHECKS = 3  # RankMe falling this many checks in a row, by 20 % in all: collapsing
+FALLING_BY = 0.8
+COLLAPSE_CAUSES = ("a learning rate too high for the batch, a temperature too low, too weak "
+                   "augmentation, or for BYOL a target momentum or predictor that lets the two "
+                   "networks agree on a constant")
+
+
+def rankme(features: torch.Tensor | np.ndarray) -> float:
+    """The effective rank of (N, D) features (RankMe, Garrido et al. 2023, eq. 1).
+
+    Returns:
+        A value in [1, min(N, D)]: 1 for features of one direction (or all zero), near
+        min(N, D) when every singular value is alike.
+    """
+    f = torch.as_tensor(features).double()
+    sigma = torch.linalg.svdvals(f)  # (min(N, D),)
+    total = sigma.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return 1.0
+    p = sigma / total + RANKME_EPS
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> float:
+    """Wang & Isola's alignment ``E ||z1_i - z2_i||^alpha`` of L2-normalised pairs (N, D)."""
+    return float((z1.double() - z2.double()).norm(dim=1).pow(alpha).mean())
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """Wang & Isola's uniformity ``log E_{i<j} exp(-t ||z_i - z_j||^2)`` of L2-normalised
+    z (N, D), N >= 2."""
+    d2 = torch.pdist(z.double()).pow(2)  # (N(N-1)/2,) squared distances of distinct pairs
+    return float(torch.logsumexp(-t * d2, dim=0) - math.log(len(d2)))
+
+
+class QualityMonitor:
+    """RankMe of the encoder's features and alignment/uniformity of the projections of two
+    views, on ``size`` training images chosen once from ``seed``.
+
+    The features are those of the un-augmented images (as the encoder is used afterwards); the
+    views come from a generator seeded the same way at every check, so two checks differ only
+    by the networks.
+    """
+
+    def __init__(self, x_all: Images, size: int, seed: int, batch_size: int) -> None:
+        n = len(x_all)
+        pick = torch.from_numpy(np.random.default_rng(seed + 29).permutation(n)[:size])
+        self.x = x_all[pick.to(x_all.device) if isinstance(x_all, torch.Tensor) else pick]
+        self.seed, self.batch_size = seed, batch_size
+        self.history: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def measure(self, method: Method) -> dict[str, float]:
+        """RankMe, alignment and uniformity of ``method``'s networks now (they are left as
+        they were: training mode restored, no state changed)."""
+        from selfsup.evaluate import embed
+
+        was_training = method.nets.training
+        method.nets.eval()
+        try:
+            h = embed(method.encoder, self.x, method.mean.tolist(), method.std.tolist(),
+                      self.batch_size, method.device, method.nhwc)  # (n, D)
+            gen = torch.Generator(device=method.device).manual_seed(self.seed + 31)
+            z1s, z2s = [], []
+            for i in range(0, len(self.x), self.batch_size):
+                b = self.x[i:i + self.batch_size].to(method.device)
+                v = method.views(b, gen)  # (2b, 3, S, S), rows k and k+b pair up
+                z = F.normalize(method.head(method.encoder(v)).float(), dim=1)  # (2b, d)
+                z1s.append(z[:len(b)].cpu())
+                z2s.append(z[len(b):].cpu())
+        finally:
+            method.nets.train(was_training)
+        z1, z2 = torch.cat(z1s), torch.cat(z2s)
+        return dict(rankme=rankme(h), feature_dim=float(h.shape[1]),
+                    alignment=alignment(z1, z2),
+                    uniformity=(uniformity(z1) + uniformity(z2)) / 2)
+
+    def check(self, method: Method, step: int, epoch: float) -> dict[str, float]:
+        """Measure and append to ``history``; returns the entry."""
+        entry = dict(step=float(step), epoch=epoch, **self.measure(method))
+        self.history.append(entry)
+        return entry
+
+
+def collapse_warning(history: list[dict[str, Any]]) -> str | None:
+    """A warning when RankMe says the representation collapsed or is collapsing, else None.
+
+    Collapsed: the last effective rank is under ``COLLAPSE_FRACTION`` of the feature width.
+    Collapsing: it fell at each of the last ``FALLING_CHECKS`` checks, by 20 % or more in all.
+    """
+    ranks = [float(e["rankme"]) for e in history if "rankme" in e]
+    if len(ranks) < 2:
+        return None
+    width = float(history[-1].get("feature_dim", 0)) or None
+    last = ranks[-1]
+    if width and last < COLLAPSE_FRACTION * width:
+        return (f"the representation has collapsed: its effective rank (RankMe) is {last:.1f} "
+                f"of {width:.0f} feature dimensions (it started at {ranks[0]:.1f}). Usual causes: "
+                f"{COLLAPSE_CAUSES}.")
+    tail = ranks[-(FALLING_CHECKS + 1):]
+    falling = all(b < a for a, b in zip(tail[:-1], tail[1:], strict=True))
+    if len(tail) == FALLING_CHECKS + 1 and falling and tail[-1] < FALLING_BY * tail[0]:
+        return (f"the representation may be collapsing: its effective rank (RankMe) fell at "
+                f"each of the last {FALLING_CHECKS} checks, from {tail[0]:.1f} to {tail[-1]:.1f}. "
+                f"Usual causes: {COLLAPSE_CAUSES}.")
+    return None
