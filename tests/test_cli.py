@@ -8,7 +8,7 @@ import urllib.error
 import numpy as np
 import pytest
 
-from selfsup import data
+from selfsup import data, report
 from selfsup.cli import main
 
 OUTPUTS = ("encoder.pt", "checkpoint.pt", "train_emb.npy", "test_emb.npy", "train_lbl.npy",
@@ -123,7 +123,7 @@ def test_every_command_has_help(capsys):
         assert "usage: selfsup " + cmd in capsys.readouterr().out
 
 
-def test_unlabeled_folder_run(tmp_path):
+def test_unlabeled_folder_run(tmp_path, capsys):
     from tests.conftest import write_images
 
     write_images(tmp_path / "flat", 40, size=16)
@@ -133,6 +133,48 @@ def test_unlabeled_folder_run(tmp_path):
     run = tmp_path / "runs" / "u"
     assert np.load(run / "train_emb.npy").shape == (40, 32)
     assert (run / "pca.png").is_file() and not (run / "confusion.png").exists()
+    # Without labels: the label-free signals (step 0 and each epoch), printed and reported,
+    # and the nearest-neighbour grid among the training images.
+    m = json.loads((run / "metrics.json").read_text())
+    assert [e["step"] for e in m["quality_history"]] == [0, 1, 2]
+    assert m["knn_history"] == [] and (run / "retrieval.png").is_file()
+    out = capsys.readouterr().out
+    assert "RankMe (of 32 dims)" in out and "alignment" in out and "uniformity" in out
+    page = (run / "report.html").read_text()
+    assert "Label-free signals (no labels used)" in page and "effective rank" in page
+    _check_captions(page, m, drawn={"loss.png", "retrieval.png", "tsne.png", "pca.png",
+                                    "augmentations.png"})
+    caption = report.captions(m)
+    assert "kNN" not in caption["loss.png"] and "label-free" in caption["loss.png"]
+    assert "training embeddings" in caption["tsne.png"] and "not coloured" in caption["tsne.png"]
+    assert "unframed" in caption["retrieval.png"] and "training images (each left out" in \
+        caption["retrieval.png"]
+
+
+def _check_captions(page, m, drawn):
+    """Every figure the report shows is one that was drawn, under the caption that describes
+    it for this run's metrics; every figure drawn is shown."""
+    import html as html_mod
+
+    shown = {f for f, heading in report.FIGURES
+             if f'<h2>{html_mod.escape(heading)}</h2><figure>' in page}
+    assert shown == drawn, (shown, drawn)
+    for f in drawn:
+        assert html_mod.escape(report.captions(m)[f]) in page, f
+
+
+def test_labelled_run_captions_match_its_figures(cifar_dir, tmp_path):
+    assert _run(tmp_path, cifar_dir) == 0
+    run = tmp_path / "runs" / "e2e"
+    m = json.loads((run / "metrics.json").read_text())
+    page = (run / "report.html").read_text()
+    _check_captions(page, m, drawn={"loss.png", "confusion.png", "retrieval.png", "tsne.png",
+                                    "pca.png", "augmentations.png"})
+    caption = report.captions(m)
+    assert "kNN accuracy" in caption["loss.png"] and "label-free" in caption["loss.png"]
+    assert "test embeddings" in caption["tsne.png"] and "coloured by class" in caption["tsne.png"]
+    assert "green frame" in caption["retrieval.png"]
+    assert len(m["knn_history"]) == len(m["quality_history"]) == 3
 
 
 @pytest.mark.slow

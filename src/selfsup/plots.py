@@ -59,13 +59,15 @@ def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
 @literal_text
 def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None = None,
                untrained_floor: float | None = None,
-               knn_history: list[dict[str, float]] | None = None) -> Path:
+               knn_history: list[dict[str, float]] | None = None,
+               quality_history: list[dict[str, float]] | None = None) -> Path:
     """NT-Xent per step, with a moving average; ``untrained_floor`` marks log(2N-1).
 
     ``knn_history`` (``[{"step", "epoch", "accuracy"}, ...]``, from pretraining) adds a panel
-    beside the loss: kNN accuracy on a fixed subset against the epoch.
+    beside the loss: kNN accuracy on a fixed subset against the epoch. ``quality_history``
+    (``selfsup.quality``) adds one of the label-free signals: RankMe, alignment, uniformity.
     """
-    panels = 2 if knn_history else 1
+    panels = 1 + bool(knn_history) + bool(quality_history)
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels - 1 * (panels - 1), 4), squeeze=False)
     ax = axes[0, 0]
     steps = np.arange(1, len(losses) + 1)
@@ -94,6 +96,23 @@ def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None
         ax.set(title="kNN accuracy during pretraining", xlabel="epoch", ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
+    if quality_history:
+        ax = axes[0, panels - 1]
+        ep = [h["epoch"] for h in quality_history]
+        width = int(quality_history[-1].get("feature_dim", 0))
+        ax.plot(ep, [h["rankme"] for h in quality_history], marker="o", c="C2",
+                label=f"RankMe (effective rank of {width} dims)")
+        ax.set(title="Label-free signals during pretraining", xlabel="epoch",
+               ylabel="RankMe (higher: features use more dimensions)")
+        ax.grid(alpha=0.3)
+        right = ax.twinx()
+        right.plot(ep, [h["alignment"] for h in quality_history], ls="--", c="C3",
+                   label="alignment of two views (lower: agree)")
+        right.plot(ep, [h["uniformity"] for h in quality_history], ls=":", c="C4",
+                   label="uniformity (lower: spread out)")
+        right.set_ylabel("alignment, uniformity")
+        lines = ax.get_lines() + right.get_lines()
+        ax.legend(lines, [str(ln.get_label()) for ln in lines], fontsize=8, loc="best")
     fig.tight_layout()
     return _close_and_save(fig, path)
 
@@ -155,11 +174,15 @@ def retrieval_grid(queries: np.ndarray, query_labels: np.ndarray | None,
                     for spine in ax.spines.values():
                         spine.set_edgecolor("tab:green" if same else "tab:red")
                         spine.set_linewidth(2.5)
+                else:  # no labels to compare: no frame
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])
-    fig.suptitle(f"Nearest training images (cosine similarity of features), {k} per query; "
-                 "frame: green = same class", fontsize=9)
+    framed = query_labels is not None and any(len(v) for v in neighbour_labels.values())
+    fig.suptitle(f"Nearest training images (cosine similarity of features), {k} per query"
+                 + ("; frame: green = same class" if framed else ""), fontsize=9)
     fig.tight_layout()
     return _close_and_save(fig, path)
 
@@ -324,11 +347,12 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
         losses = np.load(run_dir / "loss.npy")
         if len(losses) == 0:
             raise ValueError("no pretraining steps recorded")
-        train_size = int(metrics.get("train_size", 0))
+        train_size = int(metrics.get("pretrain_size") or metrics.get("train_size", 0))
         batch = min(cfg.batch_size, train_size) if train_size else cfg.batch_size
         steps_per_epoch = train_size // batch if train_size else None
         return loss_curve(losses, run_dir / "loss.png", steps_per_epoch,
-                          math.log(2 * batch - 1), metrics.get("knn_history"))
+                          math.log(2 * batch - 1), metrics.get("knn_history"),
+                          metrics.get("quality_history"))
 
     def confusion_figure() -> Path | None:
         if "confusion" not in metrics:
@@ -400,34 +424,45 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
 
 
 def _retrieval(run_dir: Path, data: ImageData, seed: int, queries: int = 6, k: int = 8) -> bool:
-    """``retrieval.png`` from the saved embeddings of both encoders; False when they are missing."""
-    files = {name: (run_dir / f"{p}train_emb.npy", run_dir / f"{p}test_emb.npy")
+    """``retrieval.png`` from the saved embeddings of both encoders; False when they are missing.
+
+    The queries are test images (one per class when labelled), or, without a test split,
+    training images, each left out of its own neighbours."""
+    has_test = data.test_x is not None
+    splits = ("train", "test") if has_test else ("train",)
+    files = {name: [run_dir / f"{p}{s}_emb.npy" for s in splits]
              for name, p in (("trained", ""), ("untrained", "untrained_"))}
-    if data.test_x is None or not all(f.is_file() for pair in files.values() for f in pair):
+    if not all(f.is_file() for paths in files.values() for f in paths):
         return False
-    test_y = None if data.test_y is None else data.test_y.cpu().numpy()
+    query_x = data.test_x if data.test_x is not None else data.train_x
+    query_y_all = data.test_y if has_test else data.train_y
+    query_y = None if query_y_all is None else query_y_all.cpu().numpy()
     train_y = None if data.train_y is None else data.train_y.cpu().numpy()
     rng = np.random.default_rng(seed)
-    if test_y is not None:  # one query from each of the first classes
-        classes = np.unique(test_y)[:queries]
-        q_idx = np.array([rng.choice(np.flatnonzero(test_y == c)) for c in classes])
+    if query_y is not None:  # one query from each of the first classes
+        classes = np.unique(query_y)[:queries]
+        q_idx = np.array([rng.choice(np.flatnonzero(query_y == c)) for c in classes])
     else:
-        q_idx = rng.choice(len(data.test_x), min(queries, len(data.test_x)), replace=False)
+        q_idx = rng.choice(len(query_x), min(queries, len(query_x)), replace=False)
 
     def hwc(x: np.ndarray) -> np.ndarray:
         return np.moveaxis(x, -3, -1).astype(np.float32) / 255
 
     train_imgs = data.train_x.cpu().numpy()
     neighbours, labels = {}, {}
-    for name, (tr_path, te_path) in files.items():
-        tr, te = np.load(tr_path), np.load(te_path)[q_idx]
+    for name, paths in files.items():
+        tr = np.load(paths[0])
+        te = (np.load(paths[1]) if has_test else tr)[q_idx]
         tr = tr / np.linalg.norm(tr, axis=1, keepdims=True).clip(1e-12)
         te = te / np.linalg.norm(te, axis=1, keepdims=True).clip(1e-12)
-        nn_idx = np.argsort(-(te @ tr.T), axis=1)[:, :k]  # (Q, k), nearest first
+        sim = te @ tr.T  # (Q, N)
+        if not has_test:
+            sim[np.arange(len(q_idx)), q_idx] = -np.inf  # a query is not its own neighbour
+        nn_idx = np.argsort(-sim, axis=1)[:, :k]  # (Q, k), nearest first
         neighbours[f"{name} encoder"] = hwc(train_imgs[nn_idx])
         labels[f"{name} encoder"] = train_y[nn_idx] if train_y is not None else np.empty(0)
     names = [shown_name(c) for c in data.classes] if data.classes else []
-    retrieval_grid(hwc(data.test_x.cpu().numpy()[q_idx]),
-                   None if test_y is None else test_y[q_idx], neighbours, labels,
+    retrieval_grid(hwc(query_x.cpu().numpy()[q_idx]),
+                   None if query_y is None else query_y[q_idx], neighbours, labels,
                    run_dir / "retrieval.png", names)
     return True

@@ -17,19 +17,57 @@ from typing import Any
 
 from selfsup.files import atomic_write_text
 
-# Figures in the order the page shows them: (file, heading, what it shows).
+# Figures in the order the page shows them: (file, heading); ``captions`` says what each shows.
 FIGURES = (
-    ("loss.png", "Pretraining", "NT-Xent loss per step and, beside it, kNN accuracy on a fixed "
-                                "subset during pretraining."),
-    ("label_efficiency.png", "Label efficiency", "Test accuracy against the fraction of labels "
-                                                 "used."),
-    ("confusion.png", "Confusion matrix", "Linear probe on the trained encoder, test set."),
-    ("retrieval.png", "Nearest neighbours", "Training images nearest to a few test images, "
-                                            "trained encoder vs untrained."),
-    ("tsne.png", "t-SNE map", "Test embeddings of the trained encoder."),
-    ("pca.png", "PCA map", "First two principal components of the test embeddings."),
-    ("augmentations.png", "Augmentations", "Two random views of a few training images."),
+    ("loss.png", "Pretraining"),
+    ("label_efficiency.png", "Label efficiency"),
+    ("confusion.png", "Confusion matrix"),
+    ("retrieval.png", "Nearest neighbours"),
+    ("tsne.png", "t-SNE map"),
+    ("pca.png", "PCA map"),
+    ("augmentations.png", "Augmentations"),
 )
+LABEL_FREE_READING = (
+    "RankMe is the effective rank of the encoder's features (1: every image maps to one "
+    "direction, a collapsed encoder; up to the feature width: the features use every "
+    "dimension); within one method, a higher value has gone with better accuracy after "
+    "training, but it is not an accuracy and can rise with noise. Alignment (lower: two views of "
+    "an image agree) and uniformity (lower: images spread over the sphere) are measured on the "
+    "projections of two views; both are 0 for a collapsed network.")
+
+
+def captions(m: dict[str, Any]) -> dict[str, str]:
+    """What each figure shows, as ``selfsup.plots`` draws it for this run's metrics: the loss
+    panels that exist, the split the maps show, whether there are classes and frames."""
+    labelled = bool(m.get("classes"))
+    has_test = bool(m.get("test_size"))
+    split = "test" if has_test else "training"
+    colour = "coloured by class" if labelled else "not coloured (no labels)"
+    beside = []
+    if m.get("knn_history"):
+        beside.append("kNN accuracy on a fixed subset of labelled images")
+    if m.get("quality_history"):
+        beside.append("the label-free signals on a fixed subset of training images (RankMe; "
+                      "alignment and uniformity of two views)")
+    loss = ("Pretraining loss per step" + (", and beside it " + " and ".join(beside)
+                                           + ", against the epoch" if beside else "") + ".")
+    if has_test:
+        queries = "a few test images (one per class)" if labelled else "a few test images"
+    else:
+        queries = "a few training images (each left out of its own neighbours)"
+    frames = ("; a green frame marks a neighbour of the query's class, a red one another class"
+              if labelled else "; unframed: there are no labels to compare")
+    return {
+        "loss.png": loss,
+        "label_efficiency.png": "Test accuracy against the fraction of labels used.",
+        "confusion.png": "Linear probe on the trained encoder, test set.",
+        "retrieval.png": (f"Training images nearest (cosine) to {queries}, under the trained "
+                          f"encoder and under the untrained one{frames}."),
+        "tsne.png": f"t-SNE of the {split} embeddings of the trained encoder, {colour}.",
+        "pca.png": (f"First two principal components of the {split} embeddings of the trained "
+                    f"encoder, {colour}."),
+        "augmentations.png": "Two random views of a few training images.",
+    }
 
 _CHECK_SCRIPT = """
 window.__errors = 0;
@@ -83,9 +121,31 @@ def _metrics_table(m: dict[str, Any]) -> str:
                         f"<td>{pct(r['untrained'])}</td>{_gain(r['trained'], r['untrained'])}"
                         "</tr>")
     if not rows:
-        return "<p>No labels: embeddings only, no accuracy.</p>"
+        return ("<p>No labels: no accuracy. The label-free signals below and the nearest "
+                "neighbours further down show what the encoder learned.</p>")
     return html_table(["test accuracy", "trained encoder", "untrained encoder", "gain (points)"],
                   rows)
+
+
+def _label_free_table(m: dict[str, Any]) -> str:
+    """RankMe, alignment and uniformity at the end of pretraining beside step 0 (the untrained
+    networks), with how to read them, and the collapse warning when there is one."""
+    h = m.get("quality_history")
+    if not isinstance(h, list) or not h or not all(isinstance(e, dict) for e in h):
+        return ""
+    first, last = h[0], h[-1]
+    rows = [f"<tr><td>{label}</td><td>{last[k]:{fmt}}</td><td>{first[k]:{fmt}}</td></tr>"
+            for k, label, fmt in (
+                ("rankme", f"RankMe (effective rank, of {int(last.get('feature_dim', 0))} "
+                           f"feature dimensions)", ".1f"),
+                ("alignment", "alignment of two views (lower: better)", ".3f"),
+                ("uniformity", "uniformity (lower: better)", ".3f"))]
+    warning = m.get("collapse_warning")
+    note = (f'<p class="loss">Warning: {html.escape(str(warning))}</p>' if warning else "")
+    return ("<h3>Label-free signals (no labels used)</h3>" + note
+            + html_table(["measure", f"trained (step {int(last.get('step', 0))})",
+                          "untrained (step 0)"], rows)
+            + f"<p>{html.escape(LABEL_FREE_READING)}</p>")
 
 
 def _finetune_table(m: dict[str, Any]) -> str:
@@ -215,8 +275,10 @@ def build_report(run_dir: str | Path) -> str:
     cfg = m.get("config") or (read_json(cpath, "a config object", "it is not a selfsup run's")
                               if cpath.is_file() else {})
     m.setdefault("config", cfg)
-    figures = [figure_html(run_dir / f, h, c) for f, h, c in FIGURES if (run_dir / f).is_file()]
-    known = {f for f, _, _ in FIGURES}
+    text = captions(m)
+    figures = [figure_html(run_dir / f, h, text[f]) for f, h in FIGURES
+               if (run_dir / f).is_file()]
+    known = {f for f, _ in FIGURES}
     figures += [figure_html(p, p.stem.replace("_", " "), "") for p in sorted(run_dir.glob("*.png"))
                 if p.name not in known and p.is_file()]
     title = f"selfsup run {run_dir.name}"
@@ -233,6 +295,7 @@ probed the same way.</p>
 {_facts(m)}
 <h2>Results</h2>
 {_metrics_table(m)}
+{_label_free_table(m)}
 {_finetune_table(m)}
 {_label_efficiency_table(m)}
 {_resumes_table(m)}
