@@ -324,6 +324,10 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     main, world = dist.is_main(), dist.world_size()
     if main:
         print(f"selfsup {ns.command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
+    if cfg.log == "tensorboard":
+        from selfsup.logs import check_tensorboard
+
+        check_tensorboard()  # a clear error now, not after loading the data
     check_model_size(cfg, device)  # before the data are loaded
     if cfg.view_size:
         check_model_input(cfg, cfg.view_size)

@@ -92,6 +92,7 @@ class Config:
     name: str = ""  # run folder name under out_dir; "" = <dataset>-<preset>-<time>
     preset: str = ""  # the preset these values started from (informational)
     progress: bool = True  # show a progress bar (a line per epoch when not on a terminal)
+    log: str = "none"  # metrics.jsonl is always written; tensorboard: event files too
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +107,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "lars", "adamw"),
     "precision": ("auto", "fp32", "bf16"),
     "bad_images": ("skip", "fail"),
+    "log": ("none", "tensorboard"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -387,8 +389,8 @@ def validate(cfg: Config) -> None:
 
 
 # Keys that may differ when resuming a run: they do not change what is being trained.
-RESUMABLE_KEYS = ("epochs", "steps", "budget", "auto_size", "progress", "device", "threads",
-                  "out_dir", "name", "eval_batch_size", "tsne_points", "knn_k", "knn_t",
+RESUMABLE_KEYS = ("epochs", "steps", "budget", "auto_size", "progress", "log", "device",
+                  "threads", "out_dir", "name", "eval_batch_size", "tsne_points", "knn_k", "knn_t",
                   "probe_val_frac", "knn_every", "knn_monitor_size", "bad_images",
                   "checkpoint_every", "dist_timeout")
 

@@ -36,10 +36,11 @@ from selfsup.checkpoint import (
     set_global_rng_state,
 )
 from selfsup.config import Config, diff_keys, parse_duration
-from selfsup.data import ImageData, channel_stats
+from selfsup.data import ImageData, Images, channel_stats
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
 from selfsup.hardware import select_device, select_precision, sync
+from selfsup.logs import RunLog
 from selfsup.methods import METHODS, Method, build_method
 from selfsup.models import Encoder
 from selfsup.optim import lr_at
@@ -107,16 +108,20 @@ class _Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.t0, self.s0 = time.perf_counter(), initial
 
-    def update(self, step: int, loss: float, lr: float, ips: float) -> None:
+    def update(self, step: int, loss: float, lr: float, ips: float, views: float) -> None:
+        """``views``: the share of step time spent making the views (the augmentation): near 1,
+        the CPU's augmentation is the bottleneck; near 0, the model is."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}",
+                                 views=f"{views:.0%}")
         elif step % self.every == 0 or step == self.total:
             left = (self.total - step) * (time.perf_counter() - self.t0) / max(1, step - self.s0)
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  {ips:.0f} img/s  "
-                  f"{left / 60:.1f} min left", file=sys.stderr, flush=True)
+                  f"views {views:.0%} of step time  {left / 60:.1f} min left", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -275,6 +280,21 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
                            kept_seconds=sum(times) if keep else 0.0)
 
 
+def _views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndarray:
+    """(H, W, 3) image in [0, 1]: ``n`` training images (top row) and two views of each,
+    drawn with their own generator (the run's streams are not touched)."""
+    from selfsup.augment import augment
+
+    x = x_all[torch.linspace(0, len(x_all) - 1, n).long().to(x_all.device)].cpu()  # (n,3,H,W)
+    g = torch.Generator().manual_seed(seed + 37)
+    v = augment(x, method.aug, g, views=2).float()  # (2n, 3, S, S) in [0, 1]
+    side = v.shape[-1]
+    orig = torch.nn.functional.interpolate(x.float() / 255, size=(side, side), mode="bilinear",
+                                           antialias=True, align_corners=False)
+    rows = [torch.cat(list(r), dim=2) for r in (orig, v[:n], v[n:])]  # (3, S, n*S) each
+    return torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy()  # (3S, nS, 3)
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The permutation of the data for one epoch: a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -362,8 +382,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         if monitor is not None:
             acc = monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
             knn_history.append(dict(step=at_step, epoch=epoch, accuracy=acc))
+        values: dict[str, float] = {}
+        if monitor is not None:
+            values["knn"] = knn_history[-1]["accuracy"]
         if quality is not None:
-            quality.check(method, at_step, epoch)
+            entry = quality.check(method, at_step, epoch)
+            values.update((k, entry[k]) for k in ("rankme", "alignment", "uniformity"))
+        log.check(at_step, epoch, values)
         return time.perf_counter() - t0
 
     ckpt_path = run_dir / CHECKPOINT
@@ -386,9 +411,14 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
             quality.history = list(ck.get("quality_history", []))
         if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
             cfg = dataclasses.replace(cfg, steps=old.steps)
+    log = RunLog(run_dir, step, cfg.log == "tensorboard", main)
     if (monitor is not None or quality is not None) and step == 0:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
+    if step == 0 and log.writer is not None:
+        log.image("augmentations", _views_grid(x_all, method, cfg.seed))
     order_cache: dict[int, torch.Tensor] = {}
+    # Steps taken and not yet logged: (steps done, lr, loss, seconds, seconds making views).
+    pending: list[tuple[int, float, float, float, float]] = []
 
     def take_step(at: int, total: int, warmup: int) -> float:
         """Step ``at`` of ``total`` (its batch, learning rate, views, update); appends the loss.
@@ -403,8 +433,20 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         lr = lr_at(at, total, warmup, peak_lr)
         idx = order_cache[epoch][i * batch:(i + 1) * batch]  # (B,) the global batch
         idx = idx[rank * local:(rank + 1) * local]  # this process's share
+        t0 = time.perf_counter()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] \
+            if device.type == "cuda" else []
+        if marks:
+            marks[0].record()
+        v = method.views(x_all[idx], gen)  # (2B, 3, S, S)
+        if marks:
+            marks[1].record()
+        views_s = time.perf_counter() - t0
         # The global loss (mean over processes); the float() syncs: the guard needs it.
-        loss_value = dist.all_mean(float(method.step(x_all[idx], lr, gen, at / total)))
+        loss_value = dist.all_mean(float(method.update(v, lr, at / total)))
+        if marks:  # the device's own time for the views (the host's is only their launch)
+            views_s = marks[0].elapsed_time(marks[1]) / 1000
+        pending.append((at + 1, lr, loss_value, time.perf_counter() - t0, views_s))
         if not math.isfinite(loss_value):
             raise SelfsupError(
                 f"loss became {loss_value} at step {at + 1}; the last good checkpoint "
@@ -412,12 +454,26 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         losses.append(loss_value)
         return lr
 
+    views_time = 0.0  # of the steps logged in this invocation: seconds spent making views
+
+    def log_steps(upto: int) -> None:
+        """Write the pending steps up to ``upto`` steps done to the log; drop the rest (the
+        budget's timed steps, when it undoes them)."""
+        nonlocal views_time
+        for done, lr_, loss_, seconds, views_s in pending:
+            if done <= upto:
+                views_time += views_s
+                log.step(done, done / steps_per_epoch, lr_, loss_, batch / max(seconds, 1e-9),
+                         views_s / max(seconds, 1e-9))
+        pending.clear()
+
     start_step = step
     budget: dict[str, Any] = {}
     if not resume and cfg.budget and not cfg.steps:
         cfg, step, budget = _fit_budget(cfg, method, take_step, gen, losses, t_start, monitor_s,
                                         steps_per_epoch, run_dir, main)
         budget["size"] = sizing
+        log_steps(step)  # the timed steps the run kept (none when undone)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     if resume and main:
@@ -458,7 +514,9 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 sync(device)
                 train_time += time.perf_counter() - t0
                 images += batch
-                progress.update(step, loss_value, lr, images / max(train_time, 1e-9))
+                log_steps(step)
+                progress.update(step, loss_value, lr, images / max(train_time, 1e-9),
+                                views_time / max(train_time, 1e-9))
                 epoch_end = step % steps_per_epoch == 0
                 if world > 1:  # Ctrl-C reaches the processes at different steps: agree
                     stop.requested = dist.any_true(stop.requested)
@@ -477,6 +535,8 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 print(f"\ninterrupted: checkpoint at step {saved_step}/{total} in {ckpt_path}; "
                       f"continue with --resume {run_dir}", file=sys.stderr, flush=True)
             raise
+        finally:
+            log.close()
     progress.close()
     encoder = method.encoder.eval()
     if main:
