@@ -73,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ("label-efficiency", "probe, fine-tune and train from scratch with 1%%, "
                                              "10%% and 100%% of the labels; table and plot"),
                         ("report", "write RUN/report.html: config, timings, metrics, figures"),
-                        ("embed", "embed a folder of images with a run's encoder (.npy)")):
+                        ("embed", "embed a folder of images with a run's encoder (.npy)"),
+                        ("export", "write a run's encoder, its input normalisation inside, as "
+                                   "ONNX, TorchScript or safetensors (runs outside selfsup)")):
         p = runs[name] = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("run", metavar="RUN", help="run folder (e.g. runs/NAME)")
-        if name not in ("report", "embed"):
+        if name not in ("report", "embed", "export"):
             p.add_argument("--data-dir", default=None, help="where the data are now, if moved")
     p = runs["finetune"]
     p.add_argument("--label-fraction", type=float, default=1.0,
@@ -118,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE",
                    help="output .npy (default RUN/embeddings_<DIR name>.npy); the file list "
                         "goes beside it as <name>.files.json (row i is file i)")
+    p = runs["export"]
+    from selfsup.export import FORMATS, INPUTS
+
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (onnxruntime; needs pip install 'selfsup[onnx]'), torchscript "
+                        "(torch.jit.load) or safetensors (weights and normalisation)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="the file to write (default RUN/encoder.onnx, .torchscript.pt or "
+                        ".safetensors)")
+    p.add_argument("--input", default="uint8", choices=INPUTS,
+                   help="onnx: the input's dtype, uint8 in [0, 255] (default) or float32 in "
+                        "[0, 1]; torchscript takes either")
     return parser
 
 
@@ -590,9 +604,21 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from selfsup.export import export_encoder, read_metadata
+
+    _run_config(ns.run, None)  # a finished run (says so when it is not)
+    path = export_encoder(ns.run, ns.format, ns.out, ns.input)
+    meta = read_metadata(path)
+    print(f"wrote {path} ({ns.format}; {meta['model']} width {meta['width']}, "
+          f"{meta['feature_dim']} features per image of {meta['image_size']}x"
+          f"{meta['image_size']} px, input {meta['input']})")
+    return 0
+
+
 COMMANDS = {"compare": cmd_compare, "evaluate": cmd_evaluate, "plot": cmd_plot,
             "finetune": cmd_finetune, "label-efficiency": cmd_label_efficiency,
-            "report": cmd_report, "embed": cmd_embed}
+            "report": cmd_report, "embed": cmd_embed, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from selfsup.augment import normalize, to_float
-from selfsup.errors import DataError
+from selfsup.errors import DataError, SelfsupError
 
 
 class FeatureExtractor(nn.Module):
@@ -65,7 +66,8 @@ class FeatureExtractor(nn.Module):
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """Load a trained encoder (a run's ``encoder.pt``, or the run folder) for use in Python.
+    """Load a trained encoder (a run's ``encoder.pt``, the run folder, or a ``.safetensors`` file
+    written by ``selfsup export``) for use in Python.
 
     Loading runs no code from the file (``weights_only``).
 
@@ -77,8 +79,41 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Featur
     path = Path(path)
     if path.is_dir():
         path = path / ENCODER
-    saved = load_encoder_file(path)
+    saved = _from_safetensors(path) if path.suffix == ".safetensors" else load_encoder_file(path)
     size = int(saved.get("image_size", 32))
     fx = FeatureExtractor(pretrained_encoder(saved), saved["mean"], saved["std"], size,
                           int(saved["feature_dim"]))
     return fx.to(device).eval().requires_grad_(False)
+
+
+def _from_safetensors(path: Path) -> dict[str, Any]:
+    """The fields of an ``encoder.pt`` from an exported ``.safetensors`` file, checked as
+    ``load_encoder_file`` checks them.
+
+    Raises:
+        CheckpointError: not a file selfsup exported, or weights that do not fit its config.
+    """
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from selfsup.checkpoint import check_state_dict, expected_state
+    from selfsup.config import config_from_dict
+    from selfsup.errors import CheckpointError, ConfigError
+    from selfsup.export import read_metadata
+
+    try:
+        meta = read_metadata(path)
+        tensors = load_file(str(path))
+        cfg = config_from_dict(json.loads(meta["config"]))
+    except (SelfsupError, SafetensorError, OSError, KeyError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"{path}: not an encoder exported by selfsup ({e})") from None
+    mean, std = tensors.pop("normalize.mean", None), tensors.pop("normalize.std", None)
+    shapes, feature_dim = expected_state(cfg)
+    check_state_dict(tensors, shapes, str(path))
+    if mean is None or std is None or mean.shape != (3,) or std.shape != (3,):
+        raise CheckpointError(f"{path}: no input normalisation (normalize.mean/std)")
+    return dict(state_dict=tensors, config=cfg.to_dict(), feature_dim=feature_dim,
+                mean=mean.tolist(), std=std.tolist(),
+                image_size=int(meta.get("image_size", 32)))
