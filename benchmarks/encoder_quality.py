@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--full-probe", action="store_true")
     ap.add_argument("--eval-size", type=int, default=0,
                     help="resize the images to this side before embedding (0: as they are)")
+    ap.add_argument("--untrained", action="store_true",
+                    help="score the untrained baseline instead: the run's saved "
+                         "untrained_{train,test}_emb.npy (with --split test only)")
     args = ap.parse_args()
+    if args.untrained and (args.split != "test" or args.eval_size):
+        ap.error("--untrained scores the saved embeddings: --split test, no --eval-size")
 
     torch.manual_seed(0)
     print(describe_machine(torch.device("cpu")), flush=True)
@@ -70,11 +75,17 @@ def main() -> None:
     subsets = [stratified_subset(ytr, args.fraction, s) for s in range(args.subsets)]
     for run in args.runs:
         t0 = time.perf_counter()
-        fx = load_encoder(run)
-        ftr, fte = fx.embed(xtr, 1024), fx.embed(xte, 1024)
+        if args.untrained:  # the same network at its initial weights, embedded by the run
+            ftr = np.load(f"{run}/untrained_train_emb.npy")
+            fte = np.load(f"{run}/untrained_test_emb.npy")
+            assert len(ftr) == len(ytr) and len(fte) == len(yte), "not this data set's run"
+        else:
+            fx = load_encoder(run)
+            ftr, fte = fx.embed(xtr, 1024), fx.embed(xte, 1024)
         knn = knn_accuracy(ftr, ytr, fte, yte)
         few = [linear_probe(ftr[i], ytr[i], fte, yte).accuracy for i in subsets]
-        line = (f"{run}: kNN {100 * knn:.1f}  probe@{100 * args.fraction:g}% "
+        name = f"{run} (untrained)" if args.untrained else run
+        line = (f"{name}: kNN {100 * knn:.1f}  probe@{100 * args.fraction:g}% "
                 f"{100 * np.mean(few):.1f} (+-{100 * np.std(few):.1f}, {len(few)} subsets)")
         if args.full_probe:
             line += f"  probe@100% {100 * linear_probe(ftr, ytr, fte, yte).accuracy:.1f}"
