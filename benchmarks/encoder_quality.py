@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import load_encoder
-from selfsup.data import load_dataset
+from selfsup.datasets import load_dataset
 from selfsup.evaluate import knn_accuracy, linear_probe, validation_split
 from selfsup.finetune import stratified_subset
 from selfsup.hardware import describe_machine

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup import config, data, stl10
+from selfsup import config, data, datasets, stl10
 from selfsup.cli import main
 from selfsup.errors import DataError
 from tests.conftest import STL10_CLASSES, md5, stl10_bin, stl10_images
@@ -21,14 +21,14 @@ from tests.conftest import STL10_CLASSES, md5, stl10_bin, stl10_images
 
 
 def test_cifar100_fine_and_coarse_labels(cifar100_dir):
-    d = data.load_dataset("cifar100", cifar100_dir, download=False)
+    d = datasets.load_dataset("cifar100", cifar100_dir, download=False)
     assert d.name == "cifar100" and d.train_x.shape == (60, 3, 32, 32)
     assert d.test_x.shape == (20, 3, 32, 32) and d.train_x.dtype == torch.uint8
     assert len(d.classes) == 100 and d.classes[7] == "fine07"
     assert d.train_y.tolist()[:3] == [0, 1, 2] and d.train_y.tolist()[59] == 59
     # Image 59 has fine label 59, coarse 11: row 11 is white (the fixture's marker).
     assert (d.train_x[59, :, 11] == 255).all()
-    c = data.load_dataset("cifar100", cifar100_dir, download=False, cifar100_labels="coarse")
+    c = datasets.load_dataset("cifar100", cifar100_dir, download=False, cifar100_labels="coarse")
     assert len(c.classes) == 20 and c.classes[11] == "coarse11"
     assert torch.equal(c.train_y, d.train_y // 5) and torch.equal(c.train_x, d.train_x)
 
@@ -120,7 +120,7 @@ def test_cifar_resized_on_request(cifar100_dir):
 
 
 def test_stl10_reads_the_release_layout(stl10_dir):
-    d = data.load_dataset("stl10", stl10_dir, download=False)
+    d = datasets.load_dataset("stl10", stl10_dir, download=False)
     assert d.name == "stl10" and d.classes == STL10_CLASSES
     assert d.train_x.shape == (40, 3, 96, 96) and d.test_x.shape == (20, 3, 96, 96)
     # Column-major on disk: the marker written at (row 1, column 2) is read back there.
@@ -146,14 +146,14 @@ def test_stl10_published_digests_are_the_release_s():
 
 def test_stl10_without_unlabeled_needs_no_unlabeled_file(stl10_dir):
     (stl10_dir / stl10.STL10_DIR / "unlabeled_X.bin").unlink()
-    d = data.load_dataset("stl10", stl10_dir, download=False, stl10_unlabeled=False)
+    d = datasets.load_dataset("stl10", stl10_dir, download=False, stl10_unlabeled=False)
     assert d.unlabeled_x == () and d.pretrain_size == 40
     with pytest.raises(DataError, match="missing unlabeled_X.bin"):
-        data.load_dataset("stl10", stl10_dir, download=False)
+        datasets.load_dataset("stl10", stl10_dir, download=False)
 
 
 def test_stl10_fold_trains_on_the_fold_and_pretrains_on_all(stl10_dir):
-    d = data.load_dataset("stl10", stl10_dir, download=False, stl10_fold=2)
+    d = datasets.load_dataset("stl10", stl10_dir, download=False, stl10_fold=2)
     everything = torch.from_numpy(stl10_images(40, 0))
     fold = [2, 6, 10, 14]  # line 3 of the fixture's fold_indices.txt
     assert torch.equal(d.train_x, everything[fold]) and d.train_y.tolist() == [2, 6, 0, 4]
@@ -171,7 +171,7 @@ def test_stl10_fold_trains_on_the_fold_and_pretrains_on_all(stl10_dir):
 def test_stl10_damaged_fold_file(stl10_dir, text, expect):
     (stl10_dir / stl10.STL10_DIR / stl10.FOLDS).write_text(text)
     with pytest.raises(DataError, match=expect):
-        data.load_dataset("stl10", stl10_dir, download=False, stl10_fold=0)
+        datasets.load_dataset("stl10", stl10_dir, download=False, stl10_fold=0)
 
 
 def test_stl10_fold_out_of_range_is_a_config_error():
@@ -198,7 +198,7 @@ def test_stl10_damaged_files_give_clear_errors(stl10_dir, monkeypatch, name, con
     if name in stl10.STL10_MD5:
         _patch_digest(monkeypatch, folder, name)  # the structure check, past the digest
     with pytest.raises(DataError, match=expect):
-        data.load_dataset("stl10", stl10_dir, download=False)
+        datasets.load_dataset("stl10", stl10_dir, download=False)
 
 
 def test_stl10_wrong_digest_names_file_and_digests(stl10_dir):
@@ -208,19 +208,19 @@ def test_stl10_wrong_digest_names_file_and_digests(stl10_dir):
     raw[5] ^= 0xFF
     f.write_bytes(bytes(raw))
     with pytest.raises(DataError) as e:
-        data.load_dataset("stl10", stl10_dir, download=False)
+        datasets.load_dataset("stl10", stl10_dir, download=False)
     msg = str(e.value)
     assert "unlabeled_X.bin" in msg and expected in msg and data.md5_of(f) in msg
 
 
 def test_stl10_archive_is_extracted_once_then_read(stl10_archive, capsys):
-    a = data.load_dataset("stl10", stl10_archive, download=False)
+    a = datasets.load_dataset("stl10", stl10_archive, download=False)
     assert "extracting" in capsys.readouterr().out
     assert (stl10_archive / stl10.STL10_DIR / "unlabeled_X.bin").is_file()
     assert not list(stl10_archive.glob("*.part*"))  # nothing half-written is left
     assert torch.equal(a.train_x, torch.from_numpy(stl10_images(40, 0)))
     assert torch.equal(a.unlabeled_x[0], torch.from_numpy(stl10_images(30, 2)))
-    data.load_dataset("stl10", stl10_archive, download=False)
+    datasets.load_dataset("stl10", stl10_archive, download=False)
     assert "extracting" not in capsys.readouterr().out
 
 
@@ -239,7 +239,7 @@ def test_stl10_archive_member_paths_are_never_followed(tmp_path, monkeypatch):
     (root / stl10.STL10_ARCHIVE).write_bytes(buf.getvalue())
     table = {n: md5(files[n]) for n in stl10.STL10_MD5 if n in files}
     monkeypatch.setattr(stl10, "STL10_MD5", {**table, stl10.STL10_ARCHIVE: md5(buf.getvalue())})
-    data.load_dataset("stl10", root, download=False)
+    datasets.load_dataset("stl10", root, download=False)
     assert not list(tmp_path.rglob("escaped.txt"))
 
 
@@ -247,21 +247,21 @@ def test_stl10_truncated_archive_and_missing_message(stl10_archive, tmp_path, mo
     f = stl10_archive / stl10.STL10_ARCHIVE
     f.write_bytes(f.read_bytes()[:500])
     with pytest.raises(DataError, match="stl10_binary.tar.gz is damaged or incomplete"):
-        data.load_dataset("stl10", stl10_archive, download=False)
+        datasets.load_dataset("stl10", stl10_archive, download=False)
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(DataError) as e:
-        data.load_dataset("stl10", tmp_path / "nowhere")
+        datasets.load_dataset("stl10", tmp_path / "nowhere")
     msg = str(e.value)
     assert "STL-10 not found" in msg and stl10.STL10_URL in msg and "download failed" in msg
     assert stl10.STL10_MD5[stl10.STL10_ARCHIVE] in msg  # the digest to check a copy against
 
 
 def test_stl10_resized_on_request_keeps_every_part(stl10_dir, capsys):
-    d = data.load_dataset("stl10", stl10_dir, download=False, image_size=32)
+    d = datasets.load_dataset("stl10", stl10_dir, download=False, image_size=32)
     assert d.train_x.shape == (40, 3, 32, 32) and d.test_x.shape == (20, 3, 32, 32)
     assert d.unlabeled_x[0].shape == (30, 3, 32, 32)
     assert "resizing 90 STL-10 images to 32x32" in capsys.readouterr().out
@@ -297,7 +297,7 @@ def test_image_stack_indexes_like_the_concatenation():
 
 
 def test_dataset_choices_match_the_readers():
-    assert config.CHOICES["dataset"] == data.DATASETS
+    assert config.CHOICES["dataset"] == datasets.DATASETS
 
 
 # --- the whole job ------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def _check_new_run_dir(run_dir: Path) -> None:
 
 def _load_data(cfg: Config, pretraining: bool = False) -> Any:
     """The run's data; STL-10's unlabeled images only where pretraining uses them."""
-    from selfsup.data import load_dataset
+    from selfsup.datasets import load_dataset
 
     return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download, cfg.bad_images,
                         cifar100_labels=cfg.cifar100_labels,

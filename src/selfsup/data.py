@@ -4,8 +4,8 @@ Readers:
 - CIFAR-10 and CIFAR-100 python releases (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``
   or their extracted folders), every file checked against its published MD5, pickles read by a
   restricted unpickler;
-- STL-10's binary release (``selfsup.stl10``): 5,000 labelled training, 8,000 test and 100,000
-  unlabeled 96x96 images, the unlabeled ones memory-mapped for pretraining;
+- STL-10's binary release: in ``selfsup.stl10``, which builds on this module
+  (``selfsup.datasets.load_dataset`` picks the reader by name);
 - image folders: ``train/<class>/*`` + ``test/<class>/*`` (labels from folder names), or a flat
   folder of unlabeled images (pretraining and embeddings only);
 - scikit-learn's bundled 8x8 digits, a tiny real data set for demos and tests.
@@ -31,8 +31,6 @@ import numpy as np
 import torch
 
 from selfsup.errors import DataError
-
-DATASETS = ("cifar10", "cifar100", "stl10", "digits", "folder")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -820,44 +818,6 @@ def load_digits(size: int = 16, test_frac: float = 0.2) -> ImageData:
                               stratify=d.target)
     tr_i, te_i = torch.from_numpy(tr), torch.from_numpy(te)
     return ImageData(x[tr_i], y[tr_i], x[te_i], y[te_i], [str(i) for i in range(10)], "digits")
-
-
-def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
-                 download: bool = True, bad_images: str = "skip", *,
-                 cifar100_labels: str = "fine", stl10_unlabeled: bool = True,
-                 stl10_fold: int = -1) -> ImageData:
-    """Load a data set by name (``DATASETS``): ``cifar10``, ``cifar100``, ``stl10``, ``digits``
-    or ``folder`` (image folder at data_dir).
-
-    Args:
-        image_size: resize the images to this side (0: their own size; folders: the first's).
-        cifar100_labels: ``fine`` (100 classes) or ``coarse`` (20).
-        stl10_unlabeled: STL-10's 100,000 unlabeled images join the pretraining set.
-        stl10_fold: STL-10's predefined fold of 1,000 labelled training images (0-9) that the
-            probe, kNN and fine-tuning learn from; -1: all 5,000.
-
-    Raises:
-        DataError: anything wrong with the data, a file or folder that cannot be read or
-            created (permissions, a file where a folder should be) included.
-    """
-    try:
-        if name == "cifar10":
-            return load_cifar10(data_dir, download, image_size)
-        if name == "cifar100":
-            return load_cifar100(data_dir, download, cifar100_labels, image_size)
-        if name == "stl10":
-            from selfsup.stl10 import load_stl10
-
-            return load_stl10(data_dir, download, image_size, stl10_unlabeled, stl10_fold)
-        if name == "digits":
-            return load_digits()
-        if name == "folder":
-            return load_image_folder(data_dir, image_size, bad_images)
-    except OSError as e:
-        where = e.filename or data_dir
-        raise DataError(f"cannot read the {name} data at {where}: "
-                        f"{e.strerror or type(e).__name__}") from None
-    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
 
 
 def channel_stats(x: torch.Tensor, chunk_pixels: int = 1 << 24
