@@ -152,8 +152,8 @@ def test_disk_full_keeps_previous_checkpoint_and_says_so(digits, tmp_path, monke
     monkeypatch.undo()
     ck = checkpoint.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert ck["step"] == 1437 // 256  # the first epoch's checkpoint, intact
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint.pt",
-                                                                   "config.json"]  # no litter
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "checkpoint.pt", "config.json", "metrics.jsonl"]  # no litter
 
 
 def test_disk_full_on_a_real_small_filesystem(tmp_path):
