@@ -184,3 +184,36 @@ def test_digits_demo_command(digits_demo):
     assert m["linear_probe"]["trained"] > 0.5 and m["time_s"]["total"] > 0
     for f in OUTPUTS:
         assert (digits_demo / f).is_file(), f
+
+
+def test_messages_for_a_pretrained_only_run_warnings_and_interrupts(cifar_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Issue 20: the report of a run not evaluated yet says so and names the command; a
+    warning prints as one plain line; Ctrl-C during evaluation says what is kept."""
+    from selfsup import evaluate
+    from tests.conftest import write_images
+
+    assert main(["pretrain", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--out-dir",
+                 str(tmp_path / "runs"), "--name", "p", *SMALL]) == 0
+    run = tmp_path / "runs" / "p"
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "not evaluated yet" in page and f"selfsup evaluate {run}" in page
+    assert "No labels" not in page and "?" not in page.split("<h2>Configuration")[0]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_run", interrupted)
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 130
+    assert "interrupted during evaluation" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    write_images(tmp_path / "flat", 20, size=16)
+    (tmp_path / "flat" / "notes.png").write_bytes(b"not an image")
+    r = subprocess.run([sys.executable, "-m", "selfsup", "pretrain", "--dataset", "folder",
+                        "--data-dir", str(tmp_path / "flat"), "--out-dir", str(tmp_path / "runs"),
+                        "--name", "w", *SMALL], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "warning: skipped 1 unreadable" in r.stderr and ".py:" not in r.stderr

@@ -312,3 +312,46 @@ def test_vit_pretrains_and_serves_finetune_and_load_encoder(tmp_path):
                  "--min-steps", "5", "--batch-size", "64"]) == 0
     r = json.loads((run / "metrics.json").read_text())["finetune"]["finetune_0.1"]
     assert r["steps"] == 5 and 0 <= r["accuracy"] <= 1
+
+
+def test_new_user_trip_ups_in_the_commands(digits_run, tmp_path, capsys, monkeypatch):
+    """Issue 20, first group: --no-progress for the label commands, help texts as printed, a
+    run given by its bare name, and evaluate/plot rewriting the report they change."""
+    import os
+
+    # Help: the seed alone defaults to the run's; percent signs print as one.
+    for cmd in ("finetune", "label-efficiency"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert text.count("the run's") == 1 and "--no-progress" in text and "%%" not in text
+    assert "1%, 10% and 100%" in text
+    # --no-progress: no progress bar, whatever the run was made with.
+    run = _copy(digits_run, tmp_path / "runs")
+    assert main(["finetune", str(run), "--label-fraction", "0.1", "--epochs", "1",
+                 "--min-steps", "3", "--no-progress"]) == 0
+    assert "it/s" not in capsys.readouterr().err
+    # A bare run name finds runs/NAME; an unknown one says where runs are.
+    monkeypatch.chdir(tmp_path)
+    (run / "report.html").unlink()
+    assert main(["evaluate", run.name]) == 0
+    assert (run / "report.html").is_file()  # evaluate rewrote the report it changed
+    before = os.path.getmtime(run / "report.html")
+    assert main(["plot", run.name]) == 0 and os.path.getmtime(run / "report.html") >= before
+    assert main(["evaluate", "no-such-run"]) == 2
+    assert "nor runs/no-such-run" in capsys.readouterr().err
+
+
+def test_small_runs_say_so_and_a_clipped_batch_is_recorded(digits_run, tmp_path, capsys):
+    """Issue 20: a batch clipped to the data is what config.json and the report say; runs
+    too small for their figures carry caveats, in metrics.json, the summary and the report."""
+    m = json.loads((digits_run / "metrics.json").read_text())
+    assert any("pretraining steps" in c for c in m["caveats"])  # the demo run is short
+    assert any("only 360 test images" in c for c in m["caveats"])
+    assert "Read with care" in (digits_run / "report.html").read_text()
+    out = tmp_path / "runs"
+    assert main(["pretrain", "--dataset", "digits", "--batch-size", "2048", "--epochs", "1",
+                 "--width", "4", "--no-progress", "--knn-every", "0", "--out-dir", str(out),
+                 "--name", "big"]) == 0
+    assert "using 1437" in capsys.readouterr().out
+    assert json.loads((out / "big" / "config.json").read_text())["batch_size"] == 1437

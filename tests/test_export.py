@@ -130,8 +130,9 @@ def test_export_never_overwrites_the_run_s_files(digits, tmp_path):
     assert (run / "encoder.pt").read_bytes() == before
 
 
-def test_readme_onnx_example_runs_as_written(digits, tmp_path):
-    """The README's five lines, run as a user would: in a folder holding runs/NAME and
+@pytest.mark.parametrize("marker", ["onnx-example", "python-example"])
+def test_readme_python_examples_run_as_written(digits, tmp_path, marker):
+    """The README's Python blocks, run as a user would: in a folder holding runs/NAME and
     my_photos/, in a fresh process."""
     import re
     from pathlib import Path
@@ -139,7 +140,7 @@ def test_readme_onnx_example_runs_as_written(digits, tmp_path):
     from PIL import Image
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = re.search(r"<!-- onnx-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    block = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "runs").mkdir()
     run = _run_with(tmp_path / "runs", "fast_cnn", digits)
     (run.parent / "NAME").symlink_to(run)
@@ -149,7 +150,17 @@ def test_readme_onnx_example_runs_as_written(digits, tmp_path):
     for i in range(5):
         Image.fromarray(digits.test_x[i].permute(1, 2, 0).numpy()).resize((40, 40)).save(
             photos / f"{i}.jpg")
-    script = block + "\nnp.save('features.npy', features)\n"
+    script = block + "\nimport numpy as np\nnp.save('features.npy', np.asarray(feats if " \
+                     "'feats' in dir() else features))\n"
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    features = np.load(tmp_path / "features.npy")
-    assert features.shape == (5, int(export.read_metadata(run / "encoder.onnx")["feature_dim"]))
+    width = int(export.read_metadata(run / "encoder.onnx")["feature_dim"])
+    assert np.load(tmp_path / "features.npy").shape == (5, width)
+
+
+def test_float_images_above_one_are_refused(digits, tmp_path):
+    fx = load_encoder(_run_with(tmp_path, "fast_cnn", digits))
+    x = digits.test_x[:4]
+    np.testing.assert_allclose(fx(x.float() / 255).detach().numpy(),
+                               fx(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\], got values up to"):
+        fx(x.float())  # 0-255 floats: wrong features, said, not silent

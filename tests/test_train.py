@@ -32,6 +32,10 @@ def test_precision_choice(monkeypatch):
     assert hardware.select_precision("auto", cpu)[0] is torch.bfloat16
     assert hardware.select_precision("fp32", cpu)[0] is None
     assert hardware.select_precision("bf16", cpu)[0] is torch.bfloat16
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    dtype, why = hardware.select_precision("bf16", cpu)  # asked for where it is emulated
+    assert dtype is torch.bfloat16 and "Warning: this CPU has no native bf16" in why
+    assert "12x slower" in why and "--precision auto" in why
 
 
 def test_device_choice():
@@ -199,3 +203,39 @@ def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, method, 
     again = train.pretrain(dataclasses.replace(cfg, budget="", steps=n), digits, tmp_path / "s")
     assert _same_weights(budgeted.encoder.state_dict(), again.encoder.state_dict())
     assert budgeted.losses == again.losses and len(budgeted.losses) == n
+
+
+def test_resume_extends_a_budgeted_run(tmp_path, capsys):
+    """Issue 20: a finished budgeted run is extended by --epochs, --steps or a new --budget,
+    the schedule's continuation said; a resume that changes nothing says how to extend."""
+    import json
+
+    from selfsup.cli import main
+
+    out = tmp_path / "runs"
+    small = ["--dataset", "digits", "--width", "4", "--proj-hidden", "16", "--proj-dim", "8",
+             "--batch-size", "128", "--view-size", "8", "--no-progress", "--knn-every", "0"]
+    assert main(["pretrain", *small, "--budget", "3s", "--out-dir", str(out), "--name", "b"]) == 0
+    said = capsys.readouterr().out  # the data set's own defaults are said, not hidden
+    assert "the digits data set's own defaults" in said and "epochs=40" in said
+    run = out / "b"
+    fixed = json.loads((run / "config.json").read_text())["steps"]
+    assert fixed > 0
+
+    def steps_now():
+        import numpy as np
+
+        return len(np.load(run / "loss.npy"))
+
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    assert "nothing to train" in capsys.readouterr().out and steps_now() == fixed
+    epochs = fixed // 11 + 2  # 11 steps per epoch: two epochs more than the budget gave
+    assert main(["pretrain", "--resume", str(run), "--epochs", str(epochs)]) == 0
+    said = capsys.readouterr().out
+    assert steps_now() == epochs * 11 and f"the schedule now ends at step {epochs * 11}" in said
+    assert main(["pretrain", "--resume", str(run), "--steps", str(epochs * 11 + 5)]) == 0
+    assert steps_now() == epochs * 11 + 5
+    assert main(["pretrain", "--resume", str(run), "--budget", "2s"]) == 0
+    said = capsys.readouterr().out
+    assert "budget 2s more:" in said and steps_now() > epochs * 11 + 5

@@ -70,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                         ("finetune", "train a classifier on a fraction of the labels: fine-tune "
                                      "the encoder, or a linear head on it frozen (--freeze), or "
                                      "the same network from scratch (--from-scratch)"),
-                        ("label-efficiency", "probe, fine-tune and train from scratch with 1%%, "
-                                             "10%% and 100%% of the labels; table and plot"),
+                        ("label-efficiency", "probe, fine-tune and train from scratch with 1%, "
+                                             "10% and 100% of the labels; table and plot"),
                         ("report", "write RUN/report.html: config, timings, metrics, figures"),
                         ("embed", "embed a folder of images with a run's encoder (.npy)"),
                         ("export", "write a run's encoder, its input normalisation inside, as "
                                    "ONNX, TorchScript or safetensors (runs outside selfsup)")):
-        p = runs[name] = sub.add_parser(name, help=help_, description=help_)
+        # help is %-formatted by argparse, the description is printed as written
+        p = runs[name] = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_)
         p.add_argument("run", metavar="RUN", help="run folder (e.g. runs/NAME)")
         if name not in ("report", "embed", "export"):
             p.add_argument("--data-dir", default=None, help="where the data are now, if moved")
@@ -100,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("lr", float, "head learning rate per 128 images"),
                                   ("encoder_lr_mult", float, "fine-tuning: encoder lr / head lr"),
                                   ("seed", int, "label subset, initialisation, order")):
-            default = getattr(FinetuneSettings(), field)
+            default = "the run's" if field == "seed" else getattr(FinetuneSettings(), field)
             g.add_argument("--" + field.replace("_", "-"), type=typ, default=None,
-                           help=f"{help_} (default {default}; seed: the run's)")
+                           help=f"{help_} (default {default})")
+        g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="a progress bar (default: the run's setting); --no-progress for logs")
     p = sub.add_parser("compare", help="run several methods with the same options, one after "
                                        "the other, and write one page: which to pick",
                        description="Run each method as RUN = OUT_DIR/NAME/METHOD (a finished "
@@ -267,8 +270,9 @@ def _run_dir(run: str) -> Path:
 
     run_dir = Path(run)
     if not run_dir.is_dir():
-        raise SelfsupError(f"{run} is not a run folder (no such folder); runs are written to "
-                           f"runs/<name> by default")
+        raise SelfsupError(f"{run} is not a run folder (no such folder, nor "
+                           f"{Path(Config().out_dir) / run}); runs are written to "
+                           f"{Config().out_dir}/<name> by default: give that path or the name")
     path = run_dir / "config.json"
     if not path.is_file():
         raise SelfsupError(f"{run} is not a selfsup run folder (no config.json)")
@@ -338,6 +342,12 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     main, world = dist.is_main(), dist.world_size()
     if main:
         print(f"selfsup {ns.command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
+        from selfsup.config import DATASET_DEFAULTS
+
+        own = DATASET_DEFAULTS.get(cfg.dataset, {})
+        if own and not resume:
+            print(f"the {cfg.dataset} data set's own defaults, under --preset and your options: "
+                  + ", ".join(f"{k}={v}" for k, v in own.items()), flush=True)
     if cfg.log == "tensorboard":
         from selfsup.logs import check_tensorboard
 
@@ -378,7 +388,8 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     print(f"pretraining: {result.steps} steps ({result.epochs:.2f} epochs) in "
           f"{pretrain_s / 60:.1f} min, {result.images_per_s:.0f} images/s", flush=True)
     if everything:
-        _evaluate_and_plot(run_dir, cfg, data, result.encoder)
+        with _say_what_is_saved_on_interrupt(run_dir):
+            _evaluate_and_plot(run_dir, cfg, data, result.encoder)
         metrics = read_metrics(run_dir)
         metrics["time_s"]["total"] = time.perf_counter() - start
         save_json(metrics, run_dir / "metrics.json")
@@ -386,6 +397,18 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
         print(f"done in {metrics['time_s']['total'] / 60:.1f} min; outputs in {run_dir}; "
               f"open {report}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _say_what_is_saved_on_interrupt(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) during evaluation or plotting: say what is kept and what to run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during evaluation: the pretrained encoder is saved "
+              f"({run_dir / 'encoder.pt'}); measure and draw it with `selfsup evaluate "
+              f"{run_dir}`", file=sys.stderr, flush=True)
+        raise
 
 
 def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = None) -> None:
@@ -398,6 +421,8 @@ def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = Non
         print(_summary(metrics), flush=True)
     else:
         print("unlabeled data: embeddings written, no probe or kNN", flush=True)
+    for caveat in metrics.get("caveats", []):
+        print(f"note: {caveat}", flush=True)
     t = metrics["time_s"]
     print("evaluation: " + ", ".join(f"{k} {t[k]:.1f} s" for k in ("embed", "linear_probe", "knn")
                                      if k in t), flush=True)
@@ -411,10 +436,13 @@ def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = Non
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from selfsup.evaluate import read_metrics
+    from selfsup.report import write_report
 
     cfg = _run_config(ns.run, ns.data_dir)
     read_metrics(ns.run)  # damaged: an error before the work, not after
-    _evaluate_and_plot(Path(ns.run), cfg, _load_data(cfg))
+    with _say_what_is_saved_on_interrupt(Path(ns.run)):
+        _evaluate_and_plot(Path(ns.run), cfg, _load_data(cfg))
+    print(f"report {write_report(ns.run)}")  # the page follows what was measured and drawn
     return 0
 
 
@@ -429,8 +457,11 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     except SelfsupError as e:
         print(f"note: no augmentation grid ({e})", file=sys.stderr)
         data = None
+    from selfsup.report import write_report
+
     made = plot_run(Path(ns.run), cfg, data)
-    print("wrote " + ", ".join(str(Path(ns.run) / f) for f in made.values()))
+    print("wrote " + ", ".join(str(Path(ns.run) / f) for f in made.values())
+          + f"; report {write_report(ns.run)}")
     return 0
 
 
@@ -452,7 +483,8 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     settings = _settings(ns, cfg)
     read_metrics(ns.run)
     mode = "linear" if ns.freeze else "scratch" if ns.from_scratch else "finetune"
-    r = finetune_run(ns.run, _load_data(cfg), mode, fraction, settings, cfg.progress)
+    progress = cfg.progress if ns.progress is None else ns.progress
+    r = finetune_run(ns.run, _load_data(cfg), mode, fraction, settings, progress)
     print(f"{mode}, {fraction:g} of the labels ({r.labels} images), {r.steps} steps: "
           f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s); report {write_report(ns.run)}")
     return 0
@@ -467,7 +499,8 @@ def cmd_label_efficiency(ns: argparse.Namespace) -> int:
     cfg = _run_config(ns.run, ns.data_dir)
     settings = _settings(ns, cfg)
     read_metrics(ns.run)
-    label_efficiency(ns.run, _load_data(cfg), fractions, settings, cfg.progress)
+    label_efficiency(ns.run, _load_data(cfg), fractions, settings,
+                     cfg.progress if ns.progress is None else ns.progress)
     print(f"wrote {Path(ns.run) / 'label_efficiency.png'}, {write_report(ns.run)}")
     return 0
 
@@ -658,7 +691,29 @@ def _check_paths(ns: argparse.Namespace) -> None:
                                f"most {NAME_MAX}, got {shown(value)}")
 
 
+def _find_runs(ns: argparse.Namespace) -> None:
+    """A run given by its name alone (``selfsup evaluate pt1``) is the run of that name in the
+    runs folder (``runs/pt1``), when there is no such folder here."""
+    for key in ("run", "resume"):
+        value = getattr(ns, key, None)
+        if not isinstance(value, str) or not value or Path(value).exists() \
+                or "/" in value or "\\" in value:
+            continue
+        candidate = Path(Config().out_dir) / value
+        if candidate.is_dir():
+            setattr(ns, key, str(candidate))
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """A warning as the command prints it: what happened, not where in selfsup's source."""
+    return f"warning: {message}\n"
+
+
 def _main(argv: list[str] | None) -> int:
+    import warnings
+
+    warnings.formatwarning = _warning_line
     for stream in (sys.stdout, sys.stderr):  # a file name's undecodable bytes print escaped
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
@@ -668,6 +723,7 @@ def _main(argv: list[str] | None) -> int:
     with _sigterm_interrupts():
         try:
             _check_paths(ns)
+            _find_runs(ns)
             if ns.command in ("run", "pretrain"):
                 return cmd_train(ns, everything=ns.command == "run")
             return COMMANDS[ns.command](ns)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment import normalize, to_float
-from selfsup.config import config_from_dict
+from selfsup.config import Config, config_from_dict
 from selfsup.data import ImageData
 from selfsup.files import save_json, save_npy
 from selfsup.models import Encoder
@@ -334,8 +334,33 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
         results["knn"].update(k=cfg.knn_k, t=cfg.knn_t)
         times["knn"] = time.perf_counter() - t0
         metrics.update(results)
+    metrics["caveats"] = caveats(metrics, cfg)
     save_json(metrics, run_dir / METRICS)
     return metrics
+
+
+MIN_STEPS = 100  # fewer optimiser steps: the figures say little about the method
+MIN_TEST = 1000  # fewer test images: an accuracy's 95 % interval is wider than +-3 points
+
+
+def caveats(m: dict[str, Any], cfg: Config) -> list[str]:
+    """What makes a run's figures mean less than they seem (too little data or training), in
+    words for the summary and the report; empty for a run of ordinary size."""
+    out = []
+    train, test = int(m.get("train_size", 0)), int(m.get("test_size", 0))
+    steps = (m.get("pretrain") or {}).get("steps")
+    if isinstance(steps, int) and steps < MIN_STEPS:
+        out.append(f"only {steps} pretraining steps: too few for the accuracies to say much "
+                   f"about the method")
+    if m.get("knn") and train and cfg.knn_k >= train / 2:
+        out.append(f"kNN votes over k={cfg.knn_k} neighbours among only {train} training "
+                   f"images: each test image is voted on by much of the training set "
+                   f"(--knn-k to change k)")
+    if m.get("linear_probe") and 0 < test < MIN_TEST:
+        half = 100 * 1.96 * (0.25 / test) ** 0.5
+        out.append(f"only {test} test images: an accuracy is known to about +-{half:.0f} "
+                   f"points (95 %)")
+    return out
 
 
 METRICS = "metrics.json"
@@ -343,7 +368,8 @@ METRICS = "metrics.json"
 _METRIC_SECTIONS: dict[str, type] = {
     "config": dict, "machine": dict, "pretrain": dict, "time_s": dict, "linear_probe": dict,
     "knn": dict, "finetune": dict, "label_efficiency": dict, "knn_history": list,
-    "classes": list, "confusion": list, "resumes": list,
+    "classes": list, "confusion": list, "resumes": list, "caveats": list,
+    "quality_history": list,
 }
 
 

@@ -12,6 +12,8 @@ from torch import nn
 from selfsup.augment import normalize, to_float
 from selfsup.errors import DataError, SelfsupError
 
+FLOAT_MAX = 1.0 + 1e-3  # float input above this is taken for 0-255 and refused
+
 
 class FeatureExtractor(nn.Module):
     """A trained encoder with its input normalisation: images in, features h out.
@@ -31,7 +33,20 @@ class FeatureExtractor(nn.Module):
         self.feature_dim = feature_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images) if images.dtype == torch.uint8 else images
+        """Features of (B, 3, H, W) images: uint8 in [0, 255], or float in [0, 1].
+
+        Raises:
+            ValueError: float images with values above 1 (0-255 floats would give wrong
+                features without a word): divide them by 255, or pass them as uint8.
+        """
+        if images.dtype == torch.uint8:
+            x = to_float(images)
+        else:
+            top = float(images.max()) if images.numel() else 0.0
+            if top > FLOAT_MAX:
+                raise ValueError(f"float images must be in [0, 1], got values up to {top:g}: "
+                                 f"divide them by 255, or pass them as uint8 in [0, 255]")
+            x = images
         return self.encoder(normalize(x, self.mean, self.std))  # type: ignore[arg-type]
 
     @torch.inference_mode()

@@ -120,11 +120,24 @@ def _metrics_table(m: dict[str, Any]) -> str:
             rows.append(f"<tr><td>{label}</td><td>{pct(r['trained'])}</td>"
                         f"<td>{pct(r['untrained'])}</td>{_gain(r['trained'], r['untrained'])}"
                         "</tr>")
+    if not rows and "train_size" not in m:  # evaluate_run has not measured this run
+        run = html.escape(str(m.get("_run_dir", "RUN")))
+        return (f"<p>This run is pretrained but not evaluated yet: no accuracy, no embeddings. "
+                f"Measure it with <code>selfsup evaluate {run}</code>.</p>")
     if not rows:
         return ("<p>No labels: no accuracy. The label-free signals below and the nearest "
                 "neighbours further down show what the encoder learned.</p>")
     return html_table(["test accuracy", "trained encoder", "untrained encoder", "gain (points)"],
                   rows)
+
+
+def _caveats(m: dict[str, Any]) -> str:
+    """What makes this run's figures mean less than they seem (``evaluate.caveats``)."""
+    items = [c for c in m.get("caveats") or [] if isinstance(c, str)]
+    if not items:
+        return ""
+    return ("<p><b>Read with care:</b></p><ul>"
+            + "".join(f"<li>{html.escape(c)}</li>" for c in items) + "</ul>")
 
 
 def _label_free_table(m: dict[str, Any]) -> str:
@@ -200,6 +213,10 @@ def _resumes_table(m: dict[str, Any]) -> str:
 def _data_text(m: dict[str, Any], cfg: dict[str, Any]) -> str:
     """The data set, its image size and what each part was used for."""
     name, size = m.get("dataset", cfg.get("dataset", "?")), m.get("image_size")
+    if "train_size" not in m:
+        pre = m.get("pretrain_size")
+        return (f"{name}" + (f": {pre} images for pretraining" if isinstance(pre, int) else "")
+                + "; not evaluated yet")
     train, extra = m.get("train_size", "?"), 0
     if isinstance(train, int) and isinstance(m.get("pretrain_size"), int):
         extra = m["pretrain_size"] - train
@@ -215,8 +232,8 @@ def _facts(m: dict[str, Any]) -> str:
         ("data", _data_text(m, cfg)),
         ("method", f"{cfg.get('method', 'simclr')}: evaluates "
                    f"{pre.get('evaluated', 'the encoder f')}"),
-        ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}, features "
-                    f"{m.get('feature_dim', '?')}"),
+        ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}"
+                    + (f", features {m['feature_dim']}" if "feature_dim" in m else "")),
         ("pretraining", f"{pre.get('steps', '?')} steps ({pre.get('epochs', 0):.1f} epochs), "
                         f"batch {cfg.get('batch_size', '?')}, {pre.get('precision', '?')}, "
                         f"{pre.get('images_per_s', 0):.0f} images/s"),
@@ -275,6 +292,7 @@ def build_report(run_dir: str | Path) -> str:
     cfg = m.get("config") or (read_json(cpath, "a config object", "it is not a selfsup run's")
                               if cpath.is_file() else {})
     m.setdefault("config", cfg)
+    m["_run_dir"] = str(run_dir)  # for the commands the page names
     text = captions(m)
     figures = [figure_html(run_dir / f, h, text[f]) for f, h in FIGURES
                if (run_dir / f).is_file()]
@@ -295,6 +313,7 @@ probed the same way.</p>
 {_facts(m)}
 <h2>Results</h2>
 {_metrics_table(m)}
+{_caveats(m)}
 {_label_free_table(m)}
 {_finetune_table(m)}
 {_label_efficiency_table(m)}

@@ -296,6 +296,35 @@ def _views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndar
     return torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy()  # (3S, nS, 3)
 
 
+def _extension(cfg: Config, old: Config, ck: dict[str, Any], step: int, steps_per_epoch: int,
+               main: bool) -> Config:
+    """The config a resumed run continues with: ``--steps`` given wins; a new ``--budget`` adds
+    that much time at the run's own seconds per step; ``--epochs`` given counts epochs (a
+    budgeted run's fixed steps included); otherwise the run keeps the steps it had.
+
+    Raises:
+        ConfigError: a new budget for a checkpoint that does not record its step time.
+    """
+    if cfg.steps != old.steps:
+        return cfg
+    if cfg.budget and cfg.budget != old.budget:
+        per_step = ck.get("seconds_per_step")
+        if not isinstance(per_step, float) or per_step <= 0:
+            raise ConfigError(f"--budget {cfg.budget}: this checkpoint does not record its "
+                              f"step time (written by an older selfsup); extend the run with "
+                              f"--steps or --epochs")
+        more = max(1, int(BUDGET_MARGIN * parse_duration(cfg.budget) / per_step))
+        if main:
+            print(f"budget {cfg.budget} more: {more} steps at this run's {per_step * 1000:.0f} "
+                  f"ms per step", flush=True)
+        return dataclasses.replace(cfg, steps=step + more)
+    if cfg.epochs != old.epochs:
+        return dataclasses.replace(cfg, steps=0)
+    if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
+        return dataclasses.replace(cfg, steps=old.steps)
+    return cfg
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The permutation of the data for one epoch: a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -343,8 +372,10 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     x_all = data.pretrain_images().to(device)
     n = x_all.shape[0]
     batch = min(cfg.batch_size, n)  # the global batch, over all processes
-    if batch < cfg.batch_size and main:
-        print(f"note: batch_size {cfg.batch_size} > {n} images; using {batch}", flush=True)
+    if batch < cfg.batch_size:  # recorded as run: config.json, checkpoints and the report
+        if main:
+            print(f"note: batch_size {cfg.batch_size} > {n} images; using {batch}", flush=True)
+        cfg = dataclasses.replace(cfg, batch_size=batch)
     if batch % world:
         raise ConfigError(f"batch_size {batch} is not divisible by the {world} processes")
     local = batch // world  # this process's share of every batch
@@ -410,8 +441,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         losses, step, knn_history = _restore(ck, ckpt_path, method, gen, rank)
         if quality is not None:
             quality.history = list(ck.get("quality_history", []))
-        if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
-            cfg = dataclasses.replace(cfg, steps=old.steps)
+        cfg = _extension(cfg, old, ck, step, steps_per_epoch, main)
+        old_total = old.steps or old.epochs * steps_per_epoch
+        seconds_per_step = float(ck.get("seconds_per_step") or 0.0)
+    else:
+        old_total, seconds_per_step = 0, 0.0
     log = RunLog(run_dir, step, cfg.log == "tensorboard", main)
     if (monitor is not None or quality is not None) and step == 0:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
@@ -491,8 +525,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     if resume and main:
         print(f"resumed {ckpt_path} at step {step}/{total}", flush=True)
         if step >= total:
-            print(f"note: nothing to train: the run is at step {step} of {total}; give more "
-                  f"--epochs or --steps to extend it", flush=True)
+            print(f"note: nothing to train: the run is at step {step} of {total}; extend it "
+                  f"with more --epochs, more --steps or a new --budget (more time)", flush=True)
+        elif total != old_total:  # the schedule is stretched (or shortened) to the new total
+            print(f"the schedule now ends at step {total} (it ended at {old_total}): the "
+                  f"learning rate continues from {lr_at(step, total, warmup, peak_lr):.3g} at "
+                  f"step {step} (it was {lr_at(step, old_total, warmup, peak_lr):.3g} there) and "
+                  f"decays to 0 by step {total}", flush=True)
     if main and not resume:  # the record of what was asked for; a resume adds to metrics.json
         save_json(cfg.to_dict(), run_dir / "config.json")
 
@@ -504,7 +543,10 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         gen_states = dist.gather_objects(gen_state)  # every process's stream (collective)
         rngs = dist.gather_objects(global_rng_state())
         if main:
+            per_step = train_time / max(1, at_step - start_step) if at_step > start_step \
+                else float(seconds_per_step)
             save_torch(dict(method.state_dict(), gen_state=gen_states[0], gen_states=gen_states,
+                            seconds_per_step=per_step,
                             step=at_step, losses=losses, knn_history=knn_history,
                             quality_history=[] if quality is None else quality.history,
                             config=cfg.to_dict(), rng=rngs[0], rng_all=rngs,
