@@ -138,6 +138,10 @@ def test_unlabeled_folder_run(tmp_path, capsys):
     m = json.loads((run / "metrics.json").read_text())
     assert [e["step"] for e in m["quality_history"]] == [0, 1, 2]
     assert m["knn_history"] == [] and (run / "retrieval.png").is_file()
+    from pathlib import Path as P  # row i of train_emb.npy is file i, a path that resolves
+    listing = json.loads((run / "train_files.json").read_text())
+    assert listing["rows"] == 40 and all(P(f).is_absolute() and P(f).is_file()
+                                         for f in listing["files"])
     out = capsys.readouterr().out
     assert "RankMe (of 32 dims)" in out and "alignment" in out and "uniformity" in out
     page = (run / "report.html").read_text()

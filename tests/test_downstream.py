@@ -235,6 +235,7 @@ def test_embed_command_writes_npy_and_file_list(digits_run, tmp_path, capsys):
     feats = np.load(out)
     names = json.loads((tmp_path / "feats.files.json").read_text())["files"]
     assert feats.shape == (5, np.load(digits_run / "test_emb.npy").shape[1]) and len(names) == 5
+    assert all(Path(n).is_absolute() and Path(n).is_file() for n in names)  # resolve anywhere
     assert main(["embed", str(digits_run), "--images", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -543,6 +543,8 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def cmd_embed(ns: argparse.Namespace) -> int:
+    import os
+
     from selfsup.files import save_json, save_npy
     from selfsup.hardware import select_device
     from selfsup.inference import load_encoder
@@ -554,8 +556,8 @@ def cmd_embed(ns: argparse.Namespace) -> int:
     save_npy(feats, out)
     # JSON keeps every path intact (newlines, any character; undecodable bytes as \udcXX
     # escapes, which os.fsencode turns back into the same bytes). Row i of the .npy is file i.
-    save_json(dict(images=str(ns.images), rows=len(paths), files=[str(p) for p in paths]),
-              listing)
+    save_json(dict(images=os.path.abspath(ns.images), rows=len(paths),
+                   files=[os.path.abspath(p) for p in paths]), listing)  # they resolve anywhere
     print(f"embedded {len(paths)} images -> {out} {feats.shape}; file list {listing}")
     return 0
 

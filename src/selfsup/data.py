@@ -23,7 +23,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class ImageData:
         name: short name of the data set.
         unlabeled_x: further (K, 3, H, W) uint8 images for pretraining only, after ``train_x``
             (STL-10's unlabeled split, which may be a memory-mapped file).
+        files: image folders: the absolute path of each row of ``train_x`` (``"train"``) and
+            ``test_x`` (``"test"``); empty for data sets that are not files of images.
     """
 
     train_x: torch.Tensor
@@ -84,6 +86,7 @@ class ImageData:
     classes: list[str]
     name: str
     unlabeled_x: tuple[torch.Tensor, ...] = ()
+    files: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def labeled(self) -> bool:
@@ -107,7 +110,7 @@ class ImageData:
 
         return ImageData(move(self.train_x), move(self.train_y), move(self.test_x),  # type: ignore[arg-type]
                          move(self.test_y), self.classes, self.name,
-                         tuple(u.to(device) for u in self.unlabeled_x))
+                         tuple(u.to(device) for u in self.unlabeled_x), self.files)
 
 
 class ImageStack:
@@ -708,7 +711,7 @@ def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
 
 def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str,
                    left_out: Collection[str] = ()
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[str], set[str]]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str], set[str], list[str]]:
     """One split of ``<class>/*`` folders.
 
     For the training split (``classes`` None) the classes are its class folders that hold
@@ -751,7 +754,8 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_image
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     x, kept = decode_images(paths, size, bad_images)
     skipped = set(empty) | set(unreadable)
-    return x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names, skipped
+    return (x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names, skipped,
+            [os.path.abspath(paths[i]) for i in kept])
 
 
 def _has_class_folders(split: Path) -> bool:
@@ -783,9 +787,11 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
     train, test = root / "train", root / "test"
     labeled = [_has_class_folders(train), _has_class_folders(test)]
     if all(labeled):
-        x, y, classes, left_out = _labeled_split(train, None, image_size, bad_images)
-        tx, ty, _, _ = _labeled_split(test, classes, x.shape[-1], bad_images, left_out)
-        return ImageData(x, y, tx, ty, classes, root.name)
+        x, y, classes, left_out, files = _labeled_split(train, None, image_size, bad_images)
+        tx, ty, _, _, test_files = _labeled_split(test, classes, x.shape[-1], bad_images,
+                                                  left_out)
+        return ImageData(x, y, tx, ty, classes, root.name,
+                         files={"train": files, "test": test_files})
     if any(labeled):
         has, lacks = ("train", "test") if labeled[0] else ("test", "train")
         warnings.warn(f"{root} has {has}/ with class folders but no {lacks}/<class>/ folders: "
@@ -794,8 +800,9 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
     paths = image_files(root, bad_images)
     if not paths:
         raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    x, _ = decode_images(paths, image_size, bad_images)
-    return ImageData(x, None, None, None, [], root.name)
+    x, kept = decode_images(paths, image_size, bad_images)
+    return ImageData(x, None, None, None, [], root.name,
+                     files={"train": [os.path.abspath(paths[i]) for i in kept]})
 
 
 # --- digits ---------------------------------------------------------------------------------

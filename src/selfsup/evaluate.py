@@ -308,6 +308,9 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     for which, prefix in (("trained", ""), ("untrained", "untrained_")):
         for split, emb in feats[which].items():
             save_npy(emb, run_dir / f"{prefix}{split}_emb.npy")
+    for split, names in data.files.items():  # row i of {split}_emb.npy is file i
+        if split in feats["trained"] and len(names) == len(feats["trained"][split]):
+            save_json(dict(rows=len(names), files=names), run_dir / f"{split}_files.json")
     if data.train_y is not None:
         save_npy(data.train_y.cpu().numpy(), run_dir / "train_lbl.npy")
     if data.test_y is not None:
