@@ -239,3 +239,19 @@ def test_resume_extends_a_budgeted_run(tmp_path, capsys):
     assert main(["pretrain", "--resume", str(run), "--budget", "2s"]) == 0
     said = capsys.readouterr().out
     assert "budget 2s more:" in said and steps_now() > epochs * 11 + 5
+
+
+def test_budget_thins_monitor_checks_that_would_eat_it(digits, tmp_path):
+    """Issue 20: one epoch is one step here (batch 1024 of 1,437 images): a check every epoch
+    would take most of a 4-second budget. The checks are thinned to at most a tenth of it,
+    and the run records the schedule it used."""
+    import json
+
+    cfg = _cfg(budget="4s", batch_size=1024, knn_every=1, auto_size=False)
+    r = train.pretrain(cfg, digits, tmp_path / "t")
+    b = r.budget
+    assert b["check_s"] > 0 and b["checks"] >= 1
+    assert b["checks"] * b["check_s"] <= train.MONITOR_SHARE * b["budget_s"] or b["checks"] == 1
+    saved = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert saved["knn_every"] == r.config.knn_every >= 1
+    assert len(r.knn_history) <= b["checks"] + 1  # step 0, then the checks it budgeted

@@ -48,6 +48,7 @@ from selfsup.sizing import choose_size
 
 # --- time budget ----------------------------------------------------------------------------
 
+MONITOR_SHARE = 0.1  # of a budget, the most the monitor checks may take (they are thinned)
 BUDGET_MARGIN = 0.97  # of the time left, what the steps may take (speed drifts a little)
 TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's first steps...
 TIMING_MAX_STEPS = 200  # ... and at most this many
@@ -250,11 +251,23 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
         (run_dir / ".timing.pt").unlink()
     ckpt_s = time.perf_counter() - t1
 
+    knn_every, checks = cfg.knn_every, 0
+
     def fit(left: float) -> int:
+        """Steps that fill ``left`` seconds with the monitor checks that will run among them;
+        the checks are thinned (every 2, 4, ... times as many epochs) until they take at most
+        ``MONITOR_SHARE`` of it: on a small data set an epoch is a step or two, and a check
+        every epoch would eat the budget."""
+        nonlocal knn_every, checks
         steps = steps_for_budget(left, step_s, steps_per_epoch, ckpt_s)
         if check_s:  # the monitor checks that will run come out of the budget too
-            every = steps_per_epoch * cfg.knn_every
-            checks = steps // every + (steps % every > 0)
+            knn_every = cfg.knn_every
+            while True:
+                every = steps_per_epoch * knn_every
+                checks = steps // every + (steps % every > 0)
+                if checks * check_s <= MONITOR_SHARE * left or every >= steps:
+                    break
+                knn_every *= 2
             steps = steps_for_budget(left - checks * check_s, step_s, steps_per_epoch, ckpt_s)
         return steps
 
@@ -268,8 +281,12 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
         del losses[:]
         step = 0
         total = fit(budget_s - (time.perf_counter() - t_start))
-    total = dist.broadcast_object(total)  # rank 0's measurement decides for all
-    cfg = dataclasses.replace(cfg, steps=total)
+    total, knn_every = dist.broadcast_object((total, knn_every))  # rank 0's decides for all
+    if knn_every != cfg.knn_every and main:
+        print(f"budget {cfg.budget}: monitor checks every {knn_every} epochs, not "
+              f"{cfg.knn_every}: at {check_s:.1f} s each they would take more than "
+              f"{MONITOR_SHARE:.0%} of the budget", flush=True)
+    cfg = dataclasses.replace(cfg, steps=total, knn_every=knn_every)
     if main:
         print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step over the first "
               f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
@@ -277,6 +294,7 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
               + (f" --model {cfg.model} --width {cfg.width} --view-size {cfg.view_size}"
                  if cfg.auto_size else ""), flush=True)
     return cfg, step, dict(budget_s=budget_s, timed_steps=len(times), step_s=step_s,
+                           check_s=check_s, checks=checks,
                            checkpoint_s=ckpt_s, timed_steps_kept=keep, steps=total,
                            kept_seconds=sum(times) if keep else 0.0)
 
