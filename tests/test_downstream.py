@@ -356,3 +356,36 @@ def test_small_runs_say_so_and_a_clipped_batch_is_recorded(digits_run, tmp_path,
                  "--name", "big"]) == 0
     assert "using 1437" in capsys.readouterr().out
     assert json.loads((out / "big" / "config.json").read_text())["batch_size"] == 1437
+
+
+def test_a_saved_classifier_loads_and_predicts_a_folder(digits_run, tmp_path, capsys):
+    """Issue 20: a classifier finetune wrote is loaded and run (Python and `selfsup predict`),
+    with the accuracy finetune recorded."""
+    import csv
+
+    from PIL import Image
+
+    from selfsup import load_classifier
+
+    run = _copy(digits_run, tmp_path)
+    assert main(["finetune", str(run), "--label-fraction", "0.1", "--freeze", "--epochs", "1",
+                 "--min-steps", "10", "--no-progress"]) == 0
+    recorded = json.loads((run / "metrics.json").read_text())["finetune"]["linear_0.1"]
+    clf = load_classifier(run / "classifier_linear_0.1.pt")
+    data = load_digits()
+    labels, probs = clf.predict(data.test_x)
+    assert probs.shape == (360, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert float((labels == data.test_y.numpy()).mean()) == pytest.approx(recorded["accuracy"])
+    assert clf.classes == [str(i) for i in range(10)]
+    folder = tmp_path / "digits_png"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(data.test_x[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    assert main(["predict", str(run / "classifier_linear_0.1.pt"), "--images",
+                 str(folder)]) == 0
+    rows = list(csv.DictReader((run / "predictions_digits_png.csv").open()))
+    assert len(rows) == 6 and set(rows[0]) >= {"file", "class", "probability", "0", "9"}
+    assert all(Path(r["file"]).is_file() for r in rows)
+    assert [r["class"] for r in rows] == [clf.classes[k] for k in labels[:6]]
+    assert main(["predict", str(run / "nope.pt"), "--images", str(folder)]) == 2
+    assert "finetune writes" in capsys.readouterr().err

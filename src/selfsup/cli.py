@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE",
                    help="output .npy (default RUN/embeddings_<DIR name>.npy); the file list "
                         "goes beside it as <name>.files.json (row i is file i)")
+    p = sub.add_parser("predict", help="classify a folder of images with a classifier that "
+                                       "finetune wrote; a CSV of classes and probabilities",
+                       description="Classify every image under --images with RUN/classifier_"
+                                   "<mode>_<fraction>.pt (written by selfsup finetune) and "
+                                   "write one CSV row per image: the file, the predicted class, "
+                                   "its probability and every class's.")
+    p.add_argument("classifier", metavar="CLASSIFIER", help="a classifier_*.pt file")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (any depth)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="output .csv (default predictions_<DIR name>.csv beside the classifier)")
     p = runs["export"]
     from selfsup.export import FORMATS, INPUTS
 
@@ -639,6 +649,35 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(ns: argparse.Namespace) -> int:
+    import csv
+    import io
+    import os
+
+    from selfsup.files import atomic_write_text
+    from selfsup.inference import load_classifier
+
+    path = Path(ns.classifier)
+    if not path.is_file():
+        raise SelfsupError(f"{path} does not exist; selfsup finetune writes "
+                           f"RUN/classifier_<mode>_<fraction>.pt")
+    clf = load_classifier(path)
+    name = Path(ns.images).resolve().name or "root"
+    out = Path(ns.out) if ns.out else path.parent / f"predictions_{name}.csv"
+    if out.suffix != ".csv":
+        raise SelfsupError(f"--out must name a .csv file, got {ns.out!r}")
+    paths, labels, probs = clf.predict_folder(ns.images)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "class", "probability", *clf.classes])
+    for p, k, row in zip(paths, labels, probs, strict=True):
+        w.writerow([os.path.abspath(p), clf.classes[int(k)], f"{row[k]:.6f}",
+                    *(f"{v:.6f}" for v in row)])
+    atomic_write_text(buf.getvalue(), out)
+    print(f"classified {len(paths)} images -> {out}")
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from selfsup.export import export_encoder, read_metadata
 
@@ -653,7 +692,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 COMMANDS = {"compare": cmd_compare, "evaluate": cmd_evaluate, "plot": cmd_plot,
             "finetune": cmd_finetune, "label-efficiency": cmd_label_efficiency,
-            "report": cmd_report, "embed": cmd_embed, "export": cmd_export}
+            "report": cmd_report, "embed": cmd_embed, "export": cmd_export,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -678,7 +718,7 @@ def _check_paths(ns: argparse.Namespace) -> None:
     """Paths given to a command: a NUL character cannot be in any file name, and no name in
     the path may be longer than the file system allows (checking such a path raises instead of
     answering "no such file")."""
-    for key in ("run", "resume", "images", "out", "data_dir", "out_dir"):
+    for key in ("run", "resume", "images", "out", "data_dir", "out_dir", "classifier"):
         value = getattr(ns, key, None)
         if not isinstance(value, str):
             continue

@@ -240,8 +240,10 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
                  settings: FinetuneSettings, progress: bool = True) -> FinetuneResult:
     """Train one classifier from a run's encoder (or from scratch), save it, record the result.
 
-    Writes ``classifier_<mode>_<fraction>.pt`` (``..._seed<S>.pt`` for a seed other than the
-    run's) and adds the result under that name in ``finetune`` in ``metrics.json``.
+    Writes ``classifier_<mode>_<fraction>.pt`` (mode ``finetune``, ``linear`` for
+    ``--freeze``, ``scratch`` for ``--from-scratch``; ``..._seed<S>.pt`` for a seed other than
+    the run's; ``selfsup.load_classifier`` reads it) and adds the result under that name in
+    ``finetune`` in ``metrics.json``.
     """
     from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
     from selfsup.evaluate import read_metrics
@@ -263,6 +265,7 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
                                           else "")
     save_torch(dict(state_dict=model.state_dict(), mode=mode, classes=data.classes,
                     mean=saved["mean"], std=saved["std"], config=saved["config"],
+                    image_size=int(saved.get("image_size", 32)),
                     settings=asdict(settings), result=result.to_dict()),
                run_dir / f"classifier_{tag}.pt")
     metrics = read_metrics(run_dir)

@@ -15,6 +15,22 @@ from selfsup.errors import DataError, SelfsupError
 FLOAT_MAX = 1.0 + 1e-3  # float input above this is taken for 0-255 and refused
 
 
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] as floats in [0, 1]; float images checked to be in [0, 1].
+
+    Raises:
+        ValueError: float images with values above 1 (0-255 floats would give wrong outputs
+            without a word): divide them by 255, or pass them as uint8.
+    """
+    if images.dtype == torch.uint8:
+        return to_float(images)
+    top = float(images.max()) if images.numel() else 0.0
+    if top > FLOAT_MAX:
+        raise ValueError(f"float images must be in [0, 1], got values up to {top:g}: divide "
+                         f"them by 255, or pass them as uint8 in [0, 255]")
+    return images
+
+
 class FeatureExtractor(nn.Module):
     """A trained encoder with its input normalisation: images in, features h out.
 
@@ -39,15 +55,7 @@ class FeatureExtractor(nn.Module):
             ValueError: float images with values above 1 (0-255 floats would give wrong
                 features without a word): divide them by 255, or pass them as uint8.
         """
-        if images.dtype == torch.uint8:
-            x = to_float(images)
-        else:
-            top = float(images.max()) if images.numel() else 0.0
-            if top > FLOAT_MAX:
-                raise ValueError(f"float images must be in [0, 1], got values up to {top:g}: "
-                                 f"divide them by 255, or pass them as uint8 in [0, 255]")
-            x = images
-        return self.encoder(normalize(x, self.mean, self.std))  # type: ignore[arg-type]
+        return self.encoder(normalize(unit_float(images), self.mean, self.std))  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -132,3 +140,88 @@ def _from_safetensors(path: Path) -> dict[str, Any]:
     return dict(state_dict=tensors, config=cfg.to_dict(), feature_dim=feature_dim,
                 mean=mean.tolist(), std=std.tolist(),
                 image_size=int(meta.get("image_size", 32)))
+
+
+class ImageClassifier(nn.Module):
+    """A classifier trained by ``selfsup finetune`` (any mode): images in, class logits out.
+
+    Call it on (B, 3, H, W) images, uint8 in [0, 255] or float in [0, 1], at the side it was
+    trained on; ``classes`` names the logits' columns. Built by ``load_classifier`` in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float],
+                 classes: list[str], image_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+        self.classes, self.image_size = list(classes), image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(unit_float(images), self.mean, self.std))  # type: ignore[arg-type, no-any-return]
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, batch_size: int = 256
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted class indices (N,) and class probabilities (N, C), in eval mode."""
+        was = self.training
+        self.eval()
+        dev = next(self.model.parameters()).device
+        out = [torch.softmax(self(images[i:i + batch_size].to(dev)).float(), 1).cpu()
+               for i in range(0, len(images), batch_size)]
+        self.train(was)
+        probs = torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        return probs.argmax(1), probs
+
+    def predict_folder(self, folder: str | Path, batch_size: int = 256,
+                       bad_images: str = "skip") -> tuple[list[Path], np.ndarray, np.ndarray]:
+        """Every image under ``folder`` (sorted, resized to the training side): their paths,
+        predicted class indices and probabilities. Unreadable files are skipped with a
+        counted warning (or refused under ``bad_images="fail"``).
+
+        Raises:
+            DataError: no folder, one that cannot be read, or no image in it.
+        """
+        from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
+
+        root = Path(folder)
+        paths = image_files(root, bad_images)
+        if not paths:
+            raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+        x, kept = decode_images(paths, self.image_size, bad_images)
+        labels, probs = self.predict(x, batch_size)
+        return [paths[i] for i in kept], labels, probs
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ImageClassifier:
+    """Load a classifier written by ``selfsup finetune`` (``RUN/classifier_<mode>_<fraction>
+    .pt``); loading runs no code from the file.
+
+    Raises:
+        CheckpointError: missing, damaged, or not a selfsup classifier.
+    """
+    from selfsup.checkpoint import check_state_dict, load_checkpoint
+    from selfsup.config import config_from_dict
+    from selfsup.errors import CheckpointError
+    from selfsup.finetune import Classifier
+    from selfsup.models import init_encoder
+
+    path = Path(path)
+    saved = load_checkpoint(path)
+    classes = saved.get("classes")
+    try:
+        cfg = config_from_dict(saved["config"])
+        if not isinstance(classes, list) or not classes:
+            raise KeyError("classes")
+        model = Classifier(init_encoder(cfg), len(classes), feature_norm=True)
+        check_state_dict(saved.get("state_dict"), dict(model.state_dict()), str(path))
+        model.load_state_dict(saved["state_dict"])
+        mean, std = [float(v) for v in saved["mean"]], [float(v) for v in saved["std"]]
+    except (KeyError, TypeError, ValueError, SelfsupError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a classifier written by selfsup finetune "
+                              f"({type(e).__name__}: {e})") from None
+    fx = ImageClassifier(model, mean, std, [str(c) for c in classes],
+                         int(saved.get("image_size", 32)))
+    return fx.to(device).eval().requires_grad_(False)
