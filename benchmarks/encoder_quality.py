@@ -18,23 +18,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from selfsup import load_encoder
+from selfsup.data import resize_images
 from selfsup.datasets import load_dataset
 from selfsup.evaluate import knn_accuracy, linear_probe, validation_split
 from selfsup.finetune import stratified_subset
 from selfsup.hardware import describe_machine
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) resized (bilinear, antialiased) to size x size, in chunks."""
-    if size == x.shape[-1]:
-        return x
-    out = [F.interpolate(x[i:i + 4096].float(), size=(size, size), mode="bilinear",
-                         antialias=True, align_corners=False).round().clamp(0, 255).byte()
-           for i in range(0, len(x), 4096)]
-    return torch.cat(out)
 
 
 def main() -> None:
@@ -69,7 +59,7 @@ def main() -> None:
     else:
         xtr, ytr, xte, yte = data.train_x, data.train_y.numpy(), data.test_x, data.test_y.numpy()
     if args.eval_size:
-        xtr, xte = _resize(xtr, args.eval_size), _resize(xte, args.eval_size)
+        xtr, xte = resize_images(xtr, args.eval_size), resize_images(xte, args.eval_size)
     print(f"split {args.split}: fit on {len(ytr)}, scored on {len(yte)} images of "
           f"{xtr.shape[-1]} px", flush=True)
     subsets = [stratified_subset(ytr, args.fraction, s) for s in range(args.subsets)]

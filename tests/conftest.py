@@ -46,20 +46,54 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def tar_gz(files: dict[str, bytes], folder: str) -> bytes:
+    """A .tar.gz of ``files`` under ``folder/``, as the releases are packed."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def _digests(monkeypatch: pytest.MonkeyPatch, module: object, table: str,
+             files: dict[str, bytes]) -> None:
+    """Set ``module.<table>`` (a release's published MD5s) to the digests of those ``files``
+    it lists: the generated files pass the readers' checks."""
+    current = getattr(module, table)
+    monkeypatch.setattr(module, table, {**current, **{n: md5(c) for n, c in files.items()
+                                                      if n in current}})
+
+
+def release_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: object, table: str,
+                   folder: str, files: dict[str, bytes]) -> Path:
+    """A data folder holding ``files`` extracted in ``folder/``, the MD5 table set to match."""
+    (tmp_path / "data" / folder).mkdir(parents=True)
+    for name, content in files.items():
+        (tmp_path / "data" / folder / name).write_bytes(content)
+    _digests(monkeypatch, module, table, files)
+    return tmp_path / "data"
+
+
+def release_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: object, table: str,
+                    archive: str, folder: str, files: dict[str, bytes]) -> Path:
+    """A data folder holding only ``archive``, a .tar.gz of ``files`` under ``folder/``; the
+    MD5 table set to match the archive and the files it lists."""
+    blob = tar_gz(files, folder)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / archive).write_bytes(blob)
+    _digests(monkeypatch, module, table, {**files, archive: blob})
+    return tmp_path / "data"
+
+
 @pytest.fixture
 def cifar_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding a generated cifar-10-batches-py/, with the MD5 table set to match."""
     from selfsup import data
 
-    files = cifar_files()
-    folder = tmp_path / "data" / data.CIFAR10_DIR
-    folder.mkdir(parents=True)
-    table = dict(data.CIFAR10_MD5)
-    for name, content in files.items():
-        (folder / name).write_bytes(content)
-        table[name] = md5(content)
-    monkeypatch.setattr(data, "CIFAR10_MD5", table)
-    return tmp_path / "data"
+    return release_folder(tmp_path, monkeypatch, data, "CIFAR10_MD5", data.CIFAR10_DIR,
+                          cifar_files())
 
 
 @pytest.fixture
@@ -67,19 +101,8 @@ def cifar_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding a generated cifar-10-python.tar.gz, with its MD5 in the table."""
     from selfsup import data
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, content in cifar_files().items():
-            info = tarfile.TarInfo(f"{data.CIFAR10_DIR}/{name}")
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / data.CIFAR10_ARCHIVE).write_bytes(buf.getvalue())
-    table = dict(data.CIFAR10_MD5)
-    table[data.CIFAR10_ARCHIVE] = md5(buf.getvalue())
-    monkeypatch.setattr(data, "CIFAR10_MD5", table)
-    return root
+    return release_archive(tmp_path, monkeypatch, data, "CIFAR10_MD5", data.CIFAR10_ARCHIVE,
+                           data.CIFAR10_DIR, cifar_files())
 
 
 def cifar100_files(n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict[str, bytes]:
@@ -105,30 +128,13 @@ def cifar100_files(n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict[s
             "meta": pickle.dumps(meta, protocol=2)}
 
 
-def tar_gz(files: dict[str, bytes], folder: str) -> bytes:
-    """A .tar.gz of ``files`` under ``folder/``, as the releases are packed."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()
-
-
 @pytest.fixture
 def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding a generated cifar-100-python/, with the MD5 table set to match."""
     from selfsup import data
 
-    folder = tmp_path / "data" / data.CIFAR100_DIR
-    folder.mkdir(parents=True)
-    table = dict(data.CIFAR100_MD5)
-    for name, content in cifar100_files().items():
-        (folder / name).write_bytes(content)
-        table[name] = md5(content)
-    monkeypatch.setattr(data, "CIFAR100_MD5", table)
-    return tmp_path / "data"
+    return release_folder(tmp_path, monkeypatch, data, "CIFAR100_MD5", data.CIFAR100_DIR,
+                          cifar100_files())
 
 
 @pytest.fixture
@@ -136,13 +142,8 @@ def cifar100_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding a generated cifar-100-python.tar.gz, its MD5 in the table."""
     from selfsup import data
 
-    blob = tar_gz(cifar100_files(), data.CIFAR100_DIR)
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / data.CIFAR100_ARCHIVE).write_bytes(blob)
-    monkeypatch.setattr(data, "CIFAR100_MD5", {**data.CIFAR100_MD5,
-                                               data.CIFAR100_ARCHIVE: md5(blob)})
-    return root
+    return release_archive(tmp_path, monkeypatch, data, "CIFAR100_MD5", data.CIFAR100_ARCHIVE,
+                           data.CIFAR100_DIR, cifar100_files())
 
 
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
@@ -185,15 +186,8 @@ def stl10_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding a generated stl10_binary/, with the MD5 table set to match."""
     from selfsup import stl10
 
-    folder = tmp_path / "data" / stl10.STL10_DIR
-    folder.mkdir(parents=True)
-    table = dict(stl10.STL10_MD5)
-    for name, content in stl10_files().items():
-        (folder / name).write_bytes(content)
-        if name in table:
-            table[name] = md5(content)
-    monkeypatch.setattr(stl10, "STL10_MD5", table)
-    return tmp_path / "data"
+    return release_folder(tmp_path, monkeypatch, stl10, "STL10_MD5", stl10.STL10_DIR,
+                          stl10_files())
 
 
 @pytest.fixture
@@ -201,14 +195,8 @@ def stl10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding only a generated stl10_binary.tar.gz; every digest matches."""
     from selfsup import stl10
 
-    files = stl10_files()
-    blob = tar_gz(files, stl10.STL10_DIR)
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / stl10.STL10_ARCHIVE).write_bytes(blob)
-    table = {n: md5(files[n]) for n in stl10.STL10_MD5 if n in files}
-    monkeypatch.setattr(stl10, "STL10_MD5", {**table, stl10.STL10_ARCHIVE: md5(blob)})
-    return root
+    return release_archive(tmp_path, monkeypatch, stl10, "STL10_MD5", stl10.STL10_ARCHIVE,
+                           stl10.STL10_DIR, stl10_files())
 
 
 def write_images(folder: Path, n: int, size: int = 12, seed: int = 0, suffix: str = ".png",

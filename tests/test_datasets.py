@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import tarfile
 import urllib.error
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from selfsup import config, data, datasets, stl10
 from selfsup.cli import main
 from selfsup.errors import DataError
-from tests.conftest import STL10_CLASSES, md5, stl10_bin, stl10_images
+from tests.conftest import STL10_CLASSES, stl10_bin, stl10_images
 
 # --- CIFAR-100 --------------------------------------------------------------------------------
 
@@ -225,20 +224,11 @@ def test_stl10_archive_is_extracted_once_then_read(stl10_archive, capsys):
 
 
 def test_stl10_archive_member_paths_are_never_followed(tmp_path, monkeypatch):
-    from tests.conftest import stl10_files
+    from tests.conftest import release_archive, stl10_files
 
-    files = stl10_files()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, content in [*files.items(), ("../../escaped.txt", b"x")]:
-            info = tarfile.TarInfo(f"stl10_binary/{name}")
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    root = tmp_path / "a" / "b"
-    root.mkdir(parents=True)
-    (root / stl10.STL10_ARCHIVE).write_bytes(buf.getvalue())
-    table = {n: md5(files[n]) for n in stl10.STL10_MD5 if n in files}
-    monkeypatch.setattr(stl10, "STL10_MD5", {**table, stl10.STL10_ARCHIVE: md5(buf.getvalue())})
+    files = {**stl10_files(), "../../escaped.txt": b"x"}  # would land in tmp_path if followed
+    root = release_archive(tmp_path, monkeypatch, stl10, "STL10_MD5", stl10.STL10_ARCHIVE,
+                           stl10.STL10_DIR, files)
     datasets.load_dataset("stl10", root, download=False)
     assert not list(tmp_path.rglob("escaped.txt"))
 

@@ -528,6 +528,11 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_name(images: str) -> str:
+    """The name an output file takes from a folder of images (``.`` is the folder's own)."""
+    return Path(images).resolve().name or "root"
+
+
 def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
     """Where ``embed`` writes: the features (.npy) and, beside them, the file list (.json).
 
@@ -535,8 +540,7 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
         SelfsupError: an --out that does not end in .npy, or whose folder does not exist.
     """
     if ns.out is None:
-        name = Path(ns.images).resolve().name or "root"
-        out = Path(ns.run) / f"embeddings_{name}.npy"
+        out = Path(ns.run) / f"embeddings_{_folder_name(ns.images)}.npy"
     else:
         out = Path(ns.out)
         if out.suffix != ".npy" or not out.stem:
@@ -662,8 +666,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         raise SelfsupError(f"{path} does not exist; selfsup finetune writes "
                            f"RUN/classifier_<mode>_<fraction>.pt")
     clf = load_classifier(path)
-    name = Path(ns.images).resolve().name or "root"
-    out = Path(ns.out) if ns.out else path.parent / f"predictions_{name}.csv"
+    out = Path(ns.out) if ns.out else path.parent / f"predictions_{_folder_name(ns.images)}.csv"
     if out.suffix != ".csv":
         raise SelfsupError(f"--out must name a .csv file, got {ns.out!r}")
     paths, labels, probs = clf.predict_folder(ns.images)

@@ -422,7 +422,7 @@ def resize_data(data: ImageData, size: int) -> ImageData:
     return ImageData(resize_images(data.train_x, size), data.train_y,
                      None if data.test_x is None else resize_images(data.test_x, size),
                      data.test_y, data.classes, data.name,
-                     tuple(resize_images(u, size) for u in data.unlabeled_x))
+                     tuple(resize_images(u, size) for u in data.unlabeled_x), data.files)
 
 
 # --- image folders ---------------------------------------------------------------------------

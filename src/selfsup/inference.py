@@ -31,6 +31,26 @@ def unit_float(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def decode_folder(folder: str | Path, size: int, bad_images: str = "skip"
+                  ) -> tuple[torch.Tensor, list[Path]]:
+    """Every image under ``folder``, in sorted path order, decoded at ``size`` px, and the paths
+    of those that decoded (unreadable ones skipped with a counted warning, or refused under
+    ``bad_images="fail"``).
+
+    Raises:
+        DataError: no folder, one that cannot be read, no image in it, or a bad file under
+            ``fail``.
+    """
+    from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
+
+    root = Path(folder)
+    paths = image_files(root, bad_images)
+    if not paths:
+        raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+    x, kept = decode_images(paths, size, bad_images)
+    return x, [paths[i] for i in kept]
+
+
 class FeatureExtractor(nn.Module):
     """A trained encoder with its input normalisation: images in, features h out.
 
@@ -78,14 +98,8 @@ class FeatureExtractor(nn.Module):
             DataError: no folder, one that cannot be read, no image in it, or a bad file under
                 ``fail``.
         """
-        from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
-
-        root = Path(folder)
-        paths = image_files(root, bad_images)
-        if not paths:
-            raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-        x, kept = decode_images(paths, self.image_size, bad_images)
-        return self.embed(x, batch_size), [paths[i] for i in kept]
+        x, paths = decode_folder(folder, self.image_size, bad_images)
+        return self.embed(x, batch_size), paths
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
@@ -182,15 +196,9 @@ class ImageClassifier(nn.Module):
         Raises:
             DataError: no folder, one that cannot be read, or no image in it.
         """
-        from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
-
-        root = Path(folder)
-        paths = image_files(root, bad_images)
-        if not paths:
-            raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-        x, kept = decode_images(paths, self.image_size, bad_images)
+        x, paths = decode_folder(folder, self.image_size, bad_images)
         labels, probs = self.predict(x, batch_size)
-        return [paths[i] for i in kept], labels, probs
+        return paths, labels, probs
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ImageClassifier:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from selfsup.methods import Method
 
 RANKME_EPS = 1e-7  # the paper's epsilon inside the entropy
+SIGNALS = ("rankme", "feature_dim", "alignment", "uniformity")  # what ``measure`` returns
 MONITOR_IMAGES = 2048  # the fixed subset: more rows than any encoder here has feature columns
 COLLAPSE_FRACTION = 0.05  # effective rank under this share of the feature width: collapsed
 FALLING_CHECKS = 3  # RankMe falling this many checks in a row, by 20 % in all: collapsing
@@ -81,7 +82,7 @@ class QualityMonitor:
     def __init__(self, x_all: Images, size: int, seed: int, batch_size: int) -> None:
         n = len(x_all)
         pick = torch.from_numpy(np.random.default_rng(seed + 29).permutation(n)[:size])
-        self.x = x_all[pick.to(x_all.device) if isinstance(x_all, torch.Tensor) else pick]
+        self.x = x_all[pick.to(x_all.device)]
         self.seed, self.batch_size = seed, batch_size
         self.history: list[dict[str, float]] = []
 
@@ -111,11 +112,10 @@ class QualityMonitor:
                     alignment=alignment(z1, z2),
                     uniformity=(uniformity(z1) + uniformity(z2)) / 2)
 
-    def check(self, method: Method, step: int, epoch: float) -> dict[str, float]:
-        """Measure and append to ``history``; returns the entry."""
-        entry = dict(step=float(step), epoch=epoch, **self.measure(method))
-        self.history.append(entry)
-        return entry
+    def record(self, step: int, epoch: float, values: dict[str, float]) -> None:
+        """Append a check's values (``measure``'s, among others) to ``history``."""
+        self.history.append(dict(step=float(step), epoch=epoch,
+                                 **{k: values[k] for k in SIGNALS}))
 
 
 def collapse_warning(history: list[dict[str, Any]]) -> str | None:

@@ -421,24 +421,31 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         from selfsup.quality import MONITOR_IMAGES, QualityMonitor
 
         quality = QualityMonitor(x_all, min(MONITOR_IMAGES, n), cfg.seed, cfg.eval_batch_size)
+    monitored = monitor is not None or quality is not None
     monitor_s = 0.0
 
-    def check_knn(at_step: int) -> float:
-        """The monitors' checks at ``at_step`` (kNN accuracy where there are labels, RankMe and
-        alignment/uniformity always), appended to their histories; returns the seconds taken.
-        Eval mode, no_grad and their own generators: the run's state is not touched."""
-        t0 = time.perf_counter()
-        epoch = at_step / steps_per_epoch
-        if monitor is not None:
-            acc = monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
-            knn_history.append(dict(step=at_step, epoch=epoch, accuracy=acc))
+    def measure_monitors() -> dict[str, float]:
+        """The monitors' values now: kNN accuracy where there are labels, the label-free
+        signals always. Eval mode, no_grad and their own generators: the run's state is not
+        touched, and nothing is recorded."""
         values: dict[str, float] = {}
         if monitor is not None:
-            values["knn"] = knn_history[-1]["accuracy"]
+            values["knn"] = monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
         if quality is not None:
-            entry = quality.check(method, at_step, epoch)
-            values.update((k, entry[k]) for k in ("rankme", "alignment", "uniformity"))
-        log.check(at_step, epoch, values)
+            values.update(quality.measure(method))
+        return values
+
+    def check_knn(at_step: int) -> float:
+        """The monitors' checks at ``at_step``, appended to their histories and the log;
+        returns the seconds taken."""
+        t0 = time.perf_counter()
+        epoch = at_step / steps_per_epoch
+        values = measure_monitors()
+        if monitor is not None:
+            knn_history.append(dict(step=at_step, epoch=epoch, accuracy=values["knn"]))
+        if quality is not None:
+            quality.record(at_step, epoch, values)
+        log.check(at_step, epoch, {k: v for k, v in values.items() if k != "feature_dim"})
         return time.perf_counter() - t0
 
     ckpt_path = run_dir / CHECKPOINT
@@ -465,7 +472,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     else:
         old_total, seconds_per_step = 0, 0.0
     log = RunLog(run_dir, step, cfg.log == "tensorboard", main)
-    if (monitor is not None or quality is not None) and step == 0:
+    if monitored and step == 0:
         monitor_s += check_knn(0)  # the starting point: the untrained encoder
     if step == 0 and log.writer is not None:
         log.image("augmentations", _views_grid(x_all, method, cfg.seed))
@@ -524,14 +531,11 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     budget: dict[str, Any] = {}
     if not resume and cfg.budget and not cfg.steps:
         check_s = 0.0
-        if monitor is not None or quality is not None:
+        if monitored:
             # A second check, timed and dropped: the first carries one-time costs (kernels
             # chosen, memory mapped) that charged to every check left 8 % of a budget unspent.
             t0 = time.perf_counter()
-            if monitor is not None:
-                monitor.accuracy(method.encoder, mean, std, device, method.nhwc)
-            if quality is not None:
-                quality.measure(method)
+            measure_monitors()
             check_s = time.perf_counter() - t0
             monitor_s += check_s
         cfg, step, budget = _fit_budget(cfg, method, take_step, gen, losses, t_start, check_s,
@@ -593,9 +597,8 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 if world > 1:  # Ctrl-C reaches the processes at different steps: agree
                     stop.requested = dist.any_true(stop.requested)
                 periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-                if (monitor is not None or quality is not None) and (
-                        step == total or epoch_end and (step // steps_per_epoch) % cfg.knn_every
-                        == 0):
+                if monitored and (step == total or epoch_end and (
+                        step // steps_per_epoch) % cfg.knn_every == 0):
                     monitor_s += check_knn(step)  # embeds in eval mode, then restores train
                 if epoch_end or periodic or step == total or stop.requested:
                     checkpoint(step, gen_state)
