@@ -48,9 +48,10 @@ def select_precision(name: str, device: torch.device) -> tuple[torch.dtype | Non
         if device.type == "cpu" and not cpu_has_fast_bf16():
             return torch.bfloat16, (
                 f"bf16 autocast (asked for). Warning: this CPU has no native bf16 "
-                f"({torch.backends.cpu.get_cpu_capability()}), so bf16 is emulated: on a "
-                f"2-core AVX2 host it ran the cpu preset's network 12x slower than fp32 (124 "
-                f"against 1,570 images/s). --precision auto (the default) takes fp32 here")
+                f"({torch.backends.cpu.get_cpu_capability()}), so bf16 is emulated: a user's "
+                f"report on a 2-core AVX2 host found the cpu preset's network 12x slower than "
+                f"fp32 there (124 against 1,570 images/s; not measured by selfsup's own "
+                f"benchmarks). --precision auto (the default) takes fp32 here")
         return torch.bfloat16, "bf16 autocast (asked for)"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
