@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="steps per repeat")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="CUDA: let cuDNN time its convolution algorithms for these shapes")
     args = ap.parse_args()
     over = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                               ("width", args.width), ("view_size", args.view_size),
@@ -65,6 +67,7 @@ def main() -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp, why = select_precision(cfg.precision, device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     b = cfg.batch_size
     g = torch.Generator().manual_seed(0)
     x_all = torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size),
@@ -89,7 +92,7 @@ def main() -> None:
     print(describe_machine(device))
     print(f"preset {args.preset}: {cfg.model} width {cfg.width}, views "
           f"{cfg.view_size or args.image_size}px from {args.image_size}px, batch {b}, "
-          f"precision {why}")
+          f"precision {why}{', cudnn.benchmark' if args.cudnn_benchmark else ''}")
     print(f"(a) model only        {rate['model']:8.0f} images/s")
     print(f"(b) augmentation only {rate['augment']:8.0f} images/s")
     print(f"(c) full step         {rate['full']:8.0f} images/s")
