@@ -44,6 +44,10 @@ for variant in "--precision bf16" "--precision bf16 --cudnn-benchmark" "--precis
 done
 stage throughput-cpupreset 60 "$py" benchmarks/throughput.py --preset cpu --device "$device" \
   --width 64 --view-size 20
+# The training loop itself: jitters grouped (the CPU's way), whole-batch, and views drawn ahead.
+stage loop-gpu 150 "$py" benchmarks/loop_speed.py --preset gpu --device "$device" --steps 300
+stage loop-cpupreset 120 "$py" benchmarks/loop_speed.py --preset cpu --device "$device" \
+  --width 64 --view-size 20 --steps 300
 
 mkdir -p /tmp/selfsup-data && tar xzf "$tarball" -C /tmp/selfsup-data
 TAIL=30 stage run-gpu 330 "$py" -m selfsup run --preset gpu --dataset folder \

@@ -239,13 +239,14 @@ def _reference_jitter(img, factors, order):
     return y[0]
 
 
-def test_jitters_are_applied_in_each_images_order():
+@pytest.mark.parametrize("grouped", [True, False])  # the CPU's way, the GPU's way
+def test_jitters_are_applied_in_each_images_order(grouped):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(96, 3, 8, 8, generator=g)
     factors = torch.stack([torch.rand(96, generator=g) * 1.6 + 0.2 for _ in range(3)]
                           + [torch.rand(96, generator=g) * 0.4 - 0.2], dim=1)
     orders = jitter_orders(96, g, torch.device("cpu"))
-    out = apply_jitters(x, factors, orders)
+    out = apply_jitters(x, factors, orders, grouped=grouped)
     for i in range(96):
         torch.testing.assert_close(out[i], _reference_jitter(x[i], factors[i],
                                                              orders[i].tolist()),
@@ -253,6 +254,25 @@ def test_jitters_are_applied_in_each_images_order():
     # The order matters: the same factors in another order give other images.
     other = apply_jitters(x, factors, orders.flip(1))
     assert (other - out).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("skip", [(), (3,), (0, 2)])
+def test_whole_batch_jitters_equal_grouped_ones(skip):
+    """The GPU's way (every image through every jitter, kept where it is its own) gives the
+    CPU's images, with images left out by ``active`` unchanged, in place or not."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 8, 8, generator=g)
+    factors = torch.stack([torch.rand(64, generator=g) * 1.6 + 0.2 for _ in range(3)]
+                          + [torch.rand(64, generator=g) * 0.4 - 0.2], dim=1)
+    orders = jitter_orders(64, g, torch.device("cpu"))
+    active = torch.rand(64, generator=g) < 0.7
+    grouped = apply_jitters(x, factors, orders, skip, active, grouped=True)
+    whole = apply_jitters(x, factors, orders, skip, active, grouped=False)
+    torch.testing.assert_close(whole, grouped, atol=1e-6, rtol=0)
+    assert torch.equal(whole[~active], x[~active]) and not torch.equal(whole, x)
+    y = x.clone()
+    assert apply_jitters(y, factors, orders, skip, active, inplace=True, grouped=False) is y
+    torch.testing.assert_close(y, grouped, atol=1e-6, rtol=0)
 
 
 def test_color_jitter_uses_the_drawn_factors_and_orders():

@@ -137,6 +137,26 @@ def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypat
     assert all(_same_weights(a[k], b[k]) for k in nets)
 
 
+@pytest.mark.parametrize("stop_at", [5, 11])
+def test_views_drawn_a_step_ahead_give_the_same_run(digits, tmp_path, monkeypatch, stop_at):
+    """On GPUs the next step's views are drawn before the loss is read back: the same random
+    draws in the same order, so the same run, and a Ctrl-C there saves the stream's state
+    before the views drawn ahead (a resume draws them again)."""
+    monkeypatch.setattr(train, "VIEWS_AHEAD", False)
+    plain = train.pretrain(_cfg(), digits, tmp_path / "plain")
+    monkeypatch.setattr(train, "VIEWS_AHEAD", True)
+    ahead = train.pretrain(_cfg(), digits, tmp_path / "ahead")
+    assert ahead.losses == plain.losses
+    assert _same_weights(plain.encoder.state_dict(), ahead.encoder.state_dict())
+    real = _interrupt_at(monkeypatch, stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        train.pretrain(_cfg(), digits, tmp_path / "cut")
+    monkeypatch.setattr(METHODS["simclr"], "loss", real)
+    resumed = train.pretrain(_cfg(), digits, tmp_path / "cut", resume=True)
+    assert resumed.losses == plain.losses
+    assert _same_weights(plain.encoder.state_dict(), resumed.encoder.state_dict())
+
+
 def test_resume_with_more_epochs_continues(digits, tmp_path):
     first = train.pretrain(_cfg(epochs=1), digits, tmp_path / "r")
     more = train.pretrain(_cfg(epochs=2), digits, tmp_path / "r", resume=True)
@@ -184,16 +204,21 @@ def test_steps_for_budget_counts_checkpoints():
     assert train.steps_for_budget(0.01, 1.0, 10, 0.0) == 1
 
 
-@pytest.mark.parametrize("method,batch,kept", [
-    ("simclr", 64, True),  # 22 steps per epoch: the timed warm-up steps are the run's own
-    ("simclr", 128, False),  # 11 per epoch: too few to time inside the first epoch; undone
-    ("byol", 64, False),  # its momentum follows step / total: undone
+@pytest.mark.parametrize("method,batch,kept,ahead", [
+    ("simclr", 64, True, False),  # 22 steps per epoch: the timed warm-up steps are the run's own
+    ("simclr", 128, False, False),  # 11 per epoch: too few to time inside the first epoch; undone
+    ("byol", 64, False, False),  # its momentum follows step / total: undone
+    ("simclr", 64, True, True),  # the same with views drawn a step ahead (as on GPUs)
+    ("byol", 64, False, True),
 ])
-def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, method, batch, kept):
+def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, monkeypatch, method,
+                                                      batch, kept, ahead):
     import json
 
     cfg = _cfg(budget="3s", method=method, batch_size=batch, knn_every=0)
+    monkeypatch.setattr(train, "VIEWS_AHEAD", ahead)
     budgeted = train.pretrain(cfg, digits, tmp_path / "b")
+    monkeypatch.setattr(train, "VIEWS_AHEAD", False)
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     n = saved["steps"]
     assert n == budgeted.steps == budgeted.config.steps and n >= 1 and saved["budget"] == "3s"

@@ -48,6 +48,9 @@ from selfsup.sizing import choose_size
 
 # --- time budget ----------------------------------------------------------------------------
 
+# Draw the next step's views before reading back this step's loss (None: on GPUs, where the
+# draws' launches overlap the model's work; on the CPU nothing would overlap). Same run either way.
+VIEWS_AHEAD: bool | None = None
 MONITOR_SHARE = 0.1  # of a budget, the most the monitor checks may take (they are thinned)
 BUDGET_MARGIN = 0.97  # of the time left, what the steps may take (speed drifts a little)
 TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's first steps...
@@ -480,17 +483,20 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     # Steps taken and not yet logged: (steps done, lr, loss, seconds, seconds making views).
     pending: list[tuple[int, float, float, float, float]] = []
 
-    def take_step(at: int, total: int, warmup: int) -> float:
-        """Step ``at`` of ``total`` (its batch, learning rate, views, update); appends the loss.
+    # On a GPU the next step's views are drawn while the device still runs this step's update
+    # (before the loss is read back, which waits for it): their launches, a few hundred small
+    # kernels, then overlap the model's work instead of adding to it. The draws from ``gen``
+    # come in the same order either way, so the run is the same; the views ahead are used only
+    # for that step and that generator state (the budget's undo resets both).
+    ahead: dict[str, Any] = {}
+    draw_ahead = VIEWS_AHEAD if VIEWS_AHEAD is not None else device.type != "cpu"
 
-        Raises:
-            SelfsupError: a non-finite loss.
-        """
+    def draw_views(at: int) -> tuple[torch.Tensor, list[Any], float]:
+        """Step ``at``'s views; the CUDA events around them (none elsewhere); host seconds."""
         epoch, i = divmod(at, steps_per_epoch)
         if epoch not in order_cache:  # one permutation per epoch, a function of (seed, epoch)
             order_cache.clear()
             order_cache[epoch] = _epoch_order(cfg.seed, epoch, n).to(device)
-        lr = lr_at(at, total, warmup, peak_lr)
         idx = order_cache[epoch][i * batch:(i + 1) * batch]  # (B,) the global batch
         idx = idx[rank * local:(rank + 1) * local]  # this process's share
         t0 = time.perf_counter()
@@ -501,9 +507,35 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         v = method.views(x_all[idx], gen)  # (2B, 3, S, S)
         if marks:
             marks[1].record()
-        views_s = time.perf_counter() - t0
+        return v, marks, time.perf_counter() - t0
+
+    def state_at_step() -> torch.Tensor:
+        """The augmentation stream's state at the start of the next step to take."""
+        if ahead and torch.equal(ahead["after"], gen.get_state()):
+            return ahead["before"]
+        return gen.get_state()
+
+    def take_step(at: int, total: int, warmup: int) -> float:
+        """Step ``at`` of ``total`` (its batch, learning rate, views, update); appends the loss.
+
+        Raises:
+            SelfsupError: a non-finite loss.
+        """
+        lr = lr_at(at, total, warmup, peak_lr)
+        t0 = time.perf_counter()
+        if ahead.get("step") == at and torch.equal(ahead["after"], gen.get_state()):
+            v, marks, views_s = ahead["views"]
+        else:
+            v, marks, views_s = draw_views(at)
+        ahead.clear()
+        loss = method.update(v, lr, at / total)
+        del v
+        if draw_ahead and at + 1 < total:
+            before = gen.get_state()
+            ahead.update(step=at + 1, views=draw_views(at + 1), before=before,
+                         after=gen.get_state())
         # The global loss (mean over processes); the float() syncs: the guard needs it.
-        loss_value = dist.all_mean(float(method.update(v, lr, at / total)))
+        loss_value = dist.all_mean(float(loss))
         if marks:  # the device's own time for the views (the host's is only their launch)
             views_s = marks[0].elapsed_time(marks[1]) / 1000
         pending.append((at + 1, lr, loss_value, time.perf_counter() - t0, views_s))
@@ -578,7 +610,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     method.train()
     train_time = budget.get("kept_seconds", 0.0)  # the timed steps the run kept
     images = (step - start_step) * batch
-    gen_state = gen.get_state()  # state at the start of step `step`
+    gen_state = state_at_step()  # state at the start of step `step`
     with _StopOnSignal(announce=main) as stop:
         try:
             while step < total:
@@ -586,7 +618,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                 lr = take_step(step, total, warmup)
                 loss_value = losses[-1]
                 step += 1
-                gen_state = gen.get_state()  # state at the start of step `step`
+                gen_state = state_at_step()  # state at the start of step `step`
                 sync(device)
                 train_time += time.perf_counter() - t0
                 images += batch
