@@ -21,10 +21,23 @@ def test_cifar_extracted_folder(cifar_dir):
     assert (d.train_x[3, :, 9:12] == 255).all()
 
 
-def test_cifar_archive_matches_folder(cifar_archive, cifar_dir):
-    a = data.load_cifar10(cifar_archive, download=False)
-    b = data.load_cifar10(cifar_dir, download=False)
-    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+def test_cifar_archive_matches_folder(tmp_path, monkeypatch):
+    """The archive alone (in a folder of its own: with the extracted folder beside it, that
+    one is read) gives the extracted files' data, and extracts nothing."""
+    from tests.conftest import cifar_files, release_archive, release_folder
+
+    files = cifar_files()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").mkdir()
+    archive = release_archive(tmp_path / "a", monkeypatch, data, "CIFAR10_MD5",
+                              data.CIFAR10_ARCHIVE, data.CIFAR10_DIR, files)
+    folder = release_folder(tmp_path / "f", monkeypatch, data, "CIFAR10_MD5", data.CIFAR10_DIR,
+                            files)
+    a = data.load_cifar10(archive, download=False)
+    b = data.load_cifar10(folder, download=False)
+    assert [p.name for p in archive.iterdir()] == [data.CIFAR10_ARCHIVE]
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
 def test_wrong_md5_names_file_and_digests(cifar_dir):
@@ -98,8 +111,15 @@ def test_missing_offline_message(tmp_path, monkeypatch):
 def test_download_then_verify(tmp_path, monkeypatch, cifar_archive):
     blob = (cifar_archive / data.CIFAR10_ARCHIVE).read_bytes()
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(blob))
-    d = data.load_cifar10(tmp_path / "fresh")
-    assert len(d.train_x) == 100 and (tmp_path / "fresh" / data.CIFAR10_ARCHIVE).is_file()
+    # Another process downloading at the same time has its own partial file: left alone.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    other = fresh / f"{data.CIFAR10_ARCHIVE}.999999999.part"
+    other.write_bytes(b"half")
+    d = data.load_cifar10(fresh)
+    assert len(d.train_x) == 100 and (fresh / data.CIFAR10_ARCHIVE).read_bytes() == blob
+    assert other.read_bytes() == b"half"
+    assert sorted(p.name for p in fresh.iterdir()) == [data.CIFAR10_ARCHIVE, other.name]
 
 
 def test_incomplete_folder_names_missing_files(cifar_dir):

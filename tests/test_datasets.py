@@ -32,10 +32,22 @@ def test_cifar100_fine_and_coarse_labels(cifar100_dir):
     assert torch.equal(c.train_y, d.train_y // 5) and torch.equal(c.train_x, d.train_x)
 
 
-def test_cifar100_archive_matches_folder(cifar100_archive, cifar100_dir):
-    a = data.load_cifar100(cifar100_archive, download=False)
-    b = data.load_cifar100(cifar100_dir, download=False)
-    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+def test_cifar100_archive_matches_folder(tmp_path, monkeypatch):
+    """The archive alone (in a folder of its own) gives the extracted files' data."""
+    from tests.conftest import cifar100_files, release_archive, release_folder
+
+    files = cifar100_files()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").mkdir()
+    archive = release_archive(tmp_path / "a", monkeypatch, data, "CIFAR100_MD5",
+                              data.CIFAR100_ARCHIVE, data.CIFAR100_DIR, files)
+    folder = release_folder(tmp_path / "f", monkeypatch, data, "CIFAR100_MD5",
+                            data.CIFAR100_DIR, files)
+    a = data.load_cifar100(archive, download=False)
+    b = data.load_cifar100(folder, download=False)
+    assert [p.name for p in archive.iterdir()] == [data.CIFAR100_ARCHIVE]
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
 def test_cifar100_wrong_md5_names_file_and_digests(cifar100_dir):

@@ -291,7 +291,9 @@ def _cifar_from_files(release: CifarRelease, read: dict[str, bytes], where: str,
 
 
 def _download(url: str, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".part")
+    """``url`` into ``dest``, through a partial file of this process's own: processes that
+    download at once (torchrun) each write their own and rename it into place whole."""
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
             while block := r.read(1 << 20):
