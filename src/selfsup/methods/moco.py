@@ -37,10 +37,12 @@ class KeyQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, k: torch.Tensor) -> None:
-        """Replace the oldest rows by ``k`` (B, D), B dividing K."""
-        i, b = int(self.ptr), k.shape[0]
-        self.keys[i:i + b] = F.normalize(k.float(), dim=1)
-        self.ptr.fill_((i + b) % self.keys.shape[0])
+        """Replace the oldest rows by ``k`` (B, D), B dividing K. The pointer stays on the
+        device (reading it back would make a GPU step wait here)."""
+        b, length = k.shape[0], self.keys.shape[0]
+        rows = (self.ptr + torch.arange(b, device=self.ptr.device)) % length
+        self.keys.index_copy_(0, rows, F.normalize(k.float(), dim=1).to(self.keys.dtype))
+        self.ptr.add_(b).remainder_(length)
 
 
 @register_method("moco")
