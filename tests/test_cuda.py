@@ -197,3 +197,15 @@ def test_torchrun_with_nccl_on_one_gpu(tmp_path):
                        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "t" / "encoder.pt").is_file()
+
+
+def test_an_image_stack_on_the_gpu_indexes_like_the_concatenation():
+    """STL-10's labelled and unlabeled images as one stack, on the GPU: indexed there without
+    a read-back (``ImageStack.gather``), the same images as the concatenation."""
+    from selfsup.data import ImageStack
+
+    parts = [torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8) for n in (50, 7, 130)]
+    stack, whole = ImageStack(parts).to(CUDA), torch.cat(parts)
+    idx = torch.randperm(len(whole), generator=torch.Generator().manual_seed(0))[:64]
+    got = stack[idx.to(CUDA)]
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), whole[idx])

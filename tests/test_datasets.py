@@ -293,6 +293,8 @@ def test_image_stack_indexes_like_the_concatenation():
     for _ in range(5):
         idx = torch.randint(0, 13, (9,), generator=g)
         assert torch.equal(stack[idx], whole[idx])
+        assert torch.equal(stack.gather(idx), whole[idx])  # the GPU's way, no read-back
+    assert torch.equal(stack.gather(torch.arange(13).flip(0)), whole.flip(0))
     assert torch.equal(stack[3:11], whole[3:11]) and torch.equal(stack[12:], whole[12:])
     with pytest.raises(IndexError):
         stack[torch.tensor([13])]

@@ -141,6 +141,8 @@ class ImageStack:
     def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
         if isinstance(idx, slice):
             idx = torch.arange(len(self))[idx]
+        if idx.device.type != "cpu" and all(p.device == idx.device for p in self.parts):
+            return self.gather(idx)
         idx = idx.to("cpu", torch.int64)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"image index out of range for {len(self)} images")
@@ -152,6 +154,23 @@ class ImageStack:
             if len(where):
                 rows = idx[where] - self.offsets[k]
                 out[where.to(self.device)] = p[rows.to(p.device)].to(self.device)
+        return out
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images at ``idx`` without reading anything back to the host (on a GPU, indexing
+        by the CPU's way would make every step wait): each part gathers at every index, its
+        rows clamped into it, and keeps the images that are its own. Indices are not checked
+        (the run's own permutation); an out-of-range one gives some image of the stack."""
+        idx = idx.long()
+        offsets = self.offsets.to(idx.device)
+        part = torch.bucketize(idx, offsets[1:-1], right=True)  # (B,) which part holds each
+        out = None
+        for k, p in enumerate(self.parts):
+            rows = (idx - offsets[k]).clamp_(0, len(p) - 1)
+            images = p[rows.to(p.device)].to(self.device)
+            out = images if out is None else torch.where(
+                (part == k).to(self.device).view(-1, 1, 1, 1), images, out)
+        assert out is not None  # an ImageStack has at least one part
         return out
 
 
