@@ -223,44 +223,23 @@ def test_messages_for_a_pretrained_only_run_warnings_and_interrupts(cifar_dir, t
     assert "warning: skipped 1 unreadable" in r.stderr and ".py:" not in r.stderr
 
 
-def _fenced_blocks(text):
-    """(language, lines) of each fenced code block of a Markdown text."""
-    blocks, lang, cur = [], "", None
-    for line in text.splitlines():
-        if line.startswith("```"):
-            if cur is None:
-                lang, cur = line[3:].strip(), []
-            else:
-                blocks.append((lang, cur))
-                cur = None
-        elif cur is not None:
-            cur.append(line)
-    return blocks
-
-
 def test_every_selfsup_command_in_the_readme_parses():
-    """Issue 20: the README's shell blocks name only commands and options that exist (its
-    Python blocks are run by tests/test_export.py; the digits demo by the slow demo test)."""
+    """Issue 20: the README's shell blocks name only commands and options that exist (they are
+    run by tests/test_readme.py, its Python blocks by tests/test_export.py)."""
     import re
     import shlex
-    from pathlib import Path
 
     from selfsup.cli import build_parser
+    from tests.test_readme import _variants, shell_lines
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
     commands = []
-    for lang, lines in _fenced_blocks(readme):
-        if lang not in ("", "sh", "bash"):
-            continue
-        for line in "\n".join(lines).replace("\\\n", " ").splitlines():
-            line = re.split(r"\s#\s", line.strip().removeprefix("$ "))[0]
-            m = re.search(r"(?:^|-m )selfsup (\w.*)$", line)
+    for line in shell_lines():  # placeholders filled, each [a | b] alternative on its own
+        for variant in _variants(line):
+            m = re.search(r"(?:^|-m )selfsup (\w.*)$", variant)
             if m:
                 commands.append(m.group(1))
     assert len(commands) >= 12, commands
     parser = build_parser()
     for c in commands:
-        c = c.replace("[options]", "").replace("[--freeze | --from-scratch]", "--freeze")
-        c = re.sub(r"\[([^\]]*)\]", r"\1", c)  # optional parts: given
-        words = [{"RUN": "runs/x", "DIR": "d", "N": "5"}.get(w, w) for w in shlex.split(c)]
+        words = shlex.split(c)
         parser.parse_args(words)  # an unknown command or option exits: the test fails

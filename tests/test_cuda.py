@@ -8,11 +8,8 @@ GPU machine.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +18,13 @@ from selfsup import augment, checkpoint, train
 from selfsup.augment import AugmentParams
 from selfsup.config import make_config
 from selfsup.methods import METHODS, build_method
+from tests.test_dist import ENV, _torchrun
+from tests.test_train import _interrupt_at
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,21 +123,6 @@ def test_a_training_step_on_the_gpu_equals_the_cpu_step(method, strict_fp32):
                 assert _rel(t, ref[k]) < 1e-4, (name, k)
 
 
-def _interrupt_at(monkeypatch, call):
-    cls = METHODS["simclr"]
-    real = cls.loss
-    calls = {"n": 0}
-
-    def loss_then_ctrl_c(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(cls, "loss", loss_then_ctrl_c)
-    return real
-
-
 def test_pretrain_on_the_gpu_resumes_and_loads_on_the_cpu(digits, tmp_path, monkeypatch):
     cfg = _cfg(device="cuda")
     full = train.pretrain(cfg, digits, tmp_path / "full")
@@ -189,9 +172,7 @@ def test_cli_run_and_budget_on_the_gpu(tmp_path):
 
 
 def test_torchrun_with_nccl_on_one_gpu(tmp_path):
-    exe = Path(sys.executable).parent / "torchrun"
-    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    p = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "1", "-m", "selfsup",
+    p = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "1", "-m", "selfsup",
                         "run", "--dataset", "digits", "--device", "cuda", "--epochs", "2",
                         "--out-dir", str(tmp_path), "--name", "t", "--no-progress"],
                        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import write_images
+from tests.test_dist import _torchrun
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -132,9 +132,8 @@ def test_readme_shell_blocks_run_as_written(cifar_dir, tmp_path, monkeypatch, ca
             elif words[0] == "torchrun":
                 m = words.index("-m")
                 args = _selfsup_args(words[m + 2:], named)
-                p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *words[1:m],
-                                    "-m", "selfsup", *args], capture_output=True, text=True,
-                                   timeout=300)
+                p = subprocess.run([*_torchrun(), *words[1:m], "-m", "selfsup", *args],
+                                   capture_output=True, text=True, timeout=300)
                 assert p.returncode == 0, f"{cmd}\n{p.stderr[-3000:]}"
             elif words[:2] == ["tail", "-f"]:  # follows forever: read the same file once
                 p = subprocess.run(["tail", "-n", "2", *words[2:]], capture_output=True,

@@ -509,11 +509,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
             marks[1].record()
         return v, marks, time.perf_counter() - t0
 
+    def ahead_is_current() -> bool:
+        """Views were drawn ahead and the stream is where drawing them left it."""
+        return bool(ahead) and torch.equal(ahead["after"], gen.get_state())
+
     def state_at_step() -> torch.Tensor:
         """The augmentation stream's state at the start of the next step to take."""
-        if ahead and torch.equal(ahead["after"], gen.get_state()):
-            return ahead["before"]
-        return gen.get_state()
+        return ahead["before"] if ahead_is_current() else gen.get_state()
 
     def take_step(at: int, total: int, warmup: int) -> float:
         """Step ``at`` of ``total`` (its batch, learning rate, views, update); appends the loss.
@@ -523,7 +525,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         """
         lr = lr_at(at, total, warmup, peak_lr)
         t0 = time.perf_counter()
-        if ahead.get("step") == at and torch.equal(ahead["after"], gen.get_state()):
+        if ahead.get("step") == at and ahead_is_current():
             v, marks, views_s = ahead["views"]
         else:
             v, marks, views_s = draw_views(at)
