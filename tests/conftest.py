@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import pickle
+import shutil
+import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +247,65 @@ def digits_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     return out / "d"
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium (``SELFSUP_BROWSER`` first), or None."""
+    for name in (os.environ.get("SELFSUP_BROWSER", ""), "chromium", "chromium-browser",
+                 "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def dump_dom(browser: str, page: Path, profile: Path) -> str:
+    """The DOM of ``page`` after it loaded and ran its scripts, as headless Chromium sees it."""
+    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                        "--disable-background-networking", "--no-first-run",
+                        "--virtual-time-budget=5000", f"--user-data-dir={profile}",
+                        page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+# A small digits run: the arguments and a finished run (pretrained, evaluated, plotted).
+DIGITS_ARGS = ["--dataset", "digits", "--width", "8", "--proj-hidden", "32", "--proj-dim", "16",
+               "--batch-size", "128", "--no-progress", "--knn-every", "0", "--threads", "2"]
+
+
+def finished_digits_run(out: Path) -> Path:
+    """``out/r``: a finished one-epoch digits run."""
+    from selfsup.cli import main
+
+    assert main(["run", *DIGITS_ARGS, "--epochs", "1", "--tsne-points", "50", "--out-dir",
+                 str(out), "--name", "r"]) == 0
+    return out / "r"
+
+
+@pytest.fixture
+def run_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of the requesting module's ``run`` fixture, to change or damage."""
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def file_tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` (not through links) and its content."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mnt`` (a real full or read-only disk); skips the test
+    where it cannot be mounted (not root)."""
+    mnt.mkdir()
+    opts = f"size={size}" + (",ro" if read_only else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from selfsup.errors import ConfigError
 from selfsup.finetune import FinetuneSettings, stratified_subset, train_classifier
 from selfsup.models import init_encoder
 from selfsup.train import pretrain
+from tests.conftest import dump_dom, find_browser
 
 TINY = ["--dataset", "digits", "--epochs", "3", "--width", "8", "--proj-hidden", "32",
         "--proj-dim", "16", "--tsne-points", "100", "--no-progress", "--batch-size", "128"]
@@ -252,37 +252,24 @@ def test_report_is_self_contained(digits_run):
     assert f"{100 * m['linear_probe']['untrained']:.1f}%" in page
 
 
-def _browser():
-    for name in (os.environ.get("SELFSUP_BROWSER", ""), "chromium", "chromium-browser",
-                 "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 @pytest.mark.slow
 def test_report_opens_in_headless_browser(digits_run, tmp_path):
-    browser = _browser()
+    browser = find_browser()
     if browser is None:
         pytest.skip("no Chromium found (make test installs it from the Debian packages where "
                     "it can; set SELFSUP_BROWSER to use another)")
     page = digits_run / "report.html"
-    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                        "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}",
-                        page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    body = re.search(r"<body[^>]*>", p.stdout)
-    assert body, p.stdout[:500]
+    dom = dump_dom(browser, page, tmp_path / "profile")
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:500]
     n = len(list(digits_run.glob("*.png")))
     assert f'data-images-shown="{n}/{n}"' in body.group(0), body.group(0)
     assert 'data-errors="0"' in body.group(0)
     # And the check itself can fail: a broken image is counted as not shown.
     broken = tmp_path / "broken.html"
     broken.write_text(page.read_text().replace("base64,iVBOR", "base64,AAAA", 1))
-    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                        "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}",
-                        broken.as_uri()], capture_output=True, text=True, timeout=120)
-    assert f'data-images-shown="{n - 1}/{n}"' in p.stdout
+    dom = dump_dom(browser, broken, tmp_path / "profile")
+    assert f'data-images-shown="{n - 1}/{n}"' in dom
 
 
 def test_pretrained_encoder_initial_is_the_untrained_baseline(digits_run):
@@ -318,7 +305,6 @@ def test_vit_pretrains_and_serves_finetune_and_load_encoder(tmp_path):
 def test_new_user_trip_ups_in_the_commands(digits_run, tmp_path, capsys, monkeypatch):
     """Issue 20, first group: --no-progress for the label commands, help texts as printed, a
     run given by its bare name, and evaluate/plot rewriting the report they change."""
-    import os
 
     # Help: the seed alone defaults to the run's; percent signs print as one.
     for cmd in ("finetune", "label-efficiency"):

@@ -29,35 +29,18 @@ from hypothesis import strategies as st
 from selfsup import checkpoint, cli, data, files
 from selfsup.cli import build_parser, main
 from selfsup.errors import CheckpointError, DataError
-from tests.conftest import write_images
+from tests.conftest import DIGITS_ARGS, file_tree, finished_digits_run, write_images
 
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
 TINY = ["--width", "4", "--proj-hidden", "8", "--proj-dim", "4", "--epochs", "1",
         "--batch-size", "8", "--no-progress", "--knn-every", "0", "--threads", "2"]
-DIGITS = ["--dataset", "digits", "--width", "8", "--proj-hidden", "32", "--proj-dim", "16",
-          "--batch-size", "128", "--no-progress", "--knn-every", "0", "--threads", "2"]
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` and its content."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+DIGITS = DIGITS_ARGS
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished digits run (pretrained, evaluated, plotted, reported)."""
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["run", *DIGITS, "--epochs", "1", "--tsne-points", "50", "--out-dir",
-                 str(out), "--name", "r"]) == 0
-    return out / "r"
-
-
-@pytest.fixture
-def run_copy(run, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(run, dst)
-    return dst
+    return finished_digits_run(tmp_path_factory.mktemp("runs"))
 
 
 # --- run-folder confinement and data loss ----------------------------------------------------
@@ -70,11 +53,11 @@ def test_run_name_is_a_name_never_a_path(tmp_path, capsys, name):
         name = str(tmp_path / "elsewhere")
     out = tmp_path / "base" / "runs"
     out.mkdir(parents=True)
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     assert main(["pretrain", *DIGITS, "--out-dir", str(out), "--name", name]) == 2
     err = capsys.readouterr().err
     assert "--name must be" in err and "Traceback" not in err
-    assert _tree(tmp_path) == before and not (tmp_path / "elsewhere").exists()
+    assert file_tree(tmp_path) == before and not (tmp_path / "elsewhere").exists()
     assert sorted(os.listdir(tmp_path)) == ["base"]
 
 
@@ -88,11 +71,11 @@ def test_existing_folder_that_is_not_this_run_is_never_written(tmp_path, capsys,
         (folder / "loss.npy").write_bytes(b"my data")
     else:
         (folder / "thesis.tex").write_text("years of work")
-    before = _tree(folder)
+    before = file_tree(folder)
     assert main(["run", *DIGITS, "--out-dir", str(tmp_path / "runs"), "--name", "mine"]) == 2
     err = capsys.readouterr().err
     assert "exists and is not empty" in err and "Traceback" not in err
-    assert _tree(folder) == before
+    assert file_tree(folder) == before
 
 
 def test_an_empty_folder_may_hold_a_new_run(tmp_path):
@@ -107,12 +90,12 @@ def test_commands_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text('{"my": "own settings"}')
     (folder / "metrics.json").write_text("{}")
-    before = _tree(folder)
+    before = file_tree(folder)
     for cmd in (["report"], ["evaluate"], ["plot"], ["finetune"], ["label-efficiency"]):
         assert main([*cmd, str(folder)]) == 2
         err = capsys.readouterr().err
         assert "not a usable selfsup run folder" in err and "Traceback" not in err
-    assert _tree(folder) == before
+    assert file_tree(folder) == before
 
 
 def test_embed_keeps_every_path_and_never_shares_an_output_name(run, tmp_path, capsys):
@@ -499,11 +482,11 @@ def test_run_options_out_of_range(tmp_path, capsys, option, value, expect):
     (["--label-fraction", "0"], "--label-fraction must be a number in (0, 1], got 0.0"),
 ])
 def test_finetune_options_out_of_range(run_copy, capsys, args, expect):
-    before = _tree(run_copy)
+    before = file_tree(run_copy)
     assert main(["finetune", str(run_copy), *args]) == 2
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
-    assert _tree(run_copy) == before
+    assert file_tree(run_copy) == before
 
 
 @pytest.mark.parametrize("fractions", [", ,", "", "0.1,x", "0,0.5", "2"])
@@ -511,11 +494,11 @@ def test_label_efficiency_fractions_are_checked_first(run_copy, capsys, fraction
     m = json.loads((run_copy / "metrics.json").read_text())
     m["label_efficiency"] = {"fraction": [0.5], "labels": [1]}
     (run_copy / "metrics.json").write_text(json.dumps(m))
-    before = _tree(run_copy)
+    before = file_tree(run_copy)
     assert main(["label-efficiency", str(run_copy), "--fractions", fractions]) == 2
     err = capsys.readouterr().err
     assert "--fractions must" in err and "Traceback" not in err
-    assert _tree(run_copy) == before  # the old table stays
+    assert file_tree(run_copy) == before  # the old table stays
 
 
 class _Started(Exception):

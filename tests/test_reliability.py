@@ -21,7 +21,7 @@ from selfsup.cli import main
 from selfsup.config import FIELD_NAMES, config_from_dict, field_types, parse_duration
 from selfsup.errors import CheckpointError, ConfigError, DataError, SelfsupError
 from selfsup.methods import simclr
-from tests.conftest import write_images
+from tests.conftest import small_tmpfs, write_images
 
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
 DIGITS = ["--dataset", "digits", "--width", "8", "--proj-hidden", "32", "--proj-dim", "16",
@@ -157,19 +157,12 @@ def test_disk_full_keeps_previous_checkpoint_and_says_so(digits, tmp_path, monke
 
 
 def test_disk_full_on_a_real_small_filesystem(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the simulated test covers it")
-    try:
+    with small_tmpfs(tmp_path / "small", "256k") as mnt:
         files.save_torch({"x": torch.zeros(1000)}, mnt / "ck.pt")
         with pytest.raises(SelfsupError, match="no space left.*previous file is unchanged"):
             files.save_torch({"x": torch.zeros(1_000_000)}, mnt / "ck.pt")
         assert torch.load(mnt / "ck.pt", weights_only=True)["x"].shape == (1000,)
         assert os.listdir(mnt) == ["ck.pt"]
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # --- NaN guard -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.config import Config, config_from_dict
+from selfsup.config import MIN_SIDE, RANGES, Config, config_from_dict
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.files import save_torch
 from selfsup.models import Encoder, build_encoder, init_encoder
@@ -138,13 +138,29 @@ def load_encoder_file(path: str | Path) -> dict[str, Any]:
     if saved.get("feature_dim") != feature_dim or isinstance(saved.get("feature_dim"), bool):
         raise CheckpointError(f"{what}: feature_dim {saved.get('feature_dim')!r:.40} does not "
                               f"match the model's {feature_dim}")
+    check_input_fields(saved, what)
+    return saved
+
+
+# The image sides a saved network may declare: those a config's --image-size admits.
+IMAGE_SIDE = (MIN_SIDE, int(RANGES["image_size"].hi))
+
+
+def check_input_fields(saved: dict[str, Any], what: str) -> None:
+    """The fields every saved network carries for its input (an encoder, a classifier, an
+    export read back): the channel ``mean`` and ``std`` (3 finite numbers, std > 0) and the
+    ``image_side`` (an integer in ``IMAGE_SIDE``).
+
+    Raises:
+        CheckpointError: names the field and what it must be.
+    """
     _check_stats(saved, "mean", what, positive=False)
     _check_stats(saved, "std", what, positive=True)
     size = saved.get("image_size", 32)
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096:
-        raise CheckpointError(f"{what}: image_size must be an integer in [1, 4096], got "
+    lo, hi = IMAGE_SIDE
+    if not isinstance(size, int) or isinstance(size, bool) or not lo <= size <= hi:
+        raise CheckpointError(f"{what}: image_size must be an integer in [{lo}, {hi}], got "
                               f"{size!r:.40}")
-    return saved
 
 
 def save_encoder(path: str | Path, encoder: Encoder, cfg: Config, mean: list[float],

@@ -170,10 +170,81 @@ def _checkpoint_config(run_dir: Path) -> Config:
     if not (run_dir / CHECKPOINT).is_file():
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume {run_dir}: no such folder")
+        if _never_checkpointed(run_dir):
+            raise CheckpointError(f"cannot resume {run_dir}: it stopped before its first "
+                                  f"checkpoint, so there is nothing to continue. Start it again "
+                                  f"with the same options and --name {run_dir.name}: its "
+                                  f"leftovers are replaced")
         raise CheckpointError(f"cannot resume {run_dir}: no {CHECKPOINT} there (not a selfsup "
-                              f"run, or one stopped before its first checkpoint: start it again)")
+                              f"run)")
     path = run_dir / CHECKPOINT
-    return checkpoint_config(load_checkpoint(path, mmap=True), path)
+    saved = load_checkpoint(path, mmap=True)
+    cfg = checkpoint_config(saved, path)
+    _check_same_run(run_dir, cfg, path)
+    return cfg
+
+
+# What a run writes before its first checkpoint: a folder holding only these (and no
+# checkpoint or encoder) was stopped early, and a new run of the same name may replace them.
+BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "tensorboard", ".timing.pt"})
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """A run folder left by a run killed before its first checkpoint: nothing in it but what a
+    run writes first (a config.json, if any, is a selfsup config), and temporary files."""
+    from selfsup.files import LOCK, read_json
+
+    try:
+        names = [p.name for p in run_dir.iterdir()]
+    except OSError:
+        return False
+    if not names or not all(n in BEFORE_FIRST_CHECKPOINT or n == LOCK
+                            or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+        return False
+    if "config.json" in names:
+        try:
+            config_from_dict(read_json(run_dir / "config.json", "a config object", ""))
+        except SelfsupError:
+            return False  # someone's own config.json: not a run's leftovers
+    return True
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    """Remove what a run killed before its first checkpoint left (never through a link)."""
+    import shutil
+
+    from selfsup.files import LOCK
+
+    for p in run_dir.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _check_same_run(run_dir: Path, cfg: Config, path: Path) -> None:
+    """A file's config against the run folder's ``config.json``: a checkpoint or encoder
+    copied in from another run (another model, width, data, method) is refused.
+
+    Raises:
+        CheckpointError: they differ in a setting that changes the network or the data.
+    """
+    from selfsup.files import read_json
+
+    cpath = run_dir / "config.json"
+    if not cpath.is_file():
+        return
+    try:
+        own = config_from_dict(read_json(cpath, "a config object", "it is not a selfsup run's"))
+    except SelfsupError:
+        return  # the folder check (_run_dir) names a damaged config.json
+    changed = diff_keys(own, cfg)
+    if changed:
+        raise CheckpointError(f"{path} does not belong to {run_dir}: its config differs from "
+                              f"the run's config.json in {', '.join(changed)} (copied from "
+                              f"another run?)")
 
 
 def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, dict[str, list[Any]]]:
@@ -201,30 +272,62 @@ def _resolve(ns: argparse.Namespace) -> tuple[Config, Path, dict[str, list[Any]]
         cfg = config_from_dict({**cfg.to_dict(), "name": f"{cfg.dataset}-{cfg.preset or 'custom'}"
                                                           f"-{stamp}"})
     run_dir = Path(cfg.out_dir) / cfg.name
-    _check_new_run_dir(run_dir)
+    _check_new_run_dir(run_dir)  # before anything is created there
     return cfg, run_dir, {}
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
-    """Refuse a run folder that exists and is not empty (or is not a folder)."""
+def _check_new_run_dir(run_dir: Path) -> bool:
+    """Refuse a run folder that exists and is not empty (or is not a folder); returns whether
+    it holds the leftovers of a run of this name killed before its first checkpoint (which the
+    new run replaces)."""
     from selfsup.checkpoint import CHECKPOINT
+    from selfsup.files import LOCK
 
     if (run_dir / CHECKPOINT).exists():
         raise SelfsupError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                            f"or choose another --name")
     if not (run_dir.exists() or run_dir.is_symlink()):
-        return
+        return False
     if not run_dir.is_dir():
         raise SelfsupError(f"{run_dir} exists and is not a folder; choose another --name")
     try:
-        empty = next(run_dir.iterdir(), None) is None
+        empty = all(p.name == LOCK for p in run_dir.iterdir())
     except OSError as e:
         raise SelfsupError(f"{run_dir} cannot be read ({e.strerror}); choose another --name"
                            ) from None
-    if not empty:
-        raise SelfsupError(f"{run_dir} exists and is not empty: a new run writes only into a new "
-                           f"or empty folder, so nothing there is overwritten. Choose another "
-                           f"--name (or --out-dir), or continue a run with --resume")
+    if empty:
+        return False
+    if _never_checkpointed(run_dir):
+        return True
+    raise SelfsupError(f"{run_dir} exists and is not empty: a new run writes only into a new "
+                       f"or empty folder, so nothing there is overwritten. Choose another "
+                       f"--name (or --out-dir), or continue a run with --resume")
+
+
+def _claim(run_dir: Path, resume: bool, stack: contextlib.ExitStack) -> None:
+    """Take the run folder's lock for this process (the only writer until it exits); a new
+    run's folder is checked again under the lock, since another process may have claimed it
+    between the first check and now.
+
+    Raises:
+        SelfsupError: another process holds the folder, or it filled up meanwhile.
+    """
+    from selfsup.files import LOCK, folder_lock
+
+    created = not run_dir.exists()
+    stack.enter_context(folder_lock(run_dir))
+
+    def undo_if_refused(exc_type: Any, *_: Any) -> None:
+        """A run refused before writing anything leaves no folder behind."""
+        if exc_type is not None and created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            (run_dir / LOCK).unlink()
+            run_dir.rmdir()
+
+    stack.push(undo_if_refused)
+    if not resume and _check_new_run_dir(run_dir):
+        print(f"note: {run_dir} holds what a run of this name left when it stopped before its "
+              f"first checkpoint; starting it again", flush=True)
+        _clear_leftovers(run_dir)
 
 
 def _load_data(cfg: Config, pretraining: bool = False) -> Any:
@@ -302,6 +405,7 @@ def _run_config(run: str, data_dir: str | None) -> Config:
         raise SelfsupError(f"{run} has not finished pretraining (it has a checkpoint but no "
                            f"{ENCODER} yet); finish it with `selfsup run --resume {run}`")
     cfg = config_from_dict(load_encoder_file(run_dir / ENCODER)["config"])
+    _check_same_run(run_dir, cfg, run_dir / ENCODER)
     if data_dir is not None:
         cfg = config_from_dict({**cfg.to_dict(), "data_dir": data_dir})
     return cfg
@@ -335,11 +439,7 @@ def _record_pretraining(metrics: dict[str, Any], result: Any, changes: dict[str,
 def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
     from selfsup import dist
     from selfsup.evaluate import read_metrics
-    from selfsup.files import save_json
-    from selfsup.hardware import machine_info, select_device
-    from selfsup.report import write_report
-    from selfsup.sizing import check_model_input, check_model_size
-    from selfsup.train import pretrain
+    from selfsup.hardware import select_device
 
     start = time.perf_counter()
     cfg, run_dir, changes = _resolve(ns)
@@ -348,7 +448,31 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
         read_metrics(run_dir)  # a damaged metrics.json is an error now, not after training
     # Under torchrun: join the process group; rank 0's run folder and config hold for all.
     device = dist.setup(select_device(cfg.device), cfg.dist_timeout)
-    cfg, run_dir, changes = dist.broadcast_object((cfg, run_dir, changes))
+    with contextlib.ExitStack() as stack:
+        refused = ""
+        if dist.is_main():
+            try:
+                _claim(run_dir, resume, stack)
+            except SelfsupError as e:
+                refused = str(e)
+        cfg, run_dir, changes, refused = dist.broadcast_object((cfg, run_dir, changes, refused))
+        if refused:
+            raise SelfsupError(refused)
+        return _train(ns, everything, start, cfg, run_dir, changes, device)
+
+
+def _train(ns: argparse.Namespace, everything: bool, start: float, cfg: Config, run_dir: Path,
+           changes: dict[str, list[Any]], device: Any) -> int:
+    """``cmd_train`` once the run folder is claimed."""
+    from selfsup import dist
+    from selfsup.evaluate import read_metrics
+    from selfsup.files import save_json
+    from selfsup.hardware import machine_info
+    from selfsup.report import write_report
+    from selfsup.sizing import check_model_input, check_model_size
+    from selfsup.train import pretrain
+
+    resume = bool(ns.resume)
     main, world = dist.is_main(), dist.world_size()
     if main:
         print(f"selfsup {ns.command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
@@ -364,7 +488,7 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
         check_tensorboard()  # a clear error now, not after loading the data
     check_model_size(cfg, device)  # before the data are loaded
     if cfg.view_size:
-        check_model_input(cfg, cfg.view_size)
+        check_model_input(cfg, cfg.view_size, device)
     t0 = time.perf_counter()
     data = _load_data(cfg, pretraining=True)
     load_s = time.perf_counter() - t0
@@ -375,7 +499,7 @@ def cmd_train(ns: argparse.Namespace, everything: bool) -> int:
               f"{f' (+{extra} unlabeled, for pretraining only)' if extra else ''}, "
               f"{0 if data.test_x is None else len(data.test_x)} test images "
               f"({load_s:.1f} s)", flush=True)
-    check_model_input(cfg, int(data.train_x.shape[-1]))
+    check_model_input(cfg, int(data.train_x.shape[-1]), device)
     t0 = time.perf_counter()
     try:
         result = pretrain(cfg, data, run_dir, resume=resume)
@@ -539,6 +663,8 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
     Raises:
         SelfsupError: an --out that does not end in .npy, or whose folder does not exist.
     """
+    from selfsup.files import check_output
+
     if ns.out is None:
         out = Path(ns.run) / f"embeddings_{_folder_name(ns.images)}.npy"
     else:
@@ -546,14 +672,24 @@ def _embed_outputs(ns: argparse.Namespace) -> tuple[Path, Path]:
         if out.suffix != ".npy" or not out.stem:
             raise SelfsupError(f"--out must name a .npy file (the file list goes beside it as "
                                f".files.json), got {ns.out!r}")
-        if not out.parent.is_dir():
-            raise SelfsupError(f"--out: folder {out.parent} does not exist")
-        if (out.parent.resolve() == Path(ns.run).resolve()
-                and not out.name.startswith("embeddings_")):
-            raise SelfsupError(f"--out {ns.out}: inside the run folder embed writes only "
-                               f"embeddings_*.npy, so that the run's own files are never "
-                               f"overwritten")
-    return out, out.with_name(out.stem + ".files.json")
+    listing = out.with_name(out.stem + ".files.json")
+
+    def fits(name: str) -> bool:
+        return name.startswith("embeddings_")
+
+    check_output(listing, "--out", _is_file_list, "embeddings_*", fits)
+    check_output(out, "--out", lambda p: _is_file_list(listing), "embeddings_*.npy", fits)
+    return out, listing
+
+
+def _is_file_list(path: Path) -> bool:
+    """Whether ``path`` is a file list that ``embed`` wrote (so its .npy is embed's too)."""
+    from selfsup.files import read_json
+
+    try:
+        return {"images", "rows", "files"} <= set(read_json(path, "", ""))
+    except SelfsupError:
+        return False
 
 
 def cmd_embed(ns: argparse.Namespace) -> int:
@@ -591,9 +727,7 @@ def _compare_methods(ns: argparse.Namespace) -> list[str]:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     from selfsup import dist
-    from selfsup.compare import method_row, recommend, run_state, write_page
     from selfsup.config import Range, check_number
-    from selfsup.evaluate import read_metrics
     from selfsup.finetune import LABEL_FRACTION_RANGE
 
     if dist.launched():
@@ -613,6 +747,19 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         raise SelfsupError(f"{folder} exists and is not a folder; choose another --name")
     for m in methods:  # every method's config is valid before the first one trains
         make_config(preset, {**overrides, "method": m, "out_dir": str(folder), "name": m})
+    from selfsup.files import folder_lock
+
+    with folder_lock(folder):  # one compare of this name at a time
+        return _compare(ns, methods, fraction, subsets, overrides, preset, base, folder)
+
+
+def _compare(ns: argparse.Namespace, methods: list[str], fraction: float, subsets: int,
+             overrides: dict[str, Any], preset: str | None, base: Config, folder: Path) -> int:
+    """``cmd_compare`` once its folder is locked."""
+    from selfsup.compare import method_row, recommend, run_state, write_page
+    from selfsup.evaluate import read_metrics
+    from selfsup.files import folder_lock
+
     for m in methods:
         run_dir = folder / m
         state = run_state(run_dir)
@@ -626,7 +773,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
             code = cmd_train(argparse.Namespace(command="run", resume=str(run_dir), **keep),
                              everything=True)
         elif state == "evaluate":
-            code = cmd_evaluate(argparse.Namespace(run=str(run_dir), data_dir=None))
+            with folder_lock(run_dir):
+                code = cmd_evaluate(argparse.Namespace(run=str(run_dir), data_dir=None))
         else:
             code = 0
         if code:
@@ -658,17 +806,24 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     import io
     import os
 
-    from selfsup.files import atomic_write_text
+    from selfsup.files import atomic_write_text, check_output
     from selfsup.inference import load_classifier
 
     path = Path(ns.classifier)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("classifier_*.pt"))
+        raise SelfsupError(f"{path} is a folder, not a classifier: give one of its "
+                           f"classifier_*.pt files ({', '.join(found[:6]) or 'it has none; '}"
+                           f"{'' if found else f'selfsup finetune {path} writes one'})")
     if not path.is_file():
         raise SelfsupError(f"{path} does not exist; selfsup finetune writes "
                            f"RUN/classifier_<mode>_<fraction>.pt")
-    clf = load_classifier(path)
     out = Path(ns.out) if ns.out else path.parent / f"predictions_{_folder_name(ns.images)}.csv"
-    if out.suffix != ".csv":
+    if out.suffix != ".csv" or not out.stem:
         raise SelfsupError(f"--out must name a .csv file, got {ns.out!r}")
+    check_output(out, "--out", _is_predictions, "predictions_*.csv",
+                 lambda name: name.startswith("predictions_"))
+    clf = load_classifier(path)
     paths, labels, probs = clf.predict_folder(ns.images)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -679,6 +834,15 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     atomic_write_text(buf.getvalue(), out)
     print(f"classified {len(paths)} images -> {out}")
     return 0
+
+
+def _is_predictions(path: Path) -> bool:
+    """Whether ``path`` is a CSV that ``predict`` wrote."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(32).startswith(b"file,class,probability")
+    except OSError:
+        return False
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -714,13 +878,12 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-NAME_MAX = 255  # bytes in one file or folder name, the usual file systems' limit
-
-
 def _check_paths(ns: argparse.Namespace) -> None:
     """Paths given to a command: a NUL character cannot be in any file name, and no name in
     the path may be longer than the file system allows (checking such a path raises instead of
     answering "no such file")."""
+    from selfsup.files import NAME_MAX
+
     for key in ("run", "resume", "images", "out", "data_dir", "out_dir", "classifier"):
         value = getattr(ns, key, None)
         if not isinstance(value, str):
@@ -771,12 +934,28 @@ def _main(argv: list[str] | None) -> int:
             _find_runs(ns)
             if ns.command in ("run", "pretrain"):
                 return cmd_train(ns, everything=ns.command == "run")
-            return COMMANDS[ns.command](ns)
+            with _writer_of(ns):
+                return COMMANDS[ns.command](ns)
         except SelfsupError as e:
             print(f"selfsup: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             return 128 + (e.signum if isinstance(e, Interrupted) else 2)
+
+
+@contextlib.contextmanager
+def _writer_of(ns: argparse.Namespace) -> Iterator[None]:
+    """A command that writes into a run folder holds its lock while it runs (one writer at a
+    time); ``embed`` and ``export`` with ``--out`` elsewhere only read the run."""
+    from selfsup.files import folder_lock
+
+    run = getattr(ns, "run", None)
+    if run is None or (ns.command in ("embed", "export") and ns.out is not None
+                       and Path(ns.out).resolve().parent != Path(run).resolve()):
+        yield
+        return
+    with folder_lock(_run_dir(run)):
+        yield
 
 
 @contextlib.contextmanager

@@ -14,20 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from selfsup.checkpoint import ENCODER
+from selfsup.checkpoint import CHECKPOINT, ENCODER
+from selfsup.errors import SelfsupError
 from selfsup.evaluate import linear_probe, read_metrics
-from selfsup.files import atomic_write_text, read_json, save_json
+from selfsup.files import atomic_write_text, load_array, read_json, save_json
 from selfsup.finetune import stratified_subset
 
 CLOSE = 1.0  # points of linear-probe accuracy within which two methods are called a tie
 
 
 def run_state(run_dir: Path) -> str:
-    """What a method's run folder needs: ``new``, ``resume``, ``evaluate`` or ``done``."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return "new"
+    """What a method's run folder needs: ``new``, ``resume``, ``evaluate`` or ``done``. A
+    folder with neither checkpoint nor encoder is ``new``: a run killed before its first
+    checkpoint starts again (its leftovers replaced); anything else there is refused, named."""
     if not (run_dir / ENCODER).is_file():
-        return "resume"
+        return "resume" if (run_dir / CHECKPOINT).is_file() else "new"
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "train_emb.npy").is_file():
         return "evaluate"  # evaluation writes the embeddings, labelled data or not
     return "done"
@@ -41,9 +42,12 @@ def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = "
     lbl = run_dir / "train_lbl.npy"
     if not lbl.is_file() or not (run_dir / "test_lbl.npy").is_file():
         return None
-    train_y, test_y = np.load(lbl), np.load(run_dir / "test_lbl.npy")
-    train_f = np.load(run_dir / f"{which}train_emb.npy")
-    test_f = np.load(run_dir / f"{which}test_emb.npy")
+    train_y, test_y = load_array(lbl, 1, "i"), load_array(run_dir / "test_lbl.npy", 1, "i")
+    train_f = load_array(run_dir / f"{which}train_emb.npy", 2, "f", len(train_y))
+    test_f = load_array(run_dir / f"{which}test_emb.npy", 2, "f", len(test_y))
+    if train_f.shape[1] != test_f.shape[1]:
+        raise SelfsupError(f"{run_dir}: the training and test embeddings differ in width; run "
+                           f"`selfsup evaluate {run_dir}` to write them again")
     out = []
     for seed in range(subsets):
         idx = stratified_subset(train_y, fraction, seed)
@@ -136,7 +140,7 @@ def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
             run = Path(r["run"])
             if not (run / "loss.npy").is_file() or not r.get("steps"):
                 continue
-            losses = np.load(run / "loss.npy").astype(np.float64)
+            losses = load_array(run / "loss.npy", 1, "f").astype(np.float64)
             per_step, xlabel = _minutes_per_step(r, len(losses))
             k = max(1, len(losses) // 100)  # a running mean over 1 % of the run
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
@@ -165,7 +169,7 @@ def curves_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) -> Path:
     """``compare.json``, ``compare.png`` and ``compare.html`` in ``folder``."""
     from selfsup.config import parse_duration
-    from selfsup.report import STYLE, figure_html, html_table, method_title, pct
+    from selfsup.report import STYLE, csp, esc, figure_html, html_table, method_title, num, pct
 
     pick = recommend(rows)
     save_json(dict(facts, methods=rows, recommendation=pick), folder / "compare.json")
@@ -174,11 +178,11 @@ def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) 
     body = []
     for r in rows:
         few = ("–" if r["few_labels_mean"] is None else
-               f"{pct(r['few_labels_mean'])} ± {100 * r['few_labels_std']:.1f}")
+               f"{pct(r['few_labels_mean'])} ± {num(100 * r['few_labels_std'], '.1f')}")
         settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
-        cells = [f"<b>{html.escape(method_title(r['method']))}</b>",
-                 f"{r['steps']} ({r['epochs']:.1f} ep.)" if r["steps"] else "–",
-                 f"{r['images_per_s']:.0f}" if r["images_per_s"] else "–",
+        cells = [f"<b>{esc(method_title(str(r['method'])))}</b>",
+                 f"{esc(r['steps'])} ({num(r['epochs'], '.1f')} ep.)" if r["steps"] else "–",
+                 num(r["images_per_s"], ".0f") if r["images_per_s"] else "–",
                  f"{pct(r['linear'])} / {pct(r['linear_untrained'])}",
                  f"{pct(r['knn'])} / {pct(r['knn_untrained'])}",
                  f"{few} / {pct(r['few_labels_untrained'])}",
@@ -205,6 +209,7 @@ def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) 
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+{csp()}
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>

@@ -30,7 +30,7 @@ class Config:
     # --- data ---
     dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | digits | folder (images at data_dir)
     data_dir: str = field(default_factory=_default_data_dir)  # $SELFSUP_DATA or ./data
-    image_size: int = 0  # images are resized to this side (px); 0 = own size (folders: the first)
+    image_size: int = 0  # images are resized to this side (px); 0 = own size (folders: the median)
     download: bool = True  # fetch CIFAR-10/100 or STL-10 when absent (checked against its MD5)
     cifar100_labels: str = "fine"  # cifar100: fine (100 classes) | coarse (20 superclasses)
     stl10_unlabeled: bool = True  # stl10: pretrain on the 100,000 unlabeled images too
@@ -181,8 +181,9 @@ def option(key: str) -> str:
 # The range of every numeric field: wide enough for any sensible run, narrow enough that nothing
 # later overflows, allocates without bound or trains for years. Checked before any work.
 SEED_MAX = 2**32 - 1
+MIN_SIDE = 8  # px: the smallest image side selfsup resizes to (no encoder takes less)
 RANGES: dict[str, Range] = {
-    "image_size": Range(0, 4096),  # 0 = the first image's side
+    "image_size": Range(0, 4096),  # 0 = the images' own side; else at least MIN_SIDE
     "stl10_fold": Range(-1, 9),  # -1 = every labelled training image
     "view_size": Range(0, 4096),  # 0 = the image side
     "crop_scale_min": Range(0, 1, lo_open=True),
@@ -380,6 +381,9 @@ def validate(cfg: Config) -> None:
          f"({cfg.crop_scale_max})"),
         (DEVICE_PATTERN.fullmatch(cfg.device) is not None,
          f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
+        (cfg.image_size == 0 or cfg.image_size >= MIN_SIDE,
+         f"--image-size must be 0 (the images' own side) or an integer in [{MIN_SIDE}, "
+         f"{int(RANGES['image_size'].hi)}], got {cfg.image_size}"),
     ]
     for ok, message in checks:
         if not ok:

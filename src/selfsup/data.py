@@ -453,13 +453,27 @@ def resize_data(data: ImageData, size: int) -> ImageData:
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[str]]:
+def _walk(folder: Path, within: Path | None = None) -> tuple[list[Path], list[str]]:
     """Every non-hidden regular file under ``folder`` (following links, each folder once),
     sorted, and what could not be read: sub-folders without permission, and entries that are
-    not regular files (pipes, sockets, devices, broken links), which would block or never end."""
+    not regular files (pipes, sockets, devices, broken links), which would block or never end.
+
+    A link to ``folder`` itself or a folder above it (a loop), or into another part of
+    ``within`` (another class folder of the same split), is not followed and is named: its
+    images would be counted again, under this folder's class."""
     files: list[Path] = []
     unreadable: list[str] = []
     seen: set[tuple[int, int]] = set()
+    root = folder.resolve()
+    fence = within.resolve() if within is not None else root
+
+    def leads_elsewhere(path: str) -> str | None:
+        target = Path(path).resolve()
+        if root.is_relative_to(target):
+            return "a link to a folder above it: a loop"
+        if target.is_relative_to(fence) and not target.is_relative_to(root):
+            return "a link into another class folder"
+        return None
 
     def visit(d: Path) -> None:
         try:
@@ -480,7 +494,11 @@ def _walk(folder: Path) -> tuple[list[Path], list[str]]:
             except OSError:
                 is_dir = is_file = False
             if is_dir:
-                visit(Path(entry.path))
+                why = leads_elsewhere(entry.path) if entry.is_symlink() else None
+                if why:
+                    unreadable.append(f"{entry.path} ({why}; not followed)")
+                else:
+                    visit(Path(entry.path))
             elif is_file:
                 files.append(Path(entry.path))
             else:
@@ -490,7 +508,8 @@ def _walk(folder: Path) -> tuple[list[Path], list[str]]:
     return sorted(files), unreadable
 
 
-def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
+def image_files(folder: Path, bad_images: str = "skip", within: Path | None = None
+                ) -> list[Path]:
     """The image files under ``folder`` (by suffix), sorted; other files and sub-folders that
     cannot be read are skipped with a counted warning, or refused when ``bad_images`` is
     ``fail`` (hidden files and folders are ignored).
@@ -500,7 +519,7 @@ def image_files(folder: Path, bad_images: str = "skip") -> list[Path]:
             or a sub-folder that cannot be read.
     """
     _check_readable(folder)
-    files, unreadable = _walk(folder)
+    files, unreadable = _walk(folder, within)
     if unreadable:
         _bad(bad_images, f"{len(unreadable)} entries under {folder} that cannot be read",
              unreadable)
@@ -642,23 +661,32 @@ def physical_memory() -> int | None:
 def _check_memory(n: int, size: int) -> None:
     """Refuse to decode ``n`` images of ``size`` px when they cannot fit in this machine's
     memory (the whole set is held as uint8), before decoding any."""
-    need = n * 3 * size * size
+    need = 2 * n * 3 * size * size  # decoded one by one, then stacked: two copies at the peak
     total = physical_memory()
     if total is not None and need > 0.8 * total:
-        raise DataError(f"{n} images of {size}x{size} px need {need / 2**30:.1f} GiB as uint8, "
-                        f"more than this machine's {total / 2**30:.1f} GiB of memory can hold; "
-                        f"choose a smaller --image-size")
+        raise DataError(f"{n} images of {size}x{size} px need {need / 2**30:.1f} GiB as uint8 "
+                        f"while they load (decoded, then stacked), more than this machine's "
+                        f"{total / 2**30:.1f} GiB of memory can hold; choose a smaller "
+                        f"--image-size")
+
+
+AUTO_SIDE_SAMPLE = 64  # images whose shorter sides choose the side when none is given
 
 
 def _first_size(paths: Iterable[Path]) -> int:
-    """The width of the first image that opens within the pixel limit (0: none does)."""
+    """The side to resize to when none is given: the median shorter side of the first
+    ``AUTO_SIDE_SAMPLE`` images that open within the pixel limit (0: none does). One odd image
+    (a 10000x1 strip first in the folder) does not set the side of every other."""
+    sides: list[int] = []
     for p in paths:
         try:
             with _open_checked(p) as im:
-                return int(im.size[0])
+                sides.append(int(min(im.size)))
         except Exception:  # noqa: BLE001 - a bad file: try the next
             continue
-    return 0
+        if len(sides) == AUTO_SIDE_SAMPLE:
+            break
+    return int(np.median(sides)) if sides else 0
 
 
 def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "skip"
@@ -744,7 +772,7 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_image
     for d in _class_dirs(folder, bad_images):
         err = _listing_error(d)
         if err is None:
-            found[d.name] = image_files(d, bad_images)
+            found[d.name] = image_files(d, bad_images, within=folder)
         else:
             unreadable[d.name] = f"{d} ({err.strerror or err})"
     if unreadable:

@@ -31,6 +31,9 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
         DataError: anything wrong with the data, a file or folder that cannot be read or
             created (permissions, a file where a folder should be) included.
     """
+    if name != "digits" and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file; it must be the folder that holds "
+                        f"(or will hold) the {name} data")
     try:
         if name == "cifar10":
             return load_cifar10(data_dir, download, image_size)
@@ -39,7 +42,7 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0,
         if name == "stl10":
             return load_stl10(data_dir, download, image_size, stl10_unlabeled, stl10_fold)
         if name == "digits":
-            return load_digits()
+            return load_digits(image_size or 16)
         if name == "folder":
             return load_image_folder(data_dir, image_size, bad_images)
     except OSError as e:

@@ -395,4 +395,56 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     for key, typ in _METRIC_SECTIONS.items():
         if key in m and not isinstance(m[key], typ):
             raise SelfsupError(f"{path} is damaged ({key} is not a {typ.__name__}); {fix}")
+    wrong = _not_numbers(m)
+    if wrong:
+        raise SelfsupError(f"{path} is damaged ({wrong} is not a number); {fix}")
     return m  # type: ignore[no-any-return]
+
+
+# The figures of metrics.json that selfsup computes with or formats as numbers, where present:
+# a field of a section, every field of a section (``*``), every record of a list or a table.
+_NUMBERS = {
+    "": ("train_size", "test_size", "pretrain_size", "feature_dim", "image_size"),
+    "pretrain": ("steps", "epochs", "images_per_s", "train_seconds"),
+    "linear_probe": ("trained", "untrained"), "knn": ("trained", "untrained", "k"),
+    "time_s": ("*",),
+}
+_RECORDS = {"knn_history": ("step", "epoch", "accuracy"),
+            "quality_history": ("step", "epoch", "rankme", "alignment", "uniformity",
+                                "feature_dim"),
+            "resumes": ("from_step", "to_step")}
+_TABLES = {"finetune": ("labels", "steps", "accuracy", "seconds"),
+           "label_efficiency": ("fraction", "labels", "probe", "probe_untrained", "finetune",
+                                "scratch", "steps")}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _not_numbers(m: dict[str, Any]) -> str | None:
+    """The first field of ``m`` that must be a number and is not (``knn.k``), or None."""
+    for section, keys in _NUMBERS.items():
+        part = m.get(section, {}) if section else m
+        for k in part if keys == ("*",) else keys:
+            if k in part and not _is_number(part[k]):
+                return f"{section}.{k}" if section else k
+    for key, fields in _RECORDS.items():
+        for i, entry in enumerate(m.get(key) or []):
+            bad = [f for f in fields if not isinstance(entry, dict)
+                   or (f in entry and not _is_number(entry[f]))]
+            if bad:
+                return f"{key}[{i}].{bad[0]}"
+    ft = m.get("finetune") or {}
+    for tag, row in ft.items():
+        bad = [f for f in _TABLES["finetune"] if not isinstance(row, dict)
+               or not _is_number(row.get(f))]
+        if bad:
+            return f"finetune.{tag}.{bad[0]}"
+    le = m.get("label_efficiency") or {}
+    n = len(le.get("fraction") or [])
+    for f in _TABLES["label_efficiency"] if le else ():
+        col = le.get(f)
+        if not isinstance(col, list) or len(col) != n or not all(_is_number(x) for x in col):
+            return f"label_efficiency.{f}"
+    return None

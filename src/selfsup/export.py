@@ -18,6 +18,7 @@ run it came from.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -106,7 +107,7 @@ def export_encoder(run: str | Path, fmt: str, out: str | Path | None = None,
         CheckpointError: no usable ``encoder.pt``.
     """
     from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
-    from selfsup.files import atomic_path
+    from selfsup.files import save_bytes
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -114,43 +115,69 @@ def export_encoder(run: str | Path, fmt: str, out: str | Path | None = None,
         raise ConfigError(f"--input must be one of {', '.join(INPUTS)}, got {input_kind!r}")
     path = Path(run)
     run_dir = path if path.is_dir() else path.parent
+    target = check_export_path(Path(out) if out else run_dir / f"encoder{SUFFIX[fmt]}", fmt)
     saved = load_encoder_file(path / ENCODER if path.is_dir() else path)
     encoder = pretrained_encoder(saved).float().eval().requires_grad_(False)
     mean = torch.tensor(saved["mean"], dtype=torch.float32)
     std = torch.tensor(saved["std"], dtype=torch.float32)
     size = int(saved.get("image_size", 32))
-    target = Path(out) if out else run_dir / f"encoder{SUFFIX[fmt]}"
-    if target.resolve() in {(run_dir / n).resolve() for n in (ENCODER, "checkpoint.pt")}:
-        raise ConfigError(f"--out {target} would overwrite the run's own {target.name}; "
-                          f"choose another file")
     meta = _metadata(saved, run_dir, input_kind if fmt == "onnx" else "uint8 or float")
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
-    with atomic_path(target) as tmp:
-        if fmt == "safetensors":
-            _safetensors(encoder, mean, std, meta, tmp)
-        elif fmt == "torchscript":
-            with warnings.catch_warnings():  # tracing notes; the shapes are the trained ones
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(_Normalized(encoder, mean, std, uint8=False),
-                                         example.float() / 255, check_trace=False)
-                module = torch.jit.script(_AnyDtype(traced))
-            torch.jit.save(module, str(tmp), _extra_files={"selfsup.json": json.dumps(meta)})
-        else:
-            _onnx(_Normalized(encoder, mean, std, input_kind == "uint8"),
-                  example if input_kind == "uint8" else example.float() / 255, meta, tmp)
+    # Serialised in memory, then written atomically: a full or read-only disk is a message
+    # and leaves no temporary file (the serialisers' own file writers can abort the process).
+    if fmt == "safetensors":
+        blob = _safetensors(encoder, mean, std, meta)
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():  # tracing notes; the shapes are the trained ones
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(_Normalized(encoder, mean, std, uint8=False),
+                                     example.float() / 255, check_trace=False)
+            module = torch.jit.script(_AnyDtype(traced))
+        buf = io.BytesIO()
+        torch.jit.save(module, buf, _extra_files={"selfsup.json": json.dumps(meta)})
+        blob = buf.getvalue()
+    else:
+        blob = _onnx(_Normalized(encoder, mean, std, input_kind == "uint8"),
+                     example if input_kind == "uint8" else example.float() / 255, meta)
+    save_bytes(blob, target)
     return target
 
 
+def check_export_path(target: Path, fmt: str) -> Path:
+    """Where an export may go (``files.check_output``): a name ending in the format's suffix,
+    never over a file that is not an earlier export, inside a run folder only as
+    ``*.onnx``, ``*.torchscript.pt`` or ``*.safetensors``.
+
+    Raises:
+        SelfsupError: says which rule and what to do.
+    """
+    from selfsup.files import check_output
+
+    suffix = ".pt" if fmt == "torchscript" else SUFFIX[fmt]
+    if not target.name.endswith(suffix) or target.name == suffix:
+        raise SelfsupError(f"--out must name a {suffix} file for --format {fmt}, got "
+                           f"{str(target)!r:.200}")
+
+    def exported(p: Path) -> bool:
+        try:
+            return read_metadata(p).get("producer", "").startswith("selfsup")
+        except SelfsupError:
+            return False
+
+    return check_output(target, "--out", exported, f"*{SUFFIX[fmt]} exports",
+                        lambda name: name.endswith(SUFFIX[fmt]))
+
+
 def _safetensors(encoder: nn.Module, mean: torch.Tensor, std: torch.Tensor,
-                 meta: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
+                 meta: dict[str, str]) -> bytes:
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
     tensors.update({"normalize.mean": mean, "normalize.std": std})
-    save_file(tensors, str(path), metadata=meta)
+    return save(tensors, metadata=meta)
 
 
-def _onnx(module: nn.Module, example: torch.Tensor, meta: dict[str, str], path: Path) -> None:
+def _onnx(module: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
     try:
         import onnx
     except ImportError:
@@ -158,14 +185,16 @@ def _onnx(module: nn.Module, example: torch.Tensor, meta: dict[str, str], path: 
                           "(or pip install onnx onnxruntime)") from None
     with warnings.catch_warnings():  # the exporter's notes on tracing; the test runs the file
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["images"],
-                          output_names=["features"], opset_version=OPSET, dynamo=False,
+        buf = io.BytesIO()
+        torch.onnx.export(module, (example,), buf,  # type: ignore[arg-type]
+                          input_names=["images"], output_names=["features"],
+                          opset_version=OPSET, dynamo=False,
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
-    model = onnx.load(str(path))
+    model = onnx.load_from_string(buf.getvalue())
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(model, str(path))
+    return bytes(model.SerializeToString())
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -31,6 +31,7 @@ from selfsup.augment import AugmentParams, augment, normalize, to_float
 from selfsup.config import SEED_MAX, Config, Range, check_number, config_from_dict
 from selfsup.data import ImageData
 from selfsup.errors import ConfigError
+from selfsup.files import load_array
 from selfsup.models import Encoder
 
 LABEL_FRACTION_RANGE = Range(0, 1, lo_open=True)
@@ -312,10 +313,12 @@ def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[floa
         raise ConfigError(f"{data.name} has no labels: no label-efficiency table")
     if not (run_dir / "untrained_train_emb.npy").is_file():
         evaluate_run(run_dir, data)
-    feats = {w: {s: np.load(run_dir / f"{p}{s}_emb.npy") for s in ("train", "test")}
-             for w, p in (("trained", ""), ("untrained", "untrained_"))}
     ytr = data.train_y.cpu().numpy()  # type: ignore[union-attr]
     yte = data.test_y.cpu().numpy()
+    rows_of = {"train": len(ytr), "test": len(yte)}
+    feats = {w: {s: load_array(run_dir / f"{p}{s}_emb.npy", 2, "f", rows_of[s])
+                 for s in ("train", "test")}
+             for w, p in (("trained", ""), ("untrained", "untrained_"))}
     rows: dict[str, list[Any]] = {k: [] for k in ("fraction", "labels", "probe",
                                                   "probe_untrained", "finetune", "scratch",
                                                   "steps", "seconds")}

@@ -135,7 +135,7 @@ def _from_safetensors(path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from selfsup.checkpoint import check_state_dict, expected_state
+    from selfsup.checkpoint import check_input_fields, check_state_dict, expected_state
     from selfsup.config import config_from_dict
     from selfsup.errors import CheckpointError, ConfigError
     from selfsup.export import read_metadata
@@ -151,9 +151,12 @@ def _from_safetensors(path: Path) -> dict[str, Any]:
     check_state_dict(tensors, shapes, str(path))
     if mean is None or std is None or mean.shape != (3,) or std.shape != (3,):
         raise CheckpointError(f"{path}: no input normalisation (normalize.mean/std)")
-    return dict(state_dict=tensors, config=cfg.to_dict(), feature_dim=feature_dim,
-                mean=mean.tolist(), std=std.tolist(),
-                image_size=int(meta.get("image_size", 32)))
+    side = meta.get("image_size", "32")
+    saved = dict(state_dict=tensors, config=cfg.to_dict(), feature_dim=feature_dim,
+                 mean=mean.tolist(), std=std.tolist(),
+                 image_size=int(side) if side.isdigit() else side)
+    check_input_fields(saved, str(path))
+    return saved
 
 
 class ImageClassifier(nn.Module):
@@ -208,28 +211,32 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
     Raises:
         CheckpointError: missing, damaged, or not a selfsup classifier.
     """
-    from selfsup.checkpoint import check_state_dict, load_checkpoint
+    from selfsup.checkpoint import check_input_fields, check_state_dict, load_checkpoint
     from selfsup.config import config_from_dict
     from selfsup.errors import CheckpointError
     from selfsup.finetune import Classifier
-    from selfsup.models import init_encoder
+    from selfsup.models import build_encoder, init_encoder
 
     path = Path(path)
     saved = load_checkpoint(path)
     classes = saved.get("classes")
     try:
         cfg = config_from_dict(saved["config"])
-        if not isinstance(classes, list) or not classes:
+        if not isinstance(classes, list) or not classes or len(classes) > 1_000_000:
             raise KeyError("classes")
+        check_input_fields(saved, str(path))
+        with torch.device("meta"):  # the file's weights checked before anything is allocated
+            shapes = Classifier(build_encoder(cfg.model, cfg.width), len(classes),
+                                feature_norm=True).state_dict()
+        check_state_dict(saved.get("state_dict"), dict(shapes), str(path))
         model = Classifier(init_encoder(cfg), len(classes), feature_norm=True)
-        check_state_dict(saved.get("state_dict"), dict(model.state_dict()), str(path))
         model.load_state_dict(saved["state_dict"])
         mean, std = [float(v) for v in saved["mean"]], [float(v) for v in saved["std"]]
-    except (KeyError, TypeError, ValueError, SelfsupError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, SelfsupError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: not a classifier written by selfsup finetune "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
     fx = ImageClassifier(model, mean, std, [str(c) for c in classes],
                          int(saved.get("image_size", 32)))
     return fx.to(device).eval().requires_grad_(False)

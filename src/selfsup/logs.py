@@ -14,15 +14,18 @@ an image. It needs the ``tensorboard`` package (``pip install 'selfsup[tensorboa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from selfsup.errors import ConfigError
-from selfsup.files import atomic_write_text
+from selfsup.errors import ConfigError, SelfsupError
+from selfsup.files import atomic_write_text, confined
 
 JSONL = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -73,20 +76,35 @@ class RunLog:
         self.file: Any = None
         if not enabled:
             return
-        path = run_dir / JSONL
+        self.path = path = confined(run_dir, JSONL)
         kept = _kept_lines(path, start_step) if start_step and path.is_file() else []
         atomic_write_text("".join(line + "\n" for line in kept), path)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        try:  # the file just written in its place: a regular file, never a link
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        except OSError as e:
+            raise SelfsupError(f"cannot write {path} ({e.strerror})") from None
+        self.file = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # Events after the checkpoint's step, from before a crash, are purged.
-            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
+            self.writer = SummaryWriter(str(confined(run_dir, TENSORBOARD_DIR)),
                                         purge_step=start_step + 1 if start_step else None)
 
     def _write(self, entry: dict[str, Any]) -> None:
-        self.file.write(json.dumps({k: _finite(v) for k, v in entry.items()}) + "\n")
-        self.file.flush()
+        """One line, flushed; a full or read-only disk stops the run with a message (the last
+        checkpoint, written atomically, stays whole)."""
+        try:
+            self.file.write(json.dumps({k: _finite(v) for k, v in entry.items()}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self._drop()
+            why = ("no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT,
+                                                                 errno.EFBIG)
+                   else e.strerror or str(e))
+            raise SelfsupError(f"cannot write {self.path}: {why}. The last checkpoint is kept "
+                               f"whole: free some space, then continue with --resume "
+                               f"{self.path.parent}") from None
         if self.writer is not None:
             step = int(entry["step"])
             for key, value in entry.items():
@@ -111,9 +129,20 @@ class RunLog:
         if self.enabled and self.writer is not None:
             self.writer.add_image(tag, np.clip(grid, 0, 1), step, dataformats="HWC")
 
+    def _drop(self) -> None:
+        """Close the log file, dropping what a full disk would not take."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                self.file = None
+                raise SelfsupError(f"cannot write {self.path} ({e.strerror})") from None
             self.file = None
         if self.writer is not None:
             self.writer.close()

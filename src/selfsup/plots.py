@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from selfsup.config import Config  # noqa: E402
 from selfsup.data import ImageData  # noqa: E402
-from selfsup.files import save_figure  # noqa: E402
+from selfsup.files import load_array, save_figure  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Text is text: no mathematical markup, whatever characters a class name holds.
@@ -344,7 +344,7 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
     def loss() -> Path | None:
         if not (run_dir / "loss.npy").is_file():
             return None
-        losses = np.load(run_dir / "loss.npy")
+        losses = load_array(run_dir / "loss.npy", 1, "f")
         if len(losses) == 0:
             raise ValueError("no pretraining steps recorded")
         train_size = int(metrics.get("pretrain_size") or metrics.get("train_size", 0))
@@ -369,7 +369,9 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
             emb = run_dir / f"{split}_emb.npy"
             if emb.is_file():
                 lbl = run_dir / f"{split}_lbl.npy"
-                return split, np.load(emb), np.load(lbl) if lbl.is_file() else None
+                feats = load_array(emb, 2, "f")
+                return split, feats, (load_array(lbl, 1, "i", len(feats)) if lbl.is_file()
+                                      else None)
         return None
 
     def pca() -> Path | None:
@@ -451,8 +453,8 @@ def _retrieval(run_dir: Path, data: ImageData, seed: int, queries: int = 6, k: i
     train_imgs = data.train_x.cpu().numpy()
     neighbours, labels = {}, {}
     for name, paths in files.items():
-        tr = np.load(paths[0])
-        te = (np.load(paths[1]) if has_test else tr)[q_idx]
+        tr = load_array(paths[0], 2, "f", len(train_imgs))
+        te = (load_array(paths[1], 2, "f") if has_test else tr)[q_idx]
         tr = tr / np.linalg.norm(tr, axis=1, keepdims=True).clip(1e-12)
         te = te / np.linalg.norm(te, axis=1, keepdims=True).clip(1e-12)
         sim = te @ tr.T  # (Q, N)

@@ -2,9 +2,11 @@
 
 The page shows the config, the machine and timings, the metrics table (trained encoder beside
 the untrained baseline: linear probe, kNN, fine-tuning and the label-efficiency table when they
-were run) and every figure. It needs no network and no other file. A small inline script marks
-on ``<body>`` how many images decoded (``data-images-shown="n/m"``) and how many script errors
-occurred (``data-errors``), so that a browser test can check the page.
+were run) and every figure selfsup drew (by name: no other file of the folder). It needs no
+network and no other file. Every value from the run's files is escaped, and the page's
+Content-Security-Policy lets only its own small inline script run: it marks on ``<body>`` how
+many images decoded (``data-images-shown="n/m"``) and how many script errors occurred
+(``data-errors``), so that a browser test can check the page.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from selfsup.errors import SelfsupError
 from selfsup.files import atomic_write_text
 
 # Figures in the order the page shows them: (file, heading); ``captions`` says what each shows.
@@ -95,12 +98,27 @@ details pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.
 """
 
 
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+def esc(value: Any) -> str:
+    """Any value as HTML text: every value from a file reaches the page through this (or
+    ``pct``/``num``), so that nothing in ``metrics.json`` can add markup or script."""
+    return html.escape(str(value), quote=True)
 
 
-def _gain(t: float | None, u: float | None) -> str:
-    if t is None or u is None:
+def num(x: Any, spec: str) -> str:
+    """A number formatted by ``spec``; anything else as escaped text."""
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return format(x, spec)
+    return esc(x)
+
+
+def pct(x: Any) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}%" if isinstance(x, int | float) and not isinstance(x, bool) else esc(x)
+
+
+def _gain(t: Any, u: Any) -> str:
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (t, u)):
         return "<td>–</td>"
     d = 100 * (t - u)
     return f'<td class="{"gain" if d >= 0 else "loss"}">{d:+.1f}</td>'
@@ -114,7 +132,7 @@ def html_table(head: list[str], rows: list[str]) -> str:
 def _metrics_table(m: dict[str, Any]) -> str:
     rows = []
     for key, label in (("linear_probe", "Linear probe (logistic regression)"),
-                       ("knn", f"kNN (k={m.get('knn', {}).get('k', '?')})")):
+                       ("knn", f"kNN (k={esc(m.get('knn', {}).get('k', '?'))})")):
         r = m.get(key)
         if r and "trained" in r:
             rows.append(f"<tr><td>{label}</td><td>{pct(r['trained'])}</td>"
@@ -147,16 +165,17 @@ def _label_free_table(m: dict[str, Any]) -> str:
     if not isinstance(h, list) or not h or not all(isinstance(e, dict) for e in h):
         return ""
     first, last = h[0], h[-1]
-    rows = [f"<tr><td>{label}</td><td>{last[k]:{fmt}}</td><td>{first[k]:{fmt}}</td></tr>"
+    rows = [f"<tr><td>{label}</td><td>{num(last.get(k), fmt)}</td>"
+            f"<td>{num(first.get(k), fmt)}</td></tr>"
             for k, label, fmt in (
-                ("rankme", f"RankMe (effective rank, of {int(last.get('feature_dim', 0))} "
+                ("rankme", f"RankMe (effective rank, of {num(last.get('feature_dim', 0), '.0f')} "
                            f"feature dimensions)", ".1f"),
                 ("alignment", "alignment of two views (lower: better)", ".3f"),
                 ("uniformity", "uniformity (lower: better)", ".3f"))]
     warning = m.get("collapse_warning")
     note = (f'<p class="loss">Warning: {html.escape(str(warning))}</p>' if warning else "")
     return ("<h3>Label-free signals (no labels used)</h3>" + note
-            + html_table(["measure", f"trained (step {int(last.get('step', 0))})",
+            + html_table(["measure", f"trained (step {num(last.get('step', 0), '.0f')})",
                           "untrained (step 0)"], rows)
             + f"<p>{html.escape(LABEL_FREE_READING)}</p>")
 
@@ -165,8 +184,8 @@ def _finetune_table(m: dict[str, Any]) -> str:
     ft = m.get("finetune")
     if not ft:
         return ""
-    rows = [f"<tr><td>{html.escape(k)}</td><td>{r['labels']}</td><td>{r['steps']}</td>"
-            f"<td>{pct(r['accuracy'])}</td><td>{r['seconds']:.0f}</td></tr>"
+    rows = [f"<tr><td>{esc(k)}</td><td>{esc(r['labels'])}</td><td>{esc(r['steps'])}</td>"
+            f"<td>{pct(r['accuracy'])}</td><td>{num(r['seconds'], '.0f')}</td></tr>"
             for k, r in sorted(ft.items())]
     return "<h3>Classifiers trained with labels</h3>" + html_table(
         ["mode and label fraction", "labels", "steps", "test accuracy", "seconds"], rows)
@@ -182,7 +201,7 @@ def _label_efficiency_table(m: dict[str, Any]) -> str:
     for i, f in enumerate(le["fraction"]):
         cells = "".join(f"<td>{pct(le[k][i])}</td>"
                         for k in ("probe", "finetune", "scratch", "probe_untrained"))
-        rows.append(f"<tr><td>{100 * f:g}% ({le['labels'][i]})</td>{cells}"
+        rows.append(f"<tr><td>{num(100 * f, 'g')}% ({esc(le['labels'][i])})</td>{cells}"
                     f"{_gain(le['probe'][i], le['scratch'][i])}"
                     f"{_gain(le['finetune'][i], le['scratch'][i])}</tr>")
     return "<h3>Label efficiency</h3>" + html_table(
@@ -199,7 +218,9 @@ def _resumes_table(m: dict[str, Any]) -> str:
     for r in resumes:
         if not isinstance(r, dict):
             continue
-        changed = "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in (r.get("changed") or {}).items()
+        changes = r.get("changed")
+        changes = changes if isinstance(changes, dict) else {}
+        changed = "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in changes.items()
                             if isinstance(v, list) and len(v) == 2) or "nothing"
         rows.append(f"<tr><td>{html.escape(str(r.get('date', '?')))}</td>"
                     f"<td>{html.escape(str(r.get('from_step', '?')))}</td>"
@@ -234,18 +255,20 @@ def _facts(m: dict[str, Any]) -> str:
                    f"{pre.get('evaluated', 'the encoder f')}"),
         ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}"
                     + (f", features {m['feature_dim']}" if "feature_dim" in m else "")),
-        ("pretraining", f"{pre.get('steps', '?')} steps ({pre.get('epochs', 0):.1f} epochs), "
-                        f"batch {cfg.get('batch_size', '?')}, {pre.get('precision', '?')}, "
-                        f"{pre.get('images_per_s', 0):.0f} images/s"),
+        ("pretraining", f"{pre.get('steps', '?')} steps ({num(pre.get('epochs', 0), '.1f')} "
+                        f"epochs), batch {cfg.get('batch_size', '?')}, "
+                        f"{pre.get('precision', '?')}, {num(pre.get('images_per_s', 0), '.0f')} "
+                        f"images/s"),
         *([("budget", _budget_text(cfg, pre["budget"]))] if isinstance(pre.get("budget"), dict)
           else []),
         ("machine", f"{mach.get('cpu', '?')} ({mach.get('cpu_capability', '?')}), "
                     f"{mach.get('threads', '?')} threads, device {mach.get('device', '?')}"
                     + (f", {mach['gpu']}" if mach.get("gpu") else "")
                     + f", torch {mach.get('torch', '?')}"),
-        ("time", ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in t.items())),
+        ("time", ", ".join(f"{k.replace('_', ' ')} {num(v, '.1f')} s" for k, v in t.items())),
     ]
-    lis = "".join(f"<li><b>{k}</b>: {html.escape(str(v))}</li>" for k, v in items)
+    # num() above gives plain text here: the whole value is escaped once, below
+    lis = "".join(f"<li><b>{k}</b>: {esc(v)}</li>" for k, v in items)
     return f"<ul>{lis}</ul>"
 
 
@@ -270,15 +293,39 @@ def method_title(name: str) -> str:
     return cls.title if cls is not None else name
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURE_MAX_BYTES = 64 << 20
+
+
 def figure_html(path: Path, heading: str, caption: str) -> str:
+    """A figure the run drew, embedded: a regular PNG file inside its folder (a link that
+    leads elsewhere, or a file that is not a PNG, is named and not embedded)."""
+    from selfsup.files import confined, read_regular
+
     try:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-    except OSError as e:
-        return (f"<h2>{html.escape(heading)}</h2><p>{html.escape(path.name)} cannot be read "
-                f"({html.escape(e.strerror or type(e).__name__)}).</p>")
+        blob = read_regular(confined(path.parent, path.name), FIGURE_MAX_BYTES)
+        if not blob.startswith(PNG_MAGIC):
+            raise OSError(0, "not a PNG image")
+        data = base64.b64encode(blob).decode("ascii")
+    except (OSError, SelfsupError) as e:
+        why = getattr(e, "strerror", None) or "a link that leads out of the run folder"
+        return (f"<h2>{esc(heading)}</h2><p>{esc(path.name)} is not shown ({esc(why)}).</p>")
     return (f"<h2>{html.escape(heading)}</h2><figure><img alt=\"{html.escape(heading)}\" "
             f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}"
             "</figcaption></figure>")
+
+
+def csp(script: str = "") -> str:
+    """The page's Content-Security-Policy: no script but ``script`` (by its hash), no
+    network, images from data URIs only. Even markup that reached the page unescaped could not
+    run or fetch anything."""
+    import hashlib
+
+    allowed = (f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+               if script else "'none'")
+    return ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+            f"img-src data:; style-src 'unsafe-inline'; script-src {allowed}; "
+            "base-uri 'none'; form-action 'none'\">")
 
 
 def build_report(run_dir: str | Path) -> str:
@@ -294,15 +341,14 @@ def build_report(run_dir: str | Path) -> str:
     m.setdefault("config", cfg)
     m["_run_dir"] = str(run_dir)  # for the commands the page names
     text = captions(m)
+    # Only the figures selfsup draws, by name: any other file in the folder stays out.
     figures = [figure_html(run_dir / f, h, text[f]) for f, h in FIGURES
-               if (run_dir / f).is_file()]
-    known = {f for f, _ in FIGURES}
-    figures += [figure_html(p, p.stem.replace("_", " "), "") for p in sorted(run_dir.glob("*.png"))
-                if p.name not in known and p.is_file()]
+               if (run_dir / f).exists() or (run_dir / f).is_symlink()]
     title = f"selfsup run {run_dir.name}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+{csp(_CHECK_SCRIPT)}
 <title>{html.escape(title)}</title><style>{STYLE}</style>
 <script>{_CHECK_SCRIPT}</script></head>
 <body>
@@ -328,8 +374,6 @@ probed the same way.</p>
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` (atomically) and return its path."""
-    from selfsup.errors import SelfsupError
-
     path = Path(run_dir) / "report.html"
     try:
         page = build_report(run_dir)

@@ -60,7 +60,8 @@ def check_model_size(cfg: Config, device: torch.device) -> None:
                           f"than the {total / 2**30:.1f} GiB of {device.type} memory here")
 
 
-def check_model_input(cfg: Config, image_size: int) -> None:
+def check_model_input(cfg: Config, image_size: int, device: torch.device | None = None
+                      ) -> None:
     """Refuse, before any work, views too small for the encoder (each pooling halves them).
 
     Tried on the meta device (nothing computed or allocated); the message names the smallest
@@ -80,12 +81,53 @@ def check_model_input(cfg: Config, image_size: int) -> None:
             return False
 
     if fits(side):
+        check_activations(cfg, side, device)
         return
     smallest = next((s for s in range(side + 1, 257) if fits(s)), None)
     need = f"at least {smallest}x{smallest} px" if smallest else "larger views"
     where = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side}x{side} px"
     raise ConfigError(f"{where}: too small for {cfg.model}, which needs {need}; set "
                       f"--view-size (or --image-size for image folders) to at least that")
+
+
+def activation_bytes(cfg: Config, side: int, images: int) -> int:
+    """Bytes of the encoder's activations kept for the backward pass of ``images`` views of
+    ``side`` px, in float32: the outputs of its layers, counted on the meta device."""
+    total = 0
+
+    def count(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor) and not list(module.children()) \
+                and not getattr(module, "inplace", False):  # in place: shares its input's
+            total += output.numel() * 4
+
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model, cfg.width)
+        hooks = [m.register_forward_hook(count) for m in encoder.modules()]
+        encoder(torch.empty(2, 3, side, side))  # two: batch norm refuses one in training
+        for h in hooks:
+            h.remove()
+    return total // 2 * images
+
+
+def check_activations(cfg: Config, side: int, device: torch.device | None = None) -> None:
+    """Refuse, before any work, views whose activations for one batch of two views cannot fit
+    in this machine's memory (counted on the meta device: nothing is allocated).
+
+    Raises:
+        ConfigError: naming the view side and batch, and the memory they would need.
+    """
+    device = device or torch.device("cpu")
+    need = activation_bytes(cfg, side, 2 * cfg.batch_size)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else physical_memory())
+    if total is not None and need > 0.8 * total:
+        what = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side} px"
+        raise ConfigError(f"{what} at --batch-size {cfg.batch_size}: {cfg.model} of width "
+                          f"{cfg.width} keeps about {need / 2**30:.1f} GiB of activations per "
+                          f"step (two views of every image), more than the "
+                          f"{total / 2**30:.1f} GiB of memory here; choose a smaller "
+                          f"--view-size or --batch-size")
 
 
 def describe_size(cfg: Config) -> str:
@@ -95,7 +137,7 @@ def describe_size(cfg: Config) -> str:
 def _fits(cfg: Config, image_size: int, device: torch.device) -> bool:
     try:
         check_model_size(cfg, device)
-        check_model_input(cfg, image_size)
+        check_model_input(cfg, image_size, device)
     except ConfigError:
         return False
     return True

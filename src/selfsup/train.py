@@ -35,7 +35,7 @@ from selfsup.checkpoint import (
     save_encoder,
     set_global_rng_state,
 )
-from selfsup.config import Config, diff_keys, parse_duration
+from selfsup.config import RANGES, Config, diff_keys, parse_duration
 from selfsup.data import ImageData, Images, channel_stats
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
@@ -191,9 +191,16 @@ def _restore(ck: dict[str, Any], path: Path, method: Method, gen: torch.Generato
     if not isinstance(states, list) or len(states) <= rank or not isinstance(
             states[rank], torch.Tensor) or states[rank].dtype != torch.uint8:
         raise CheckpointError(f"{what}: no augmentation generator state for process {rank}")
-    for key in ("knn_history", "quality_history"):
-        if not isinstance(ck.get(key, []), list):
-            raise CheckpointError(f"{what}: {key} is not a list")
+    for key, fields in (("knn_history", ("step", "epoch", "accuracy")),
+                        ("quality_history", ("step", "epoch", "rankme", "alignment",
+                                             "uniformity", "feature_dim"))):
+        history = ck.get(key, [])
+        if not isinstance(history, list) or not all(
+                isinstance(e, dict) and all(isinstance(e.get(f), int | float)
+                                            and not isinstance(e.get(f), bool) for f in fields)
+                for e in history):
+            raise CheckpointError(f"{what}: {key} is not a list of records of numbers "
+                                  f"({', '.join(fields)})")
     knn_history = ck.get("knn_history", [])
     try:
         method.load_state_dict(ck)
@@ -289,7 +296,9 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
         print(f"budget {cfg.budget}: monitor checks every {knn_every} epochs, not "
               f"{cfg.knn_every}: at {check_s:.1f} s each they would take more than "
               f"{MONITOR_SHARE:.0%} of the budget", flush=True)
-    cfg = dataclasses.replace(cfg, steps=total, knn_every=knn_every)
+    cfg = dataclasses.replace(_with_steps(cfg, total, f"--budget {cfg.budget} at "
+                                                     f"{step_s * 1000:.3g} ms per step"),
+                              knn_every=knn_every)
     if main:
         print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step over the first "
               f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
@@ -317,6 +326,20 @@ def _views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndar
     return torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy()  # (3S, nS, 3)
 
 
+def _with_steps(cfg: Config, steps: int, why: str) -> Config:
+    """``cfg`` with ``steps`` fixed, checked against the range a config accepts (so that the
+    checkpoint written with it loads again).
+
+    Raises:
+        ConfigError: more steps than a run may take (says what bought them).
+    """
+    top = int(RANGES["steps"].hi)
+    if steps > top:
+        raise ConfigError(f"{why} buys {steps:,} steps, more than the {top:,} a run may take; "
+                          f"give a shorter --budget, or --steps")
+    return dataclasses.replace(cfg, steps=steps)
+
+
 def _extension(cfg: Config, old: Config, ck: dict[str, Any], step: int, steps_per_epoch: int,
                main: bool) -> Config:
     """The config a resumed run continues with: ``--steps`` given wins; a new ``--budget`` adds
@@ -338,7 +361,8 @@ def _extension(cfg: Config, old: Config, ck: dict[str, Any], step: int, steps_pe
         if main:
             print(f"budget {cfg.budget} more: {more} steps at this run's {per_step * 1000:.0f} "
                   f"ms per step", flush=True)
-        return dataclasses.replace(cfg, steps=step + more)
+        return _with_steps(cfg, step + more, f"--budget {cfg.budget} at this run's "
+                                             f"{per_step * 1000:.3g} ms per step")
     if cfg.epochs != old.epochs:
         return dataclasses.replace(cfg, steps=0)
     if not cfg.steps and old.steps:  # a budgeted run keeps the steps it chose
