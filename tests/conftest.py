@@ -282,6 +282,18 @@ def finished_digits_run(out: Path) -> Path:
     return out / "r"
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished digits run with a linear classifier on 10 % of the labels, shared by the
+    modules that read it (tests that change a run change a copy: ``run_copy``)."""
+    from selfsup.cli import main
+
+    run = finished_digits_run(tmp_path_factory.mktemp("runs"))
+    assert main(["finetune", str(run), "--freeze", "--label-fraction", "0.1", "--epochs", "1",
+                 "--no-progress"]) == 0
+    return run
+
+
 @pytest.fixture
 def run_copy(run: Path, tmp_path: Path) -> Path:
     """A copy of the requesting module's ``run`` fixture, to change or damage."""

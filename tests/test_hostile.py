@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from selfsup import checkpoint, cli, data, files
 from selfsup.cli import build_parser, main
 from selfsup.errors import CheckpointError, DataError
-from tests.conftest import DIGITS_ARGS, file_tree, finished_digits_run, write_images
+from tests.conftest import DIGITS_ARGS, file_tree, write_images
 
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
 TINY = ["--width", "4", "--proj-hidden", "8", "--proj-dim", "4", "--epochs", "1",
@@ -37,10 +37,10 @@ TINY = ["--width", "4", "--proj-hidden", "8", "--proj-dim", "4", "--epochs", "1"
 DIGITS = DIGITS_ARGS
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture
+def run(finished_run):
     """A finished digits run (pretrained, evaluated, plotted, reported)."""
-    return finished_digits_run(tmp_path_factory.mktemp("runs"))
+    return finished_run
 
 
 # --- run-folder confinement and data loss ----------------------------------------------------

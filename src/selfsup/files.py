@@ -74,7 +74,8 @@ def _write_with(path: str | Path, writer: Callable[[IO[bytes]], None], suffix: s
         parent = Path(path).parent
         free = shutil.disk_usage(parent).free if parent.is_dir() else -1
         err = getattr(e, "errno", None)
-        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or 0 <= free < (1 << 20):
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (err is None
+                                                                and 0 <= free < (1 << 20)):
             why = f"no space left on the device ({free} bytes free)"
         else:
             why = getattr(e, "strerror", None) or str(e).splitlines()[0]
