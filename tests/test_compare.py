@@ -12,17 +12,33 @@ TINY = ["--dataset", "digits", "--width", "4", "--proj-hidden", "16", "--proj-di
         "--tsne-points", "0", "--knn-every", "1", "--threads", "2"]
 
 
-def _row(method, linear, few=None):
-    return dict(method=method, linear=linear, few_labels_mean=few)
+def _row(method, val, test=None, few_val=None):
+    """A compare row: the linear probe on held-out training images (``val``) and on the test
+    set (``test``; by default the same), and the few-label probe on held-out images."""
+    return dict(method=method, linear_validation=val, linear=val if test is None else test,
+                few_labels_validation=few_val)
 
 
 def test_recommendation_names_the_best_ties_and_few_label_leader():
-    text = recommend([_row("simclr", 0.70, 0.50), _row("moco", 0.695, 0.55),
-                      _row("byol", 0.60, 0.40)])
-    assert text.startswith("Pick simclr: the highest linear probe (70.0%)")
+    text = recommend([_row("simclr", 0.70, few_val=0.50), _row("moco", 0.695, few_val=0.55),
+                      _row("byol", 0.60, few_val=0.40)])
+    assert text.startswith("Pick simclr: the highest linear probe on held-out training images "
+                           "(70.0%)")
     assert "moco is within 1 point" in text and "byol" not in text.split("leads")[0][-60:]
-    assert "With few labels moco leads (55.0% against 50.0%)" in text
+    assert "With few labels moco leads on held-out training images (55.0% against 50.0%)" \
+        in text
     assert "No labels" in recommend([_row("simclr", None), _row("moco", None)])
+
+
+def test_the_pick_follows_the_validation_split_not_the_test_set():
+    """Test and validation disagree: the pick follows validation; the test figures choose
+    nothing, and without a validation figure there is no pick at all."""
+    rows = [_row("simclr", val=0.70, test=0.80, few_val=0.50),
+            _row("byol", val=0.78, test=0.75, few_val=0.45)]
+    assert recommend(rows).startswith("Pick byol")
+    rows[1]["linear_validation"] = None
+    text = recommend(rows)
+    assert text.startswith("No pick: byol has no validation accuracy") and "Pick" not in text
 
 
 @pytest.mark.slow
@@ -41,6 +57,8 @@ def test_compare_runs_each_method_writes_one_page_and_resumes(tmp_path, capsys):
         assert 0 < r["linear"] <= 1 and 0 < r["few_labels_untrained"] <= 1
     assert data["methods"][1]["settings"]["queue_size"] == 512
     assert data["recommendation"].startswith("Pick ")
+    for r in data["methods"]:  # the figures the pick used: held-out training images
+        assert 0 < r["linear_validation"] <= 1 and 0 < r["few_labels_validation"] <= 1
     page = (folder / "compare.html").read_text()
     assert "MoCo v2" in page and "SimCLR" in page and "Which to pick" in page
     assert (folder / "compare.png").is_file()

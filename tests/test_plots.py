@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -12,7 +14,7 @@ def _png_ok(path):
 def test_each_plot_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     plots.loss_curve(np.linspace(5, 3, 120) + rng.normal(0, 0.05, 120), tmp_path / "l.png", 12,
-                     np.log(511))
+                     (np.log(511), "log(2N-1): chance level"))
     cm = rng.integers(0, 20, (4, 4))
     plots.confusion(cm, ["a", "b", "c", "d"], tmp_path / "c.png", "probe")
     f, y = rng.normal(size=(90, 6)), np.repeat(np.arange(3), 30)
@@ -44,3 +46,34 @@ def test_many_classes_give_a_readable_page(tmp_path):
     xy = np.random.default_rng(1).normal(size=(300, 2))
     path = plots._scatter(xy, np.arange(300) % n, classes, tmp_path / "s.png", "t", "x", "y")
     assert Image.open(path).size[0] < 1200
+
+
+def test_each_method_draws_its_own_loss_name_and_chance_level(tmp_path, monkeypatch):
+    """SimCLR: NT-Xent and log(2N-1); MoCo: InfoNCE over the queue and log(K+1) (8.32 for a
+    4,096 queue); BYOL: its own loss and no chance line (its loss has none)."""
+    from selfsup.config import make_config
+    from selfsup.methods import METHODS
+
+    drawn = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        drawn[Path(path).stem] = (ax.get_title(), [ln.get_label() for ln in ax.lines],
+                                  [ln.get_ydata()[0] for ln in ax.lines])
+        plots.plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_close_and_save", keep)
+    for name in ("simclr", "moco", "byol"):
+        cfg = make_config(None, {"method": name, "queue_size": 4096})
+        m = METHODS[name]
+        plots.loss_curve(np.linspace(5, 3, 120), tmp_path / f"{name}.png", 12,
+                         m.chance_loss(cfg, 256), loss_name=m.loss_name)
+    assert drawn["simclr"][0] == "Pretraining loss (NT-Xent)"
+    assert "log(2N-1): chance level" in drawn["simclr"][1]
+    assert np.isclose(drawn["simclr"][2][-1], np.log(511))
+    assert drawn["moco"][0] == "Pretraining loss (InfoNCE over the queue)"
+    assert "log(K+1): chance level" in drawn["moco"][1]
+    assert np.isclose(drawn["moco"][2][-1], np.log(4097))  # 8.32
+    assert "NT-Xent" not in drawn["byol"][0] and "BYOL" in drawn["byol"][0]
+    assert not any("chance" in label for label in drawn["byol"][1])

@@ -82,6 +82,12 @@ def test_budget_sizes_the_encoder_and_the_printed_command_repeats_the_run(digits
     repeat = (f"--steps {saved['steps']} --model {saved['model']} --width {saved['width']} "
               f"--view-size {saved['view_size']}")
     assert repeat in out and "chosen: " in out
+    # The chosen rung's timing beside the run's own timing of the same network, both recorded.
+    rung = next(r["step_s"] for r in size["rows"] if r["size"] == size["chosen"])
+    assert size["run_step_s"] == sized.budget["step_s"]
+    assert size["rung_over_run"] == pytest.approx(rung / sized.budget["step_s"])
+    assert (f"sizing timed {size['chosen']} at {1000 * rung:.0f} ms per step; the run's own "
+            f"steps took {1000 * sized.budget['step_s']:.0f} ms") in out
     again = train.pretrain(dataclasses.replace(sized.config, budget="", steps=saved["steps"],
                                                auto_size=False), digits, tmp_path / "s")
     assert all(torch.equal(a, b) for a, b in zip(sized.encoder.state_dict().values(),

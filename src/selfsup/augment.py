@@ -63,8 +63,9 @@ CROP_TRIES = 10  # draws per image before falling back to a central crop, as the
 def crop_boxes(b: int, height: int, width: int, scale: tuple[float, float],
                ratio: tuple[float, float], g: torch.Generator | None, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random resized crop boxes in pixels, drawn for a whole batch as the SimCLR code and
-    torchvision's ``RandomResizedCrop`` draw them for one image.
+    """Random resized crop boxes in pixels, drawn for a whole batch as torchvision's
+    ``RandomResizedCrop`` draws them for one image (not the SimCLR code's TensorFlow sampler,
+    which tries 100 times, falls back to the whole image and crops harder on average).
 
     Per image, up to ``CROP_TRIES`` times: an area fraction uniform in ``scale`` and an aspect
     ratio log-uniform in ``ratio`` give a width and height (rounded to pixels); the first try that

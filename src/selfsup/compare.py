@@ -35,10 +35,16 @@ def run_state(run_dir: Path) -> str:
 
 
 def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = ""
-                    ) -> list[float] | None:
-    """Test accuracy of the logistic probe fitted on a stratified ``fraction`` of the training
-    labels, one value per subset (seeds 0..subsets-1), from the run's saved embeddings;
-    ``which="untrained_"`` for the untrained encoder's. None for unlabeled runs."""
+                    ) -> tuple[list[float], list[float]] | None:
+    """The logistic probe fitted on a stratified ``fraction`` of the training labels, one fit
+    per subset (seeds 0..subsets-1), from the run's saved embeddings; ``which="untrained_"``
+    for the untrained encoder's.
+
+    Returns:
+        Its accuracy on the training images outside the subset (validation: what a choice may
+        rank by) and on the test set (the final figure), one value per subset each; None for
+        unlabeled runs.
+    """
     lbl = run_dir / "train_lbl.npy"
     if not lbl.is_file() or not (run_dir / "test_lbl.npy").is_file():
         return None
@@ -48,11 +54,15 @@ def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = "
     if train_f.shape[1] != test_f.shape[1]:
         raise SelfsupError(f"{run_dir}: the training and test embeddings differ in width; run "
                            f"`selfsup evaluate {run_dir}` to write them again")
-    out = []
+    val, test = [], []
     for seed in range(subsets):
         idx = stratified_subset(train_y, fraction, seed)
-        out.append(linear_probe(train_f[idx], train_y[idx], test_f, test_y, seed=seed).accuracy)
-    return out
+        rest = np.setdiff1d(np.arange(len(train_y)), idx)  # held out of this fit
+        fit = (train_f[idx], train_y[idx])
+        test.append(linear_probe(*fit, test_f, test_y, seed=seed).accuracy)
+        val.append(linear_probe(*fit, train_f[rest], train_y[rest], seed=seed).accuracy
+                   if len(rest) else float("nan"))
+    return val, test
 
 
 def _settings_of(method: str) -> tuple[str, ...]:
@@ -74,43 +84,59 @@ def method_row(run_dir: Path, fraction: float, subsets: int) -> dict[str, Any]:
                                        "it is not a selfsup run's")
     pre = m.get("pretrain", {})
     lp, knn = m.get("linear_probe", {}), m.get("knn", {})
-    few = few_label_probe(run_dir, fraction, subsets)
-    few_untrained = few_label_probe(run_dir, fraction, subsets, "untrained_")
+    few_val, few = few_label_probe(run_dir, fraction, subsets) or (None, None)
+    few_untrained = (few_label_probe(run_dir, fraction, subsets, "untrained_") or (None, None))[1]
     return dict(
         method=cfg.get("method", "simclr"), run=str(run_dir), steps=pre.get("steps"),
         budget=cfg.get("budget") or None,
         epochs=pre.get("epochs"), images_per_s=pre.get("images_per_s"),
         train_minutes=(pre.get("train_seconds") or 0.0) / 60,
         linear=lp.get("trained"), linear_untrained=lp.get("untrained"),
+        linear_validation=lp.get("trained_validation"),
         knn=knn.get("trained"), knn_untrained=knn.get("untrained"),
         few_labels=few, few_labels_mean=_mean(few),
         few_labels_std=None if not few else float(np.std(few)),
         few_labels_untrained=_mean(few_untrained),
+        few_labels_validation=(_mean(few_val) if few_val and not np.isnan(few_val).any()
+                               else None),
         settings={k: cfg.get(k) for k in _settings_of(cfg.get("method", "simclr"))},
     )
 
 
 def recommend(rows: list[dict[str, Any]]) -> str:
-    """Which method to pick, from the linear probe (and the few-label probe where it disagrees).
+    """Which method to pick, by the linear probe's accuracy on a held-out part of the training
+    set (the probe's validation split), and the few-label probe's on the training images
+    outside its subsets where it disagrees. Never by a test figure: the test set gives the
+    final figures of the table, and a pick made on it would be a choice made on the test set.
     """
-    scored = [r for r in rows if isinstance(r.get("linear"), float)]
-    if not scored:
+    labelled = [r for r in rows if isinstance(r.get("linear"), float)]
+    if not labelled:
         return ("No labels, so no accuracy to rank the methods by: the losses of different "
                 "methods are not comparable numbers. Pick by a downstream task of your own.")
-    scored.sort(key=lambda r: -r["linear"])
+    missing = [r["method"] for r in labelled if not isinstance(r.get("linear_validation"),
+                                                               float)]
+    if missing:
+        return (f"No pick: {', '.join(missing)} has no validation accuracy (too few labelled "
+                f"images per class to hold any out, or evaluated by an older selfsup: run "
+                f"`selfsup evaluate` on it again). Choosing by the test figures would be a "
+                f"choice made on the test set.")
+    scored = sorted(labelled, key=lambda r: -r["linear_validation"])
     best = scored[0]
-    text = (f"Pick {best['method']}: the highest linear probe ({best['linear']:.1%}) in this "
-            f"budget.")
-    ties = [r["method"] for r in scored[1:] if 100 * (best["linear"] - r["linear"]) < CLOSE]
+    text = (f"Pick {best['method']}: the highest linear probe on held-out training images "
+            f"({best['linear_validation']:.1%}) in this budget.")
+    ties = [r["method"] for r in scored[1:]
+            if 100 * (best["linear_validation"] - r["linear_validation"]) < CLOSE]
     if ties:
         text += (f" {', '.join(ties)} {'is' if len(ties) == 1 else 'are'} within {CLOSE:g} "
                  f"point: one run each cannot tell them apart.")
-    few = [r for r in scored if r.get("few_labels_mean") is not None]
+    few = [r for r in scored if isinstance(r.get("few_labels_validation"), float)]
     if few:
-        top = max(few, key=lambda r: r["few_labels_mean"])
-        if top["method"] != best["method"]:
-            text += (f" With few labels {top['method']} leads ({top['few_labels_mean']:.1%} "
-                     f"against {best['few_labels_mean']:.1%}).")
+        top = max(few, key=lambda r: r["few_labels_validation"])
+        if top["method"] != best["method"] and isinstance(best.get("few_labels_validation"),
+                                                          float):
+            text += (f" With few labels {top['method']} leads on held-out training images "
+                     f"({top['few_labels_validation']:.1%} against "
+                     f"{best['few_labels_validation']:.1%}).")
     return text
 
 
@@ -183,12 +209,16 @@ def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) 
         cells = [f"<b>{esc(method_title(str(r['method'])))}</b>",
                  f"{esc(r['steps'])} ({num(r['epochs'], '.1f')} ep.)" if r["steps"] else "–",
                  num(r["images_per_s"], ".0f") if r["images_per_s"] else "–",
+                 f"{pct(r.get('linear_validation'))} / "
+                 f"{pct(r.get('few_labels_validation'))}",
                  f"{pct(r['linear'])} / {pct(r['linear_untrained'])}",
                  f"{pct(r['knn'])} / {pct(r['knn_untrained'])}",
                  f"{few} / {pct(r['few_labels_untrained'])}",
                  html.escape(settings) or "–"]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    table = html_table(["method", "steps", "images/s", "linear probe (trained / untrained)",
+    table = html_table(["method", "steps", "images/s",
+                        f"held-out training images: linear probe / {frac:.0%}-label probe "
+                        f"(used to pick)", "linear probe (trained / untrained)",
                     "kNN (trained / untrained)",
                     f"probe with {frac:.0%} of labels, {facts['subsets']} subsets "
                     f"(trained / untrained)", "method settings"], body)
@@ -217,10 +247,15 @@ def write_page(folder: Path, rows: list[dict[str, Any]], facts: dict[str, Any]) 
 ({html.escape(str(facts['options']))}), one after the other on {html.escape(str(facts['machine']))}.
 Each run is a normal run folder with its own report.</p>
 <h2>Which to pick</h2><p><b>{html.escape(pick)}</b></p>
+<p>The pick is made on held-out parts of the training set only: the linear probe's validation
+split (the images it holds out to choose its weight decay) and, for the few-label probe, the
+training images outside its subsets. The test set gives the final figures of the table and
+chooses nothing.</p>
 <h2>Results</h2>
 {table}
-<p>Linear probe and kNN: the run's evaluation on the test set. The few-label probe: logistic
-regression on a stratified {frac:.0%} of the training labels (mean ± standard deviation over
+<p>Held-out training images: the accuracies the pick uses (trained encoder). Linear probe and
+kNN: the run's evaluation on the test set. The few-label probe: logistic regression on a
+stratified {frac:.0%} of the training labels (mean ± standard deviation over
 {facts['subsets']} subsets), scored on the test set. Untrained: the same network at its initial
 weights.</p>
 {fig_html}

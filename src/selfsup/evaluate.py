@@ -326,6 +326,9 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
             probe = linear_probe(f["train"], ytr, f["test"], yte, cfg.probe_val_frac, cfg.seed)
             results["linear_probe"][which] = probe.accuracy
             results["linear_probe"][f"{which}_weight_decay"] = probe.weight_decay
+            if probe.val_accuracy:  # held-out part of the training set: what choices rank by
+                results["linear_probe"][f"{which}_validation"] = \
+                    probe.val_accuracy[probe.weight_decay]
             if which == "trained":
                 metrics["confusion"] = confusion_matrix(yte, probe.predictions,
                                                         len(data.classes)).tolist()
@@ -406,7 +409,8 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 _NUMBERS = {
     "": ("train_size", "test_size", "pretrain_size", "feature_dim", "image_size"),
     "pretrain": ("steps", "epochs", "images_per_s", "train_seconds"),
-    "linear_probe": ("trained", "untrained"), "knn": ("trained", "untrained", "k"),
+    "linear_probe": ("trained", "untrained", "trained_validation", "untrained_validation"),
+    "knn": ("trained", "untrained", "k"),
     "time_s": ("*",),
 }
 _RECORDS = {"knn_history": ("step", "epoch", "accuracy"),

@@ -58,10 +58,12 @@ def _close_and_save(fig: plt.Figure, path: str | Path) -> Path:
 
 @literal_text
 def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None = None,
-               untrained_floor: float | None = None,
+               reference: tuple[float, str] | None = None,
                knn_history: list[dict[str, float]] | None = None,
-               quality_history: list[dict[str, float]] | None = None) -> Path:
-    """NT-Xent per step, with a moving average; ``untrained_floor`` marks log(2N-1).
+               quality_history: list[dict[str, float]] | None = None,
+               loss_name: str = "loss") -> Path:
+    """The method's loss per step, with a moving average; ``reference`` (value, label) marks
+    the method's own chance level where its loss has one (``Method.chance_loss``).
 
     ``knn_history`` (``[{"step", "epoch", "accuracy"}, ...]``, from pretraining) adds a panel
     beside the loss: kNN accuracy on a fixed subset against the epoch. ``quality_history``
@@ -76,9 +78,9 @@ def loss_curve(losses: np.ndarray, path: str | Path, steps_per_epoch: int | None
     if w > 1:
         smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"moving average ({w} steps)")
-    if untrained_floor is not None:
-        ax.axhline(untrained_floor, ls="--", c="gray", lw=1, label="log(2N-1): chance level")
-    ax.set(title="Pretraining loss (NT-Xent)", xlabel="optimiser step", ylabel="loss")
+    if reference is not None:
+        ax.axhline(reference[0], ls="--", c="gray", lw=1, label=reference[1])
+    ax.set(title=f"Pretraining loss ({loss_name})", xlabel="optimiser step", ylabel="loss")
     if steps_per_epoch:
         spe = float(steps_per_epoch)
         top = ax.secondary_xaxis("top", functions=(lambda s: np.asarray(s) / spe,
@@ -341,7 +343,6 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
 def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[str, Any]
              ) -> list[tuple[str, Callable[[], Path | None]]]:
     """(name, function that draws it) for every figure ``plot_run`` tries, in order."""
-    import math
 
     import torch
 
@@ -358,9 +359,12 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
         train_size = int(metrics.get("pretrain_size") or metrics.get("train_size", 0))
         batch = min(cfg.batch_size, train_size) if train_size else cfg.batch_size
         steps_per_epoch = train_size // batch if train_size else None
+        from selfsup.methods import METHODS
+
+        method = METHODS[cfg.method]
         return loss_curve(losses, run_dir / "loss.png", steps_per_epoch,
-                          math.log(2 * batch - 1), metrics.get("knn_history"),
-                          metrics.get("quality_history"))
+                          method.chance_loss(cfg, batch), metrics.get("knn_history"),
+                          metrics.get("quality_history"), method.loss_name)
 
     def confusion_figure() -> Path | None:
         if "confusion" not in metrics:

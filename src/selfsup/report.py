@@ -275,9 +275,13 @@ def _facts(m: dict[str, Any]) -> str:
 def _budget_text(cfg: dict[str, Any], b: dict[str, Any]) -> str:
     """How a time budget was fitted and how much of it pretraining used."""
     try:
-        size = b.get("size")
+        raw = b.get("size")
+        size: dict[str, Any] = raw if isinstance(raw, dict) else {}
         chosen = (f"; encoder chosen for this machine: {size['chosen']}"
-                  if isinstance(size, dict) and size.get("chosen") else "")
+                  if size.get("chosen") else "")
+        ratio = size.get("rung_over_run")
+        if chosen and isinstance(ratio, float):
+            chosen += f" (the sizing's timing of it {100 * (ratio - 1):+.0f} % from the run's own)"
         return (f"{cfg.get('budget', '?')} given, {float(b['used_s']) / 60:.1f} min used "
                 f"({100 * float(b['used_fraction']):.1f} %); {int(b['steps'])} steps fitted from "
                 f"{int(b['timed_steps'])} timed at {1000 * float(b['step_s']):.0f} ms{chosen}")

@@ -326,6 +326,22 @@ def _views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndar
     return torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy()  # (3S, nS, 3)
 
 
+def _compare_sizing(sizing: dict[str, Any], run_step_s: float, main: bool) -> dict[str, Any]:
+    """The sizing's timing of the encoder it chose beside the run's own timing of the same
+    network (the budget's timed steps), printed and recorded: the sizing's choice is only as
+    good as its timings, so their agreement is part of the record."""
+    chosen = [r for r in sizing.get("rows", []) if r.get("size") == sizing.get("chosen")]
+    if not chosen:
+        return sizing
+    rung_s = float(chosen[0]["step_s"])
+    ratio = rung_s / run_step_s if run_step_s > 0 else float("nan")
+    if main:
+        print(f"sizing timed {sizing['chosen']} at {1000 * rung_s:.0f} ms per step; the run's "
+              f"own steps took {1000 * run_step_s:.0f} ms ({100 * (ratio - 1):+.0f} %)",
+              flush=True)
+    return dict(sizing, run_step_s=run_step_s, rung_over_run=ratio)
+
+
 def _with_steps(cfg: Config, steps: int, why: str) -> Config:
     """``cfg`` with ``steps`` fixed, checked against the range a config accepts (so that the
     checkpoint written with it loads again).
@@ -598,7 +614,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
             monitor_s += check_s
         cfg, step, budget = _fit_budget(cfg, method, take_step, gen, losses, t_start, check_s,
                                         steps_per_epoch, run_dir, main)
-        budget["size"] = sizing
+        budget["size"] = _compare_sizing(sizing, budget["step_s"], main)
         log_steps(step)  # the timed steps the run kept (none when undone)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))

@@ -98,6 +98,14 @@ class Method:
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
     settings: ClassVar[tuple[str, ...]] = ()  # the config fields only some methods read
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
+    loss_name: ClassVar[str] = "loss"  # the loss as its paper names it, for figures
+
+    @classmethod
+    def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
+        """The loss of an encoder that tells no image from another, and how to read it (for
+        the loss figure's reference line); None where the loss has no such level."""
+        return None
+
     # True when neither ``loss`` nor ``after_step`` reads ``progress``: a budgeted run can then
     # keep the first steps it timed (they do not depend on the total it fixes from them).
     progress_free: ClassVar[bool] = False

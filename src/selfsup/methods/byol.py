@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 @register_method("byol")
 class BYOL(MomentumMethod):
-    """Online encoder f, projector g and predictor q (both MLPs with batch norm, as in the paper),
+    """Online encoder f, projector g and predictor q (both MLPs with batch norm, as in the paper,
+    but narrower: g is ``proj_hidden``-``proj_dim`` (512-128 by default; the paper 4096-256) and
+    the optimiser the preset's, not the paper's LARS),
     target f', g' with momentum rising from ``target_momentum`` to 1 on a cosine over the run,
     symmetrised loss ``byol_loss(p1, z'2) + byol_loss(p2, z'1)`` (in [0, 8]).
 
@@ -29,6 +31,7 @@ class BYOL(MomentumMethod):
     """
 
     title = "BYOL"
+    loss_name = "BYOL: 2 - 2 cos(p, z'), summed over both views"  # no chance level: none drawn
     settings = ("target_momentum", "pred_hidden")
     evaluated = "the online encoder f"
 

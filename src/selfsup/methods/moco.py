@@ -6,6 +6,7 @@ saved and evaluated, as in the papers.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,7 +49,9 @@ class KeyQueue(nn.Module):
 @register_method("moco")
 class MoCo(MomentumMethod):
     """Query network f_q, g_q (trained) and key network f_k, g_k (the moving average, no
-    gradient), InfoNCE with temperature 0.2 against a queue of ``queue_size`` keys.
+    gradient), InfoNCE with temperature 0.2 against a queue of ``queue_size`` keys. The heads
+    are the shared projection head (batch norm, ``proj_hidden`` wide), not MoCo v2's code's
+    Linear-ReLU-Linear without batch norm and as wide as the features.
 
     Momentum: ``target_momentum`` (0.99 by default). The papers' 0.999 is for ImageNet, where
     200 epochs are 250,000 steps; a 20-minute CPU run takes a few thousand, over which a key
@@ -64,6 +67,12 @@ class MoCo(MomentumMethod):
 
     defaults = dict(temperature=0.2)
     title = "MoCo v2"
+    loss_name = "InfoNCE over the queue"
+
+    @classmethod
+    def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
+        # the key among K queued negatives, all equally similar
+        return math.log(cfg.queue_size + 1), "log(K+1): chance level"
     progress_free = True
     settings = ("temperature", "target_momentum", "queue_size", "symmetric")
     evaluated = "the query encoder f_q (the key encoder is a moving average of it)"

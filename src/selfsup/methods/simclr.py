@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 
 from selfsup import dist
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Method, register_method
+
+if TYPE_CHECKING:
+    from selfsup.config import Config
 
 
 @register_method("simclr")
@@ -16,6 +22,12 @@ class SimCLR(Method):
     sees every process's projections (``dist.gather_with_grad``) and batch norm is global."""
 
     title = "SimCLR"
+    loss_name = "NT-Xent"
+
+    @classmethod
+    def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
+        # each view's positive among 2N-1 others, all equally similar
+        return math.log(2 * batch - 1), "log(2N-1): chance level"
     progress_free = True
     settings = ("temperature",)
     evaluated = "the encoder f (the projection head g is dropped, SimCLR section 4.2)"
