@@ -264,9 +264,12 @@ def test_a_run_folder_being_written_is_refused_to_a_second_writer(run_copy, tmp_
     try:
         assert holder.stdout.readline().strip() == "held"
         before = file_tree(run_copy)
+        write_images(tmp_path / "imgs", 2, size=16)
         for argv in (["pretrain", "--resume", str(run_copy), "--epochs", "2"],
                      ["evaluate", str(run_copy)], ["report", str(run_copy)],
-                     ["finetune", str(run_copy), "--freeze"]):
+                     ["finetune", str(run_copy), "--freeze"],
+                     ["predict", str(run_copy / "classifier_linear_0.1.pt"), "--images",
+                      str(tmp_path / "imgs")]):
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert f"being written by another selfsup process (pid {holder.pid})" in err

@@ -946,10 +946,14 @@ def _main(argv: list[str] | None) -> int:
 @contextlib.contextmanager
 def _writer_of(ns: argparse.Namespace) -> Iterator[None]:
     """A command that writes into a run folder holds its lock while it runs (one writer at a
-    time); ``embed`` and ``export`` with ``--out`` elsewhere only read the run."""
+    time); ``embed`` and ``export`` with ``--out`` elsewhere only read the run; ``predict``
+    locks the run folder it writes its CSV into, if it writes into one."""
     from selfsup.files import folder_lock
 
     run = getattr(ns, "run", None)
+    if ns.command == "predict":  # writes beside its classifier, in a run folder or elsewhere
+        out = Path(ns.out) if ns.out else Path(ns.classifier).parent / "x"
+        run = str(out.parent) if (out.parent / "config.json").is_file() else None
     if run is None or (ns.command in ("embed", "export") and ns.out is not None
                        and Path(ns.out).resolve().parent != Path(run).resolve()):
         yield
