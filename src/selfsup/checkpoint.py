@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.config import MIN_SIDE, RANGES, Config, config_from_dict
+from selfsup.config import MIN_SIDE, RANGES, Config, config_from_dict, is_number
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.files import save_torch
 from selfsup.models import Encoder, build_encoder, init_encoder
@@ -115,7 +115,7 @@ def check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str,
 def _check_stats(saved: dict[str, Any], key: str, what: str, positive: bool) -> None:
     v = saved.get(key)
     ok = (isinstance(v, list | tuple) and len(v) == 3
-          and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+          and all(is_number(x) and math.isfinite(x)
                   and (x > 0 if positive else True) for x in v))
     if not ok:
         raise CheckpointError(f"{what}: '{key}' must be 3 finite numbers (one per colour "

@@ -192,7 +192,7 @@ BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "tensorboar
 def _never_checkpointed(run_dir: Path) -> bool:
     """A run folder left by a run killed before its first checkpoint: nothing in it but what a
     run writes first (a config.json, if any, is a selfsup config), and temporary files."""
-    from selfsup.files import LOCK, read_json
+    from selfsup.files import LOCK
 
     try:
         names = [p.name for p in run_dir.iterdir()]
@@ -201,12 +201,19 @@ def _never_checkpointed(run_dir: Path) -> bool:
     if not names or not all(n in BEFORE_FIRST_CHECKPOINT or n == LOCK
                             or (n.startswith(".") and n.endswith(".tmp")) for n in names):
         return False
-    if "config.json" in names:
-        try:
-            config_from_dict(read_json(run_dir / "config.json", "a config object", ""))
-        except SelfsupError:
-            return False  # someone's own config.json: not a run's leftovers
-    return True
+    # someone's own config.json: not a run's leftovers
+    return "config.json" not in names or _saved_config(run_dir) is not None
+
+
+def _saved_config(run_dir: Path) -> Config | None:
+    """The run folder's ``config.json`` as a config; None when it is missing or not a selfsup
+    config (the commands that need it name the problem themselves)."""
+    from selfsup.files import read_json
+
+    try:
+        return config_from_dict(read_json(run_dir / "config.json", "a config object", ""))
+    except SelfsupError:
+        return None
 
 
 def _clear_leftovers(run_dir: Path) -> None:
@@ -231,15 +238,9 @@ def _check_same_run(run_dir: Path, cfg: Config, path: Path) -> None:
     Raises:
         CheckpointError: they differ in a setting that changes the network or the data.
     """
-    from selfsup.files import read_json
-
-    cpath = run_dir / "config.json"
-    if not cpath.is_file():
+    own = _saved_config(run_dir)
+    if own is None:  # none, or damaged: the folder check (_run_dir) names that
         return
-    try:
-        own = config_from_dict(read_json(cpath, "a config object", "it is not a selfsup run's"))
-    except SelfsupError:
-        return  # the folder check (_run_dir) names a damaged config.json
     changed = diff_keys(own, cfg)
     if changed:
         raise CheckpointError(f"{path} does not belong to {run_dir}: its config differs from "
@@ -818,7 +819,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if not path.is_file():
         raise SelfsupError(f"{path} does not exist; selfsup finetune writes "
                            f"RUN/classifier_<mode>_<fraction>.pt")
-    out = Path(ns.out) if ns.out else path.parent / f"predictions_{_folder_name(ns.images)}.csv"
+    out = _predict_output(ns)
     if out.suffix != ".csv" or not out.stem:
         raise SelfsupError(f"--out must name a .csv file, got {ns.out!r}")
     check_output(out, "--out", _is_predictions, "predictions_*.csv",
@@ -834,6 +835,13 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     atomic_write_text(buf.getvalue(), out)
     print(f"classified {len(paths)} images -> {out}")
     return 0
+
+
+def _predict_output(ns: argparse.Namespace) -> Path:
+    """Where ``predict`` writes its CSV: ``--out``, or beside the classifier."""
+    if ns.out:
+        return Path(ns.out)
+    return Path(ns.classifier).parent / f"predictions_{_folder_name(ns.images)}.csv"
 
 
 def _is_predictions(path: Path) -> bool:
@@ -952,8 +960,8 @@ def _writer_of(ns: argparse.Namespace) -> Iterator[None]:
 
     run = getattr(ns, "run", None)
     if ns.command == "predict":  # writes beside its classifier, in a run folder or elsewhere
-        out = Path(ns.out) if ns.out else Path(ns.classifier).parent / "x"
-        run = str(out.parent) if (out.parent / "config.json").is_file() else None
+        folder = _predict_output(ns).parent
+        run = str(folder) if (folder / "config.json").is_file() else None
     if run is None or (ns.command in ("embed", "export") and ns.out is not None
                        and Path(ns.out).resolve().parent != Path(run).resolve()):
         yield

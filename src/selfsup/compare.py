@@ -34,16 +34,16 @@ def run_state(run_dir: Path) -> str:
     return "done"
 
 
-def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = ""
-                    ) -> tuple[list[float], list[float]] | None:
+def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = "",
+                    validation: bool = True) -> tuple[list[float], list[float]] | None:
     """The logistic probe fitted on a stratified ``fraction`` of the training labels, one fit
     per subset (seeds 0..subsets-1), from the run's saved embeddings; ``which="untrained_"``
     for the untrained encoder's.
 
     Returns:
         Its accuracy on the training images outside the subset (validation: what a choice may
-        rank by) and on the test set (the final figure), one value per subset each; None for
-        unlabeled runs.
+        rank by; empty unless ``validation``) and on the test set (the final figure), one value
+        per subset each; None for unlabeled runs.
     """
     lbl = run_dir / "train_lbl.npy"
     if not lbl.is_file() or not (run_dir / "test_lbl.npy").is_file():
@@ -60,8 +60,9 @@ def few_label_probe(run_dir: Path, fraction: float, subsets: int, which: str = "
         rest = np.setdiff1d(np.arange(len(train_y)), idx)  # held out of this fit
         fit = (train_f[idx], train_y[idx])
         test.append(linear_probe(*fit, test_f, test_y, seed=seed).accuracy)
-        val.append(linear_probe(*fit, train_f[rest], train_y[rest], seed=seed).accuracy
-                   if len(rest) else float("nan"))
+        if validation:
+            val.append(linear_probe(*fit, train_f[rest], train_y[rest], seed=seed).accuracy
+                       if len(rest) else float("nan"))
     return val, test
 
 
@@ -85,7 +86,8 @@ def method_row(run_dir: Path, fraction: float, subsets: int) -> dict[str, Any]:
     pre = m.get("pretrain", {})
     lp, knn = m.get("linear_probe", {}), m.get("knn", {})
     few_val, few = few_label_probe(run_dir, fraction, subsets) or (None, None)
-    few_untrained = (few_label_probe(run_dir, fraction, subsets, "untrained_") or (None, None))[1]
+    few_untrained = (few_label_probe(run_dir, fraction, subsets, "untrained_", validation=False)
+                     or (None, None))[1]
     return dict(
         method=cfg.get("method", "simclr"), run=str(run_dir), steps=pre.get("steps"),
         budget=cfg.get("budget") or None,

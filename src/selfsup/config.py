@@ -232,6 +232,11 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:60] + "..."
 
 
+def is_number(x: Any) -> bool:
+    """An int or a float read from JSON or a file (a bool is neither, whatever Python says)."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def check_number(key: str, value: Any, typ: type, rng: Range | None) -> Any:
     """``value`` as an int or a finite float inside ``rng``.
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment import normalize, to_float
-from selfsup.config import Config, config_from_dict
+from selfsup.config import Config, config_from_dict, is_number
 from selfsup.data import ImageData
 from selfsup.files import save_json, save_npy
 from selfsup.models import Encoder
@@ -422,33 +422,29 @@ _TABLES = {"finetune": ("labels", "steps", "accuracy", "seconds"),
                                 "scratch", "steps")}
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
 def _not_numbers(m: dict[str, Any]) -> str | None:
     """The first field of ``m`` that must be a number and is not (``knn.k``), or None."""
     for section, keys in _NUMBERS.items():
         part = m.get(section, {}) if section else m
         for k in part if keys == ("*",) else keys:
-            if k in part and not _is_number(part[k]):
+            if k in part and not is_number(part[k]):
                 return f"{section}.{k}" if section else k
     for key, fields in _RECORDS.items():
         for i, entry in enumerate(m.get(key) or []):
             bad = [f for f in fields if not isinstance(entry, dict)
-                   or (f in entry and not _is_number(entry[f]))]
+                   or (f in entry and not is_number(entry[f]))]
             if bad:
                 return f"{key}[{i}].{bad[0]}"
     ft = m.get("finetune") or {}
     for tag, row in ft.items():
         bad = [f for f in _TABLES["finetune"] if not isinstance(row, dict)
-               or not _is_number(row.get(f))]
+               or not is_number(row.get(f))]
         if bad:
             return f"finetune.{tag}.{bad[0]}"
     le = m.get("label_efficiency") or {}
     n = len(le.get("fraction") or [])
     for f in _TABLES["label_efficiency"] if le else ():
         col = le.get(f)
-        if not isinstance(col, list) or len(col) != n or not all(_is_number(x) for x in col):
+        if not isinstance(col, list) or len(col) != n or not all(is_number(x) for x in col):
             return f"label_efficiency.{f}"
     return None

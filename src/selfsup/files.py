@@ -73,14 +73,24 @@ def _write_with(path: str | Path, writer: Callable[[IO[bytes]], None], suffix: s
             raise
         parent = Path(path).parent
         free = shutil.disk_usage(parent).free if parent.is_dir() else -1
-        err = getattr(e, "errno", None)
-        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (err is None
-                                                                and 0 <= free < (1 << 20)):
+        if getattr(e, "errno", None) is None and 0 <= free < (1 << 20):
             why = f"no space left on the device ({free} bytes free)"
         else:
-            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            why = write_failure(e)
+            if why.startswith("no space"):
+                why += f" ({free} bytes free)"
         kept = "the previous file is unchanged" if Path(path).exists() else "nothing was written"
         raise SelfsupError(f"cannot write {path}: {why}; {kept}") from e
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_failure(e: BaseException) -> str:
+    """Why a write failed, in words: a full disk (or quota, or file-size limit) says so."""
+    if getattr(e, "errno", None) in NO_SPACE:
+        return "no space left on the device"
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
 
 
 def save_bytes(data: bytes, path: str | Path) -> None:
@@ -149,13 +159,19 @@ def read_regular(path: str | Path, limit: int) -> bytes:
     Raises:
         OSError: no such file, not a regular file, or larger than ``limit`` (``strerror`` says).
     """
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file")
+    st = _regular(path)
     if st.st_size > limit:
         raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than selfsup ever writes there")
     with open(path, "rb") as f:
         return f.read(limit + 1)
+
+
+def _regular(path: str | Path) -> os.stat_result:
+    """``path``'s status, or OSError when it is not a regular file (checked before opening)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return st
 
 
 def confined(folder: str | Path, name: str) -> Path:
@@ -209,14 +225,6 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-def only_leftovers(folder: Path, leftovers: frozenset[str]) -> bool:
-    """Whether ``folder`` holds nothing but names in ``leftovers`` (and the lock file)."""
-    try:
-        return all(p.name in leftovers or p.name == LOCK for p in folder.iterdir())
-    except OSError:
-        return False
-
-
 def load_array(path: str | Path, ndim: int, kind: str, rows: int | None = None) -> np.ndarray:
     """A ``.npy`` file selfsup wrote, checked before use: no pickled objects, ``ndim``
     dimensions, numbers of ``kind`` (``"f"`` floating point, ``"i"`` integers), and ``rows``
@@ -228,8 +236,7 @@ def load_array(path: str | Path, ndim: int, kind: str, rows: int | None = None) 
     path = Path(path)
     fix = f"run `selfsup evaluate {path.parent}` to write it again"
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        _regular(path)
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         why = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
@@ -263,9 +270,9 @@ def check_output(path: str | Path, flag: str, made_here: Callable[[Path], bool],
         SelfsupError: says which rule and what to do.
     """
     path = Path(path)
-    if len(path.name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        raise SelfsupError(f"{flag}: the name {path.name[:40]}... is "
-                           f"{len(path.name.encode('utf-8', 'surrogateescape'))} bytes; file "
+    size = len(path.name.encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX:
+        raise SelfsupError(f"{flag}: the name {path.name[:40]}... is {size} bytes; file "
                            f"systems allow at most {NAME_MAX}: choose a shorter one")
     if not path.parent.is_dir():
         raise SelfsupError(f"{flag}: folder {path.parent} does not exist")

@@ -15,7 +15,6 @@ an image. It needs the ``tensorboard`` package (``pip install 'selfsup[tensorboa
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from selfsup.errors import ConfigError, SelfsupError
-from selfsup.files import atomic_write_text, confined
+from selfsup.files import atomic_write_text, confined, write_failure
 
 JSONL = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -99,12 +98,9 @@ class RunLog:
             self.file.flush()
         except OSError as e:
             self._drop()
-            why = ("no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT,
-                                                                 errno.EFBIG)
-                   else e.strerror or str(e))
-            raise SelfsupError(f"cannot write {self.path}: {why}. The last checkpoint is kept "
-                               f"whole: free some space, then continue with --resume "
-                               f"{self.path.parent}") from None
+            raise SelfsupError(f"cannot write {self.path}: {write_failure(e)}. The last "
+                               f"checkpoint is kept whole: free some space, then continue "
+                               f"with --resume {self.path.parent}") from None
         if self.writer is not None:
             step = int(entry["step"])
             for key, value in entry.items():

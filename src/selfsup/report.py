@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from selfsup.config import is_number
 from selfsup.errors import SelfsupError
 from selfsup.files import atomic_write_text
 
@@ -104,21 +105,24 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def text(x: Any, spec: str) -> str:
+    """A number formatted by ``spec``; anything else as it is (plain text, not yet escaped)."""
+    return format(x, spec) if is_number(x) else str(x)
+
+
 def num(x: Any, spec: str) -> str:
     """A number formatted by ``spec``; anything else as escaped text."""
-    if isinstance(x, int | float) and not isinstance(x, bool):
-        return format(x, spec)
-    return esc(x)
+    return esc(text(x, spec))
 
 
 def pct(x: Any) -> str:
     if x is None:
         return "–"
-    return f"{100 * x:.1f}%" if isinstance(x, int | float) and not isinstance(x, bool) else esc(x)
+    return f"{100 * x:.1f}%" if is_number(x) else esc(x)
 
 
 def _gain(t: Any, u: Any) -> str:
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (t, u)):
+    if not (is_number(t) and is_number(u)):
         return "<td>–</td>"
     d = 100 * (t - u)
     return f'<td class="{"gain" if d >= 0 else "loss"}">{d:+.1f}</td>'
@@ -255,9 +259,9 @@ def _facts(m: dict[str, Any]) -> str:
                    f"{pre.get('evaluated', 'the encoder f')}"),
         ("encoder", f"{cfg.get('model', '?')} width {cfg.get('width', '?')}"
                     + (f", features {m['feature_dim']}" if "feature_dim" in m else "")),
-        ("pretraining", f"{pre.get('steps', '?')} steps ({num(pre.get('epochs', 0), '.1f')} "
+        ("pretraining", f"{pre.get('steps', '?')} steps ({text(pre.get('epochs', 0), '.1f')} "
                         f"epochs), batch {cfg.get('batch_size', '?')}, "
-                        f"{pre.get('precision', '?')}, {num(pre.get('images_per_s', 0), '.0f')} "
+                        f"{pre.get('precision', '?')}, {text(pre.get('images_per_s', 0), '.0f')} "
                         f"images/s"),
         *([("budget", _budget_text(cfg, pre["budget"]))] if isinstance(pre.get("budget"), dict)
           else []),
@@ -265,9 +269,9 @@ def _facts(m: dict[str, Any]) -> str:
                     f"{mach.get('threads', '?')} threads, device {mach.get('device', '?')}"
                     + (f", {mach['gpu']}" if mach.get("gpu") else "")
                     + f", torch {mach.get('torch', '?')}"),
-        ("time", ", ".join(f"{k.replace('_', ' ')} {num(v, '.1f')} s" for k, v in t.items())),
+        ("time", ", ".join(f"{k.replace('_', ' ')} {text(v, '.1f')} s" for k, v in t.items())),
     ]
-    # num() above gives plain text here: the whole value is escaped once, below
+    # plain text above: each whole value is escaped once, here
     lis = "".join(f"<li><b>{k}</b>: {esc(v)}</li>" for k, v in items)
     return f"<ul>{lis}</ul>"
 

@@ -38,6 +38,13 @@ MIN_EPOCHS = 40.0  # passes over the data the chosen encoder must still get in t
 SIZING_SHARE = 0.9  # of the budget, what the steps get (kNN checks, checkpoints take the rest)
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory a run on ``device`` has: the GPU's, else the machine's (None: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return physical_memory()
+
+
 def check_model_size(cfg: Config, device: torch.device) -> None:
     """Refuse, before any work, a network whose weights, gradients and optimiser state cannot
     fit in this machine's memory (counted on the meta device: nothing is allocated).
@@ -51,8 +58,7 @@ def check_model_size(cfg: Config, device: torch.device) -> None:
     params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
     # weights, gradients, momentum, the budget's snapshot of them, and a method's target copies
     need = params * 4 * (4 + 2 * METHODS[cfg.method].target_copies)
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else physical_memory())
+    total = device_memory(device)
     if total is not None and need > 0.8 * total:
         raise ConfigError(f"{cfg.model} of --width {cfg.width} with a head of --proj-hidden "
                           f"{cfg.proj_hidden} and --proj-dim {cfg.proj_dim} has {params:,} "
@@ -119,8 +125,7 @@ def check_activations(cfg: Config, side: int, device: torch.device | None = None
     """
     device = device or torch.device("cpu")
     need = activation_bytes(cfg, side, 2 * cfg.batch_size)
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else physical_memory())
+    total = device_memory(device)
     if total is not None and need > 0.8 * total:
         what = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side} px"
         raise ConfigError(f"{what} at --batch-size {cfg.batch_size}: {cfg.model} of width "

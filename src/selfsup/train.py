@@ -35,7 +35,7 @@ from selfsup.checkpoint import (
     save_encoder,
     set_global_rng_state,
 )
-from selfsup.config import RANGES, Config, diff_keys, parse_duration
+from selfsup.config import RANGES, Config, diff_keys, is_number, parse_duration
 from selfsup.data import ImageData, Images, channel_stats
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
@@ -196,8 +196,7 @@ def _restore(ck: dict[str, Any], path: Path, method: Method, gen: torch.Generato
                                              "uniformity", "feature_dim"))):
         history = ck.get(key, [])
         if not isinstance(history, list) or not all(
-                isinstance(e, dict) and all(isinstance(e.get(f), int | float)
-                                            and not isinstance(e.get(f), bool) for f in fields)
+                isinstance(e, dict) and all(is_number(e.get(f)) for f in fields)
                 for e in history):
             raise CheckpointError(f"{what}: {key} is not a list of records of numbers "
                                   f"({', '.join(fields)})")
