@@ -14,7 +14,7 @@ from selfsup import sizing
 from selfsup.cli import _load_data
 from selfsup.config import make_config, parse_duration
 from selfsup.data import channel_stats
-from selfsup.hardware import describe_machine, select_device, select_precision
+from selfsup.hardware import describe_machine, keep_freed_memory, select_device, select_precision
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = make_config(args.preset, dict(dataset=args.dataset, data_dir=args.data_dir,
                                         budget=args.budget))
+    keep_freed_memory()
     device = select_device(cfg.device)
     data = _load_data(cfg, pretraining=True)
     mean, std = channel_stats(data.train_x)

@@ -20,7 +20,13 @@ import time
 import torch
 
 from selfsup.config import make_config
-from selfsup.hardware import describe_machine, select_device, select_precision, sync
+from selfsup.hardware import (
+    describe_machine,
+    keep_freed_memory,
+    select_device,
+    select_precision,
+    sync,
+)
 from selfsup.methods import build_method
 
 
@@ -63,6 +69,7 @@ def main() -> None:
                               ("precision", args.precision), ("device", args.device))
             if v is not None}
     cfg = make_config(args.preset, over)
+    keep_freed_memory()
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -225,7 +225,8 @@ def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, monkeypa
     b = budgeted.budget
     assert b["timed_steps_kept"] is kept and b["steps"] == n and b["timed_steps"] >= 11
     assert 0 < b["used_s"] and b["used_fraction"] == pytest.approx(b["used_s"] / 3.0)
-    again = train.pretrain(dataclasses.replace(cfg, budget="", steps=n), digits, tmp_path / "s")
+    again = train.pretrain(dataclasses.replace(cfg, budget="", steps=n,
+                                               replans=saved["replans"]), digits, tmp_path / "s")
     assert _same_weights(budgeted.encoder.state_dict(), again.encoder.state_dict())
     assert budgeted.losses == again.losses and len(budgeted.losses) == n
 

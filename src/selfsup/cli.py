@@ -936,6 +936,9 @@ def _main(argv: list[str] | None) -> int:
             with contextlib.suppress(ValueError, OSError, TypeError):
                 reconfigure(errors="backslashreplace")
     ns = build_parser().parse_args(argv)
+    from selfsup.hardware import keep_freed_memory
+
+    keep_freed_memory()  # before the data and the networks are allocated
     with _sigterm_interrupts():
         try:
             _check_paths(ns)

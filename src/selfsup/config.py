@@ -70,6 +70,9 @@ class Config:
     epochs: int = 10
     steps: int = 0  # total optimiser steps; 0 = epochs * steps per epoch (overrides epochs)
     budget: str = ""  # pretraining time, e.g. 20m: measure speed, fit steps to it (unless steps)
+    # A budget's replans, "R:P,...": until step R the run was planned to end at step P; from
+    # there the schedule's rest is spread over the next plan's steps (optim.schedule_step).
+    replans: str = ""
     batch_size: int = 512  # images per step (each gives two views)
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto picks from the hardware
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -363,6 +366,20 @@ def parse_duration(text: str) -> float:
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 
 
+def _replans_ok(cfg: Config) -> bool:
+    from selfsup.optim import parse_replans
+
+    try:
+        knots = parse_replans(cfg.replans)
+    except ValueError:
+        return False
+    if not knots:
+        return True
+    ends = [at for at, _ in knots[1:]] + [cfg.steps or 2**62]
+    return all(0 < at < planned and at < end for (at, planned), end in zip(knots, ends,
+                                                                             strict=True))
+
+
 def validate(cfg: Config) -> None:
     """Check ranges and names; raise ConfigError saying what is allowed."""
     from selfsup.methods import METHODS
@@ -389,6 +406,9 @@ def validate(cfg: Config) -> None:
         (cfg.image_size == 0 or cfg.image_size >= MIN_SIDE,
          f"--image-size must be 0 (the images' own side) or an integer in [{MIN_SIDE}, "
          f"{int(RANGES['image_size'].hi)}], got {cfg.image_size}"),
+        (_replans_ok(cfg), f"--replans must be R:P,... (until step R the run was planned to "
+                           f"end at step P), with each R above 0, below its P and below the "
+                           f"next R, and --steps above the last R; got {shown(cfg.replans)}"),
     ]
     for ok, message in checks:
         if not ok:

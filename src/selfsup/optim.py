@@ -62,9 +62,47 @@ def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.o
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+def lr_at(step: float, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (per step)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parse_replans(text: str) -> list[tuple[int, int]]:
+    """``"R1:P1,R2:P2"`` -> ``[(R1, P1), (R2, P2)]``: a budgeted run's replans (``Config``).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not text:
+        return []
+    knots = []
+    for part in text.split(","):
+        at, _, planned = part.partition(":")
+        knots.append((int(at), int(planned)))
+    return knots
+
+
+def schedule_step(step: int, total: int, replans: list[tuple[int, int]]) -> tuple[float, int]:
+    """Where step ``step`` of ``total`` lies on the run's schedule: ``(where, plan)`` with the
+    schedules then read at ``lr_at(where, plan, ...)`` and ``progress = where / plan``.
+
+    A budgeted run replans (``selfsup.train``): each ``(R, P)`` says that until step ``R`` the
+    run was planned to end at step ``P``. From each replan the schedule's rest is spread
+    evenly over the steps up to the next plan's end, so the learning rate goes on from where it
+    was and reaches 0 at ``total``. ``plan`` is the first plan's total; without replans a step
+    is itself and ``plan`` is ``total``.
+    """
+    if not replans or step <= replans[0][0]:
+        return float(step), (replans[0][1] if replans else total)
+    starts = [at for at, _ in replans]
+    ends = [planned for _, planned in replans[1:]] + [total]  # each plan's end after its replan
+    done = starts[0] / replans[0][1]  # the fraction of the schedule done at the first replan
+    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        upto = min(step, starts[k + 1]) if k + 1 < len(starts) else step
+        done += (upto - start) * (1 - done) / (end - start)
+        if upto == step:
+            break
+    return done * replans[0][1], replans[0][1]

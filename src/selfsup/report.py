@@ -283,12 +283,16 @@ def _budget_text(cfg: dict[str, Any], b: dict[str, Any]) -> str:
         size: dict[str, Any] = raw if isinstance(raw, dict) else {}
         chosen = (f"; encoder chosen for this machine: {size['chosen']}"
                   if size.get("chosen") else "")
+        replans = b.get("replans")
+        replans = (f", replanned {len(replans)} times at the run's own speed"
+                   if isinstance(replans, list) and replans else "")
         ratio = size.get("rung_over_run")
         if chosen and isinstance(ratio, float):
             chosen += f" (the sizing's timing of it {100 * (ratio - 1):+.0f} % from the run's own)"
         return (f"{cfg.get('budget', '?')} given, {float(b['used_s']) / 60:.1f} min used "
-                f"({100 * float(b['used_fraction']):.1f} %); {int(b['steps'])} steps fitted from "
-                f"{int(b['timed_steps'])} timed at {1000 * float(b['step_s']):.0f} ms{chosen}")
+                f"({100 * float(b['used_fraction']):.1f} %); {int(b['steps'])} steps: "
+                f"{int(b.get('planned_steps', b['steps']))} planned from {int(b['timed_steps'])} "
+                f"timed at {1000 * float(b['step_s']):.0f} ms{replans}{chosen}")
     except (KeyError, TypeError, ValueError):
         return "recorded, but its figures are incomplete"
 

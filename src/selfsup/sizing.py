@@ -10,6 +10,7 @@ CIFAR-10 on more than one kind of CPU (BENCHMARKS.md, "An encoder sized to the m
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Any
 
@@ -148,28 +149,45 @@ def _fits(cfg: Config, image_size: int, device: torch.device) -> bool:
     return True
 
 
-def time_step(cfg: Config, x_all: Images, mean: list[float], std: list[float],
-              amp_dtype: torch.dtype | None, batch: int, warm: int = 5, timed: int = 4) -> float:
-    """Median seconds of one training step of ``cfg``'s networks, built apart for this (their
-    own seeded weights and generator: nothing of the run's state or random streams is used).
+SETTLED = 0.05  # two windows of steps whose medians differ by at most this: a speed settled
+WINDOW = 4  # steps per window
+TIMING_MOST_S = 6.0  # after this long, the last windows are taken as they are
 
-    The first steps of a new network are slow (kernels chosen, memory mapped) and more so the
-    larger it is: with 2 steps of warm-up a width-64 step timed 329 ms that ran at 220 ms in
-    the run, and the sizing chose one rung too small. Five warm-up steps come first.
+
+def time_step(cfg: Config, x_all: Images, mean: list[float], std: list[float],
+              amp_dtype: torch.dtype | None, batch: int) -> float:
+    """Seconds of one training step of ``cfg``'s networks once their speed has settled, built
+    apart for this (their own seeded weights and generator: nothing of the run's state or
+    random streams is used).
+
+    The first steps of a new network are slow (kernels chosen, memory mapped), for a number of
+    steps that differs by network and machine: a fixed 5 steps of warm-up read a width-48
+    network 27-29 % slower than the run then ran it, and the sizing chose one rung too small.
+    Steps are taken in windows of ``WINDOW``; the first is warm-up, and the timing is the
+    median of the last two windows once their medians agree within ``SETTLED`` (or once
+    ``TIMING_MOST_S`` has passed).
     """
     device = x_all.device
     method = build_method(cfg, device, int(x_all.shape[-1]), mean, std, 1e-6, amp_dtype, batch)
     method.train()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
     local = batch // dist.world_size()
-    times = []
-    for i in range(warm + timed):
-        t0 = time.perf_counter()
-        start = i * local % max(1, len(x_all) - local)
-        method.step(x_all[start:start + local], 1e-6, gen)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(sorted(times[warm:])[timed // 2])
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while True:
+        for _ in range(WINDOW):
+            t0 = time.perf_counter()
+            start = len(times) * local % max(1, len(x_all) - local)
+            method.step(x_all[start:start + local], 1e-6, gen)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        if len(times) < 3 * WINDOW:
+            continue
+        last = statistics.median(times[-WINDOW:])
+        before = statistics.median(times[-2 * WINDOW:-WINDOW])
+        done = abs(last / before - 1) <= SETTLED or time.perf_counter() - t_start >= TIMING_MOST_S
+        if dist.any_true(done):  # every process takes the same steps
+            return float(statistics.median(times[-2 * WINDOW:]))
 
 
 def choose_size(cfg: Config, x_all: Images, mean: list[float], std: list[float],

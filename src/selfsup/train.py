@@ -39,11 +39,11 @@ from selfsup.config import RANGES, Config, diff_keys, is_number, parse_duration
 from selfsup.data import ImageData, Images, channel_stats
 from selfsup.errors import CheckpointError, ConfigError, Interrupted, SelfsupError
 from selfsup.files import save_json, save_npy, save_torch
-from selfsup.hardware import select_device, select_precision, sync
+from selfsup.hardware import keep_freed_memory, select_device, select_precision, sync
 from selfsup.logs import RunLog
 from selfsup.methods import METHODS, Method, build_method
 from selfsup.models import Encoder
-from selfsup.optim import lr_at
+from selfsup.optim import lr_at, parse_replans, schedule_step
 from selfsup.sizing import choose_size
 
 # --- time budget ----------------------------------------------------------------------------
@@ -52,7 +52,9 @@ from selfsup.sizing import choose_size
 # draws' launches overlap the model's work; on the CPU nothing would overlap). Same run either way.
 VIEWS_AHEAD: bool | None = None
 MONITOR_SHARE = 0.1  # of a budget, the most the monitor checks may take (they are thinned)
-BUDGET_MARGIN = 0.97  # of the time left, what the steps may take (speed drifts a little)
+BUDGET_MARGIN = 0.97  # of the time left, what the planned steps may take
+REPLAN_SHARES = (0.5, 0.8, 0.95)  # a budgeted run replans at these shares of its budget...
+REPLAN_TARGET = 0.99  # ... fitting its steps left to this share of the time left
 TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's first steps...
 TIMING_MAX_STEPS = 200  # ... and at most this many
 TIMING_MIN_STEPS = 11  # ... and at least this many; the mean is over the second half
@@ -126,6 +128,12 @@ class _Progress:
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  {ips:.0f} img/s  "
                   f"views {views:.0%} of step time  {left / 60:.1f} min left", file=sys.stderr,
                   flush=True)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -301,13 +309,52 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
     if main:
         print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step over the first "
               f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
-              f"({total / steps_per_epoch:.1f} epochs); repeat with --steps {total}"
-              + (f" --model {cfg.model} --width {cfg.width} --view-size {cfg.view_size}"
-                 if cfg.auto_size else ""), flush=True)
+              f"({total / steps_per_epoch:.1f} epochs), replanned from the run's own speed at "
+              f"{', '.join(f'{x:.0%}' for x in REPLAN_SHARES)} of the budget", flush=True)
     return cfg, step, dict(budget_s=budget_s, timed_steps=len(times), step_s=step_s,
                            check_s=check_s, checks=checks,
                            checkpoint_s=ckpt_s, timed_steps_kept=keep, steps=total,
+                           planned_steps=total,
                            kept_seconds=sum(times) if keep else 0.0)
+
+
+def _replan(cfg: Config, budget: dict[str, Any], step: int, total: int, per_step: float,
+            left_s: float, run_dir: Path, main: bool) -> Config:
+    """Refit the steps left to the time left, at the run's own recent speed.
+
+    A speed timed over the first seconds of a run drifts over the rest of it: on a 2-core
+    virtual machine the hypervisor took from nothing to half of the CPU time for minutes at a
+    time, single epochs of one run differed by half, and budgets fitted on the first steps
+    alone ended between 88 and 107 %. At each of ``REPLAN_SHARES`` of the budget (or of the
+    steps, when those come first), the wall time per step since the last fit (monitor checks
+    and checkpoints included) fits the rest; the schedule's remaining part is spread over the
+    new number of steps (``optim.schedule_step``), and ``cfg.replans`` records where and from
+    what total, so that ``--steps N --replans ...`` repeats the run exactly.
+
+    Args:
+        per_step: wall seconds per step since the last fit.
+        left_s: the budget left, less what the end of the run still takes.
+    Returns:
+        ``cfg`` with the new ``steps`` and the replan added to ``replans`` (unchanged when the
+        steps left stay the same); ``budget["replans"]`` gets the record.
+    """
+    new_total = step + max(1, int(REPLAN_TARGET * left_s / per_step))
+    new_total = int(dist.broadcast_object(new_total))  # rank 0's decides for all
+    budget.setdefault("replans", []).append(dict(at_step=step, planned_steps=total,
+                                                 steps=new_total, step_s=per_step))
+    budget["steps"] = new_total
+    if new_total == total:
+        return cfg
+    knots = f"{cfg.replans + ',' if cfg.replans else ''}{step}:{total}"
+    cfg = dataclasses.replace(_with_steps(cfg, new_total, f"--budget {cfg.budget} at "
+                                                        f"{per_step * 1000:.3g} ms per step"),
+                              replans=knots)
+    if main:
+        print(f"budget {cfg.budget}: {per_step * 1000:.0f} ms per step lately (planned at "
+              f"{budget['step_s'] * 1000:.0f} ms): the {total - step} steps left become "
+              f"{new_total - step}, the schedule's rest spread over them", flush=True)
+        save_json(cfg.to_dict(), run_dir / "config.json")  # the config that repeats the run
+    return cfg
 
 
 def _views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndarray:
@@ -327,7 +374,7 @@ def _views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndar
 
 def _compare_sizing(sizing: dict[str, Any], run_step_s: float, main: bool) -> dict[str, Any]:
     """The sizing's timing of the encoder it chose beside the run's own timing of the same
-    network (the budget's timed steps), printed and recorded: the sizing's choice is only as
+    network (the mean of all its steps), printed and recorded: the sizing's choice is only as
     good as its timings, so their agreement is part of the record."""
     chosen = [r for r in sizing.get("rows", []) if r.get("size") == sizing.get("chosen")]
     if not chosen:
@@ -335,10 +382,24 @@ def _compare_sizing(sizing: dict[str, Any], run_step_s: float, main: bool) -> di
     rung_s = float(chosen[0]["step_s"])
     ratio = rung_s / run_step_s if run_step_s > 0 else float("nan")
     if main:
-        print(f"sizing timed {sizing['chosen']} at {1000 * rung_s:.0f} ms per step; the run's "
-              f"own steps took {1000 * run_step_s:.0f} ms ({100 * (ratio - 1):+.0f} %)",
-              flush=True)
+        print(f"sizing timed {sizing['chosen']} at {1000 * rung_s:.1f} ms per step; the run's "
+              f"own steps took {1000 * run_step_s:.1f} ms on average ({100 * (ratio - 1):+.1f} "
+              f"%)", flush=True)
     return dict(sizing, run_step_s=run_step_s, rung_over_run=ratio)
+
+
+def repeat_options(cfg: Config) -> str:
+    """The options that repeat a budgeted run without its budget: its steps, its replan and
+    the encoder its sizing chose."""
+    text = f"--steps {cfg.steps}" + (f" --replans {cfg.replans}" if cfg.replans else "")
+    if cfg.auto_size:
+        text += f" --model {cfg.model} --width {cfg.width} --view-size {cfg.view_size}"
+    return text
+
+
+def _lr(cfg: Config, step: int, total: int, warmup: int, peak: float) -> float:
+    """The learning rate of step ``step`` of ``total`` on ``cfg``'s schedule (replan included)."""
+    return lr_at(*schedule_step(step, total, parse_replans(cfg.replans)), warmup, peak)
 
 
 def _with_steps(cfg: Config, steps: int, why: str) -> Config:
@@ -410,6 +471,7 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         Interrupted: after saving a checkpoint on Ctrl-C or SIGTERM.
     """
     run_dir = Path(run_dir)
+    keep_freed_memory()
     device = dist.setup(select_device(cfg.device), cfg.dist_timeout)
     if cfg.threads:
         cpus = os.cpu_count() or 1
@@ -562,14 +624,15 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         Raises:
             SelfsupError: a non-finite loss.
         """
-        lr = lr_at(at, total, warmup, peak_lr)
+        lr = _lr(cfg, at, total, warmup, peak_lr)
         t0 = time.perf_counter()
         if ahead.get("step") == at and ahead_is_current():
             v, marks, views_s = ahead["views"]
         else:
             v, marks, views_s = draw_views(at)
         ahead.clear()
-        loss = method.update(v, lr, at / total)
+        where, plan = schedule_step(at, total, parse_replans(cfg.replans))
+        loss = method.update(v, lr, where / plan)
         del v
         if draw_ahead and at + 1 < total:
             before = gen.get_state()
@@ -613,7 +676,6 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
             monitor_s += check_s
         cfg, step, budget = _fit_budget(cfg, method, take_step, gen, losses, t_start, check_s,
                                         steps_per_epoch, run_dir, main)
-        budget["size"] = _compare_sizing(sizing, budget["step_s"], main)
         log_steps(step)  # the timed steps the run kept (none when undone)
     total = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
@@ -624,8 +686,9 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                   f"with more --epochs, more --steps or a new --budget (more time)", flush=True)
         elif total != old_total:  # the schedule is stretched (or shortened) to the new total
             print(f"the schedule now ends at step {total} (it ended at {old_total}): the "
-                  f"learning rate continues from {lr_at(step, total, warmup, peak_lr):.3g} at "
-                  f"step {step} (it was {lr_at(step, old_total, warmup, peak_lr):.3g} there) and "
+                  f"learning rate continues from {_lr(cfg, step, total, warmup, peak_lr):.3g} "
+                  f"at step {step} (it was {_lr(cfg, step, old_total, warmup, peak_lr):.3g} "
+                  f"there) and "
                   f"decays to 0 by step {total}", flush=True)
     if main and not resume:  # the record of what was asked for; a resume adds to metrics.json
         save_json(cfg.to_dict(), run_dir / "config.json")
@@ -652,6 +715,18 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
     train_time = budget.get("kept_seconds", 0.0)  # the timed steps the run kept
     images = (step - start_step) * batch
     gen_state = state_at_step()  # state at the start of step `step`
+    t_fit, fit_step = time.perf_counter(), step  # a budget's replan times the steps since
+
+    def replan_due(at: int, total: int) -> bool:
+        """At the next of ``REPLAN_SHARES`` of the budget (or of the steps, if sooner)."""
+        done = len(budget.get("replans", []))
+        if not budget or done == len(REPLAN_SHARES) or not warmup <= at < total - 1 \
+                or at - fit_step < 3:
+            return False
+        share = REPLAN_SHARES[done]
+        return bool(dist.any_true(time.perf_counter() - t_start >= share * budget["budget_s"]
+                                  or at >= share * total))
+
     with _StopOnSignal(announce=main) as stop:
         try:
             while step < total:
@@ -677,6 +752,14 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
                     checkpoint(step, gen_state)
                 if stop.requested and step < total:
                     raise Interrupted(stop.signum)
+                if replan_due(step, total):
+                    now = time.perf_counter()
+                    left = budget["budget_s"] - (now - t_start) - budget["check_s"]
+                    cfg = _replan(cfg, budget, step, total, (now - t_fit) / (step - fit_step),
+                                  left, run_dir, main)
+                    t_fit, fit_step = now, step
+                    total = cfg.steps
+                    progress.set_total(total)
         except KeyboardInterrupt:
             progress.close()
             if main:
@@ -691,11 +774,13 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         save_encoder(run_dir / ENCODER, encoder, cfg, mean, std, int(x_all.shape[-1]))
         save_npy(np.asarray(losses, dtype=np.float32), run_dir / "loss.npy")
     if budget:
+        budget["size"] = _compare_sizing(sizing, train_time / max(1, step - start_step), main)
         budget["used_s"] = time.perf_counter() - t_start
         budget["used_fraction"] = budget["used_s"] / budget["budget_s"]
         if main:
             print(f"budget {cfg.budget}: pretraining took {budget['used_s'] / 60:.1f} min, "
-                  f"{100 * budget['used_fraction']:.1f} % of it", flush=True)
+                  f"{100 * budget['used_fraction']:.1f} % of it; repeat with "
+                  f"{repeat_options(cfg)}", flush=True)
     return PretrainResult(encoder, cfg, losses, step, step / steps_per_epoch, train_time,
                           images / max(train_time, 1e-9), precision, mean, std, knn_history,
                           monitor_s, start_step, budget,
