@@ -141,3 +141,30 @@ def test_vit_positions_fixed_and_any_image_size():
         assert enc(torch.randn(2, 3, side, side)).shape == (2, 32)
     assert build_encoder("vit_micro", 32).feature_dim == 128
     assert build_encoder("vit_tiny", 32).feature_dim == 192
+
+
+def test_vit_positions_are_in_image_coordinates():
+    """Issue 28: positions were counted in tokens, so a ViT trained on 16 px views (4x4 tokens
+    at patch 4) met positions 4-7 it never saw on 32 px images, and position 3 meant another
+    place in the image. Now each token's position is its centre in training-token units."""
+    from selfsup.config import make_config
+    from selfsup.models import init_encoder, sincos_positions
+
+    enc = init_encoder(make_config(None, {"model": "vit_micro", "view_size": 16}))
+    assert enc.grid == 4
+    d, cpu = enc.feature_dim, torch.device("cpu")
+
+    def rows_at(table: torch.Tensor, side: int, pos: torch.Tensor) -> bool:
+        # The row channels' first frequency (1 rad per unit) holds sin and cos of the position.
+        first = table.view(side, side, d)[:, 0]  # one token per row
+        return bool(torch.allclose(first[:, 0], pos.sin(), atol=1e-5)
+                    and torch.allclose(first[:, d // 4], pos.cos(), atol=1e-5))
+
+    own = sincos_positions(4, 4, d, cpu, torch.float32, enc.grid)
+    assert torch.equal(own, sincos_positions(4, 4, d, cpu, torch.float32))  # views: unchanged
+    assert rows_at(own, 4, torch.arange(4.0))
+    big = sincos_positions(8, 8, d, cpu, torch.float32, enc.grid)
+    assert rows_at(big, 8, torch.arange(8.0) / 2 - 0.25)  # -0.25, 0.25, ..., 3.25
+    x = torch.rand(2, 3, 32, 32)
+    plain = init_encoder(make_config(None, {"model": "vit_micro", "view_size": 0}))
+    assert plain.grid == 0 and not torch.allclose(plain(x), enc(x))  # the encoder uses them

@@ -39,10 +39,10 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees tens of megabytes of activations. glibc serves blocks
     above its mmap threshold (32 MiB at most) with new mappings and unmaps them when freed, so
-    every step faulted all their pages in again: on 2 EPYC cores a sixth of the time went to the
-    kernel and 10-step means of one network varied by a third. Served from the heap and never
-    trimmed, the same steps ran 17-20 % faster and within a few percent of each other
-    (BENCHMARKS.md, "The allocator"). The process keeps its peak heap; tensors are freed to it.
+    every step faulted all their pages in again: on 2 EPYC cores the ladder's networks stepped
+    12-29 % faster with freed memory kept, and the process's kernel time over 80 s fell from
+    18 s to none (BENCHMARKS.md, issue 28). The process keeps its peak heap; tensors are freed
+    to it.
 
     Returns:
         Whether the allocator was set (False without glibc: macOS, musl, Windows).

@@ -23,6 +23,10 @@ class Encoder(nn.Module):
 
     feature_dim: int
 
+    def set_view_size(self, side: int) -> None:
+        """The side of the views it is trained on (0: the images' own), for encoders whose
+        features depend on it (a ViT's positions); others ignore it."""
+
 
 def register(name: str) -> Callable[[Callable[[int], Encoder]], Callable[[int], Encoder]]:
     """Decorator: make an encoder constructor ``f(width) -> Encoder`` available by name."""
@@ -51,7 +55,9 @@ def init_encoder(cfg: Config) -> Encoder:
     The untrained baseline is this same call, so it is the exact network pretraining started from.
     """
     torch.manual_seed(cfg.seed)
-    return build_encoder(cfg.model, cfg.width)
+    encoder = build_encoder(cfg.model, cfg.width)
+    encoder.set_view_size(cfg.view_size)
+    return encoder
 
 
 def nhwc_safe_on_cpu(model: nn.Module) -> bool:
@@ -210,21 +216,28 @@ def resnet50(width: int) -> Encoder:
     return CifarResNet(Bottleneck, [3, 4, 6, 3], width)  # 2048-d features at width 64
 
 
-def sincos_positions(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
-                     ) -> torch.Tensor:
+def sincos_positions(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype,
+                     grid: int = 0) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embeddings (MAE, MoCo v3) for an h x w grid of tokens.
 
     Half the channels encode the row, half the column, each as sines and cosines of the position
-    at ``dim / 4`` frequencies. No parameters, so one encoder takes 16 px views in training and
-    32 px images in evaluation (4x4 and 8x8 tokens at patch 4) with no interpolation.
+    at ``dim / 4`` frequencies. Positions are in image coordinates: with ``grid`` (the tokens
+    per side of the training views) a token's position is its centre in units of a training
+    token, so the 8x8 tokens of a 32 px image lie at -0.25, 0.25, ..., 3.25 across the same
+    0-3 span as the 4x4 tokens of the 16 px views it trained on (the fixed-table analogue of
+    the interpolated positions of DeiT and FixRes). ``grid`` 0: positions 0, 1, ... as counted.
 
     Returns:
         (h * w, dim), rows in row-major token order.
     """
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    rows = torch.arange(h, device=device, dtype=torch.float32)
+    cols = torch.arange(w, device=device, dtype=torch.float32)
+    if grid > 0:
+        rows = (rows + 0.5) * (grid / h) - 0.5
+        cols = (cols + 0.5) * (grid / w) - 0.5
+    ys, xs = torch.meshgrid(rows, cols, indexing="ij")
     parts = []
     for pos in (ys.reshape(-1), xs.reshape(-1)):
         angle = pos[:, None] * omega[None, :]  # (T, dim/4)
@@ -271,6 +284,7 @@ class ViT(Encoder):
         if dim % heads:
             raise ValueError(f"ViT width {dim} is not divisible by its {heads} heads")
         self.patch = patch
+        self.grid = 0  # tokens per side of the training views (set_view_size); 0: as counted
         self.embed = nn.Conv2d(3, dim, patch, stride=patch)  # (B, dim, H/p, W/p)
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
@@ -280,11 +294,14 @@ class ViT(Encoder):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def set_view_size(self, side: int) -> None:
+        self.grid = side // self.patch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.embed(x)  # (B, D, h, w)
         b, d, h, w = t.shape
         t = t.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        t = t + sincos_positions(h, w, d, t.device, t.dtype)
+        t = t + sincos_positions(h, w, d, t.device, t.dtype, self.grid)
         return self.norm(self.blocks(t).mean(dim=1))  # (B, D)
 
 
