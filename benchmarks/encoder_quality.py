@@ -9,6 +9,7 @@ figure of a recipe already chosen, once.
 
     python benchmarks/encoder_quality.py runs/a runs/b --data-dir /work/data/cifar10-jpg
     python benchmarks/encoder_quality.py runs/a --data-dir ... --eval-size 16   # at 16x16
+    python benchmarks/encoder_quality.py runs/vit --data-dir ... --counted-positions
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--full-probe", action="store_true")
     ap.add_argument("--eval-size", type=int, default=0,
                     help="resize the images to this side before embedding (0: as they are)")
+    ap.add_argument("--counted-positions", action="store_true",
+                    help="a ViT's positions counted in tokens (0, 1, ...: as before commit "
+                         "a6b4d40) instead of in image coordinates")
     ap.add_argument("--untrained", action="store_true",
                     help="score the untrained baseline instead: the run's saved "
                          "untrained_{train,test}_emb.npy (with --split test only)")
@@ -71,6 +75,10 @@ def main() -> None:
             assert len(ftr) == len(ytr) and len(fte) == len(yte), "not this data set's run"
         else:
             fx = load_encoder(run)
+            if args.counted_positions:
+                for module in fx.encoder.modules():
+                    if hasattr(module, "grid"):
+                        module.grid = 0
             ftr, fte = fx.embed(xtr, 1024), fx.embed(xte, 1024)
         knn = knn_accuracy(ftr, ytr, fte, yte)
         few = [linear_probe(ftr[i], ytr[i], fte, yte).accuracy for i in subsets]
