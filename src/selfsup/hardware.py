@@ -7,6 +7,7 @@ figure is printed with ``describe_machine``.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Any
 
 import torch
@@ -31,9 +32,9 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-_KEPT: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Have the C allocator keep freed memory for the next allocation (glibc; once per process).
 
@@ -47,14 +48,12 @@ def keep_freed_memory() -> bool:
     Returns:
         Whether the allocator was set (False without glibc: macOS, musl, Windows).
     """
-    if not _KEPT:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _KEPT.append(bool(libc.mallopt(_M_MMAP_MAX, 0))
-                         and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
-        except (OSError, AttributeError):
-            _KEPT.append(False)
-    return _KEPT[0]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                        2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -303,9 +303,7 @@ def _fit_budget(cfg: Config, method: Method, take_step: Any, gen: torch.Generato
         print(f"budget {cfg.budget}: monitor checks every {knn_every} epochs, not "
               f"{cfg.knn_every}: at {check_s:.1f} s each they would take more than "
               f"{MONITOR_SHARE:.0%} of the budget", flush=True)
-    cfg = dataclasses.replace(_with_steps(cfg, total, f"--budget {cfg.budget} at "
-                                                     f"{step_s * 1000:.3g} ms per step"),
-                              knn_every=knn_every)
+    cfg = _budget_steps(cfg, total, step_s, knn_every=knn_every)
     if main:
         print(f"budget {cfg.budget}: {step_s * 1000:.0f} ms per step over the first "
               f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
@@ -346,9 +344,7 @@ def _replan(cfg: Config, budget: dict[str, Any], step: int, total: int, per_step
     if new_total == total:
         return cfg
     knots = f"{cfg.replans + ',' if cfg.replans else ''}{step}:{total}"
-    cfg = dataclasses.replace(_with_steps(cfg, new_total, f"--budget {cfg.budget} at "
-                                                        f"{per_step * 1000:.3g} ms per step"),
-                              replans=knots)
+    cfg = _budget_steps(cfg, new_total, per_step, replans=knots)
     if main:
         print(f"budget {cfg.budget}: {per_step * 1000:.0f} ms per step lately (planned at "
               f"{budget['step_s'] * 1000:.0f} ms): the {total - step} steps left become "
@@ -400,6 +396,13 @@ def repeat_options(cfg: Config) -> str:
 def _lr(cfg: Config, step: int, total: int, warmup: int, peak: float) -> float:
     """The learning rate of step ``step`` of ``total`` on ``cfg``'s schedule (replan included)."""
     return lr_at(*schedule_step(step, total, parse_replans(cfg.replans)), warmup, peak)
+
+
+def _budget_steps(cfg: Config, steps: int, step_s: float, **changes: Any) -> Config:
+    """``cfg`` with the steps a budget fitted at ``step_s`` seconds per step (checked by
+    ``_with_steps``) and the other settings the fit chose."""
+    why = f"--budget {cfg.budget} at {step_s * 1000:.3g} ms per step"
+    return dataclasses.replace(_with_steps(cfg, steps, why), **changes)
 
 
 def _with_steps(cfg: Config, steps: int, why: str) -> Config:
@@ -624,14 +627,14 @@ def pretrain(cfg: Config, data: ImageData, run_dir: str | Path, resume: bool = F
         Raises:
             SelfsupError: a non-finite loss.
         """
-        lr = _lr(cfg, at, total, warmup, peak_lr)
+        where, plan = schedule_step(at, total, parse_replans(cfg.replans))
+        lr = lr_at(where, plan, warmup, peak_lr)
         t0 = time.perf_counter()
         if ahead.get("step") == at and ahead_is_current():
             v, marks, views_s = ahead["views"]
         else:
             v, marks, views_s = draw_views(at)
         ahead.clear()
-        where, plan = schedule_step(at, total, parse_replans(cfg.replans))
         loss = method.update(v, lr, where / plan)
         del v
         if draw_ahead and at + 1 < total:
