@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?= --dataset digits
 TORCH_REQ ?= requirements/cpu.txt
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-fast lint clean
 
 $(BIN)/selfsup: pyproject.toml $(TORCH_REQ)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: install
 test: install
 	./scripts/ensure-browser
 	$(BIN)/python -m pytest -q
+
+# The unit tests alone (under 2 minutes on 2 cores): the tests marked slow (whole runs,
+# several processes, the browser) are left out.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -43,7 +43,7 @@ def main() -> None:
                               ("view_size", args.view_size)) if v is not None}
     print(describe_machine(select_device(args.device)))
     for name in args.variants.split(","):
-        augment.GROUPED_JITTERS, train.VIEWS_AHEAD = VARIANTS[name]
+        augment.GROUPED_JITTERS, train.views.VIEWS_AHEAD = VARIANTS[name]
         rates = []
         for steps in (20, args.steps):  # a short warm-up run, then the timed one
             cfg = make_config(args.preset, dict(device=args.device, steps=steps, budget="",

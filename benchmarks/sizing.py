@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 from selfsup import sizing
-from selfsup.cli import _load_data
 from selfsup.config import make_config, parse_duration
 from selfsup.data import channel_stats
+from selfsup.datasets import load_for
 from selfsup.hardware import describe_machine, keep_freed_memory, select_device, select_precision
 
 
@@ -29,7 +29,7 @@ def main() -> None:
                                         budget=args.budget))
     keep_freed_memory()
     device = select_device(cfg.device)
-    data = _load_data(cfg, pretraining=True)
+    data = load_for(cfg, pretraining=True)
     mean, std = channel_stats(data.train_x)
     amp, why = select_precision(cfg.precision, device)
     print(describe_machine(device), f"precision {why}", sep="\n")

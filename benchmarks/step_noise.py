@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from selfsup.cli import _load_data
 from selfsup.config import make_config
 from selfsup.data import channel_stats
+from selfsup.datasets import load_for
 from selfsup.hardware import describe_machine, keep_freed_memory, select_device, select_precision
 from selfsup.methods import build_method
 from selfsup.sizing import LADDER
@@ -38,7 +38,7 @@ def main() -> None:
         keep_freed_memory()
     cfg = make_config("cpu", dict(dataset="folder", data_dir=args.data_dir))
     device = select_device(cfg.device)
-    data = _load_data(cfg, pretraining=True)
+    data = load_for(cfg, pretraining=True)
     mean, std = channel_stats(data.train_x)
     amp, why = select_precision(cfg.precision, device)
     print(describe_machine(device), f"precision {why}", f"allocator "

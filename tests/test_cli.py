@@ -124,7 +124,7 @@ def test_every_command_has_help(capsys):
 
 
 def test_unlabeled_folder_run(tmp_path, capsys):
-    from tests.conftest import write_images
+    from tests.helpers import write_images
 
     write_images(tmp_path / "flat", 40, size=16)
     rc = main(["run", "--dataset", "folder", "--data-dir", str(tmp_path / "flat"), "--out-dir",
@@ -184,8 +184,12 @@ def test_labelled_run_captions_match_its_figures(cifar_dir, tmp_path):
 @pytest.mark.slow
 def test_digits_demo_command(digits_demo):
     m = json.loads((digits_demo / "metrics.json").read_text())
-    # Its duration is recorded, not asserted: timings belong to BENCHMARKS.md, not to tests.
-    assert m["linear_probe"]["trained"] > 0.5 and m["time_s"]["total"] > 0
+    # Its duration is recorded, not asserted (timings belong to BENCHMARKS.md): the whole is at
+    # least the sum of its recorded parts, each of which is a duration.
+    t = m["time_s"]
+    parts = ("load_data", "pretrain", "embed", "linear_probe", "knn", "plots")
+    assert m["linear_probe"]["trained"] > 0.5 and all(t[k] >= 0 for k in parts)
+    assert t["total"] >= sum(t[k] for k in parts)
     for f in OUTPUTS:
         assert (digits_demo / f).is_file(), f
 
@@ -195,7 +199,7 @@ def test_messages_for_a_pretrained_only_run_warnings_and_interrupts(cifar_dir, t
     """Issue 20: the report of a run not evaluated yet says so and names the command; a
     warning prints as one plain line; Ctrl-C during evaluation says what is kept."""
     from selfsup import evaluate
-    from tests.conftest import write_images
+    from tests.helpers import write_images
 
     assert main(["pretrain", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--out-dir",
                  str(tmp_path / "runs"), "--name", "p", *SMALL]) == 0
@@ -230,11 +234,11 @@ def test_every_selfsup_command_in_the_readme_parses():
     import shlex
 
     from selfsup.cli import build_parser
-    from tests.test_readme import _variants, shell_lines
+    from tests.helpers import readme_variants, shell_lines
 
     commands = []
     for line in shell_lines():  # placeholders filled, each [a | b] alternative on its own
-        for variant in _variants(line):
+        for variant in readme_variants(line):
             m = re.search(r"(?:^|-m )selfsup (\w.*)$", variant)
             if m:
                 commands.append(m.group(1))

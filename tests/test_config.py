@@ -54,9 +54,9 @@ def test_diff_keys_allows_epochs_only():
 
 
 def test_dataset_defaults_sit_under_preset_and_options():
-    from selfsup.config import DATASET_DEFAULTS
+    from selfsup.config import PLUGINS
 
-    d = DATASET_DEFAULTS["digits"]
+    d = PLUGINS["dataset"]["digits"].defaults
     assert make_config(None, {"dataset": "digits"}).epochs == d["epochs"]
     assert make_config("quick", {"dataset": "digits"}).epochs == PRESETS["quick"]["epochs"]
     assert make_config(None, {"dataset": "digits", "epochs": 2}).epochs == 2
@@ -77,6 +77,6 @@ def test_gpu_preset_is_the_published_cifar10_command():
     cfg = make_config("gpu")
     assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.optimizer) == ("resnet18", 512, 1000,
                                                                        "lars")
-    assert (cfg.lr, cfg.weight_decay, cfg.temperature) == (1.0, 1e-6, 0.5)
+    assert (cfg.lr, cfg.weight_decay, cfg.options["temperature"]) == (1.0, 1e-6, 0.5)
     assert (cfg.jitter_strength, cfg.blur_p, cfg.warmup_epochs) == (0.5, 0.0, 10)
     assert cfg.lr * cfg.batch_size / 256 == 2.0  # the peak rate their linear scaling gives

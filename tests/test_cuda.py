@@ -18,8 +18,7 @@ from selfsup import augment, checkpoint, train
 from selfsup.augment import AugmentParams
 from selfsup.config import make_config
 from selfsup.methods import METHODS, build_method
-from tests.test_dist import ENV, _torchrun
-from tests.test_train import _interrupt_at
+from tests.helpers import SRC_ENV, interrupt_at, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -128,7 +127,7 @@ def test_pretrain_on_the_gpu_resumes_and_loads_on_the_cpu(digits, tmp_path, monk
     full = train.pretrain(cfg, digits, tmp_path / "full")
     assert full.steps == 2 * (1437 // 128)
     assert all(torch.isfinite(torch.tensor(full.losses)))
-    real = _interrupt_at(monkeypatch, 7)
+    real = interrupt_at(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train.pretrain(cfg, digits, tmp_path / "cut")
     assert checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 7
@@ -151,7 +150,7 @@ def test_pretrain_on_the_gpu_resumes_and_loads_on_the_cpu(digits, tmp_path, monk
 
 def _selfsup(*args, cwd):
     return subprocess.run([sys.executable, "-m", "selfsup", *args], capture_output=True,
-                          text=True, env=ENV, cwd=cwd, timeout=300)
+                          text=True, env=SRC_ENV, cwd=cwd, timeout=300)
 
 
 def test_cli_run_and_budget_on_the_gpu(tmp_path):
@@ -172,10 +171,10 @@ def test_cli_run_and_budget_on_the_gpu(tmp_path):
 
 
 def test_torchrun_with_nccl_on_one_gpu(tmp_path):
-    p = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "1", "-m", "selfsup",
+    p = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node", "1", "-m", "selfsup",
                         "run", "--dataset", "digits", "--device", "cuda", "--epochs", "2",
                         "--out-dir", str(tmp_path), "--name", "t", "--no-progress"],
-                       capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+                       capture_output=True, text=True, env=SRC_ENV, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "t" / "encoder.pt").is_file()
 

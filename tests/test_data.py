@@ -8,7 +8,7 @@ import torch
 
 from selfsup import data
 from selfsup.errors import DataError
-from tests.conftest import CLASSES, write_images
+from tests.helpers import CLASSES, write_images
 
 
 def test_cifar_extracted_folder(cifar_dir):
@@ -24,7 +24,7 @@ def test_cifar_extracted_folder(cifar_dir):
 def test_cifar_archive_matches_folder(tmp_path, monkeypatch):
     """The archive alone (in a folder of its own: with the extracted folder beside it, that
     one is read) gives the extracted files' data, and extracts nothing."""
-    from tests.conftest import cifar_files, release_archive, release_folder
+    from tests.helpers import cifar_files, release_archive, release_folder
 
     files = cifar_files()
     (tmp_path / "a").mkdir()

@@ -14,7 +14,7 @@ import torch
 from selfsup import config, data, datasets, stl10
 from selfsup.cli import main
 from selfsup.errors import DataError
-from tests.conftest import STL10_CLASSES, stl10_bin, stl10_images
+from tests.helpers import STL10_CLASSES, stl10_bin, stl10_images
 
 # --- CIFAR-100 --------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ def test_cifar100_fine_and_coarse_labels(cifar100_dir):
 
 def test_cifar100_archive_matches_folder(tmp_path, monkeypatch):
     """The archive alone (in a folder of its own) gives the extracted files' data."""
-    from tests.conftest import cifar100_files, release_archive, release_folder
+    from tests.helpers import cifar100_files, release_archive, release_folder
 
     files = cifar100_files()
     (tmp_path / "a").mkdir()
@@ -236,7 +236,7 @@ def test_stl10_archive_is_extracted_once_then_read(stl10_archive, capsys):
 
 
 def test_stl10_archive_member_paths_are_never_followed(tmp_path, monkeypatch):
-    from tests.conftest import release_archive, stl10_files
+    from tests.helpers import release_archive, stl10_files
 
     files = {**stl10_files(), "../../escaped.txt": b"x"}  # would land in tmp_path if followed
     root = release_archive(tmp_path, monkeypatch, stl10, "STL10_MD5", stl10.STL10_ARCHIVE,
@@ -301,7 +301,8 @@ def test_image_stack_indexes_like_the_concatenation():
 
 
 def test_dataset_choices_match_the_readers():
-    assert config.CHOICES["dataset"] == datasets.DATASETS
+    assert config.choices_of("dataset") == tuple(datasets.DATASETS)
+    assert set(datasets.DATASETS) >= {"cifar10", "cifar100", "stl10", "digits", "folder"}
 
 
 # --- the whole job ------------------------------------------------------------------------------

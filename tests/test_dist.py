@@ -1,7 +1,6 @@
 """Several processes: global NT-Xent, global batch norm, sharding, torchrun end to end."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,15 +14,9 @@ from torch import nn
 
 from selfsup import dist
 from selfsup.losses import nt_xent
+from tests.helpers import SRC_ENV, torchrun
 
 SCRIPTS = Path(__file__).parent / "scripts"
-ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-
-
-def _torchrun(*args):
-    exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
 
 def _free_port():
     with socket.socket() as s:
@@ -87,10 +80,10 @@ def test_nt_xent_rank_slices_match_the_global_loss():
 def _step(tmp_path, procs, method="simclr", gather="global", bn="sync"):
     """Every rank's result of tests/scripts/dist_step.py."""
     out = tmp_path / f"{method}-{procs}-{gather}-{bn}.pt"
-    cmd = [sys.executable] if procs == 1 else _torchrun() + ["--standalone",
+    cmd = [sys.executable] if procs == 1 else torchrun() + ["--standalone",
                                                             f"--nproc_per_node={procs}"]
     p = subprocess.run(cmd + [str(SCRIPTS / "dist_step.py"), str(out), method, gather, bn],
-                       env=ENV, capture_output=True, text=True, timeout=240)
+                       env=SRC_ENV, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(procs)]
 
@@ -138,9 +131,9 @@ def _outputs(run):
 
 @pytest.mark.slow
 def test_readme_torchrun_command_matches_one_process_run(tmp_path, digits_demo):
-    cmd = _torchrun() + ["--standalone", "--nproc_per_node", "2", "-m", "selfsup", "run",
+    cmd = torchrun() + ["--standalone", "--nproc_per_node", "2", "-m", "selfsup", "run",
                          "--dataset", "digits"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=tmp_path, env=SRC_ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1  # one run folder: rank 0's name held for both processes
@@ -162,7 +155,7 @@ def test_two_torchrun_nodes_on_one_machine(tmp_path):
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "selfsup-test", "-m",
               "selfsup", "run", "--dataset", "digits", "--epochs", "3", "--out-dir",
               str(tmp_path / "runs"), "--name", "mn", "--no-progress", "--tsne-points", "200"]
-    nodes = [subprocess.Popen(_torchrun() + common, env=ENV, stdout=subprocess.PIPE,
+    nodes = [subprocess.Popen(torchrun() + common, env=SRC_ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [n.communicate(timeout=600)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
@@ -170,7 +163,7 @@ def test_two_torchrun_nodes_on_one_machine(tmp_path):
     assert m["machine"]["world_size"] == 2 and m["pretrain"]["steps"] == 3 * (1437 // 256)
     # Resuming with another number of processes is refused, with the reason.
     p = subprocess.run([sys.executable, "-m", "selfsup", "pretrain", "--resume",
-                        str(tmp_path / "runs" / "mn"), "--epochs", "4"], env=ENV,
+                        str(tmp_path / "runs" / "mn"), "--epochs", "4"], env=SRC_ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "written by 2" in p.stderr and "Traceback" not in p.stderr
 
@@ -187,8 +180,8 @@ def test_a_dying_process_stops_the_others(tmp_path):
         "dist.barrier()\n"  # rank 0 waits for a peer that is gone
         "time.sleep(600)\n")
     t0 = time.time()
-    p = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node", "2", str(script)],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(torchrun() + ["--standalone", "--nproc_per_node", "2", str(script)],
+                       env=SRC_ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and time.time() - t0 < 120
     assert "exitcode  : 3" in p.stderr or "exitcode: 3" in p.stderr, p.stderr[-2000:]
 

@@ -26,10 +26,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfsup import checkpoint, cli, data, files
+from selfsup import checkpoint, data, files, workflow
 from selfsup.cli import build_parser, main
 from selfsup.errors import CheckpointError, DataError
-from tests.conftest import DIGITS_ARGS, file_tree, write_images
+from tests.helpers import DIGITS_ARGS, file_tree, write_images
 
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
 TINY = ["--width", "4", "--proj-hidden", "8", "--proj-dim", "4", "--epochs", "1",
@@ -509,7 +509,7 @@ def _stop_at_work(monkeypatch) -> None:
     def started(*a, **k):
         raise _Started
 
-    monkeypatch.setattr(cli, "_load_data", started)
+    monkeypatch.setattr(workflow, "_load_data", started)
     monkeypatch.setattr("selfsup.inference.FeatureExtractor.embed_folder", started)
     monkeypatch.setattr("selfsup.report.write_report", started)
 

@@ -12,17 +12,12 @@ still parse-checked by tests/test_cli.py). The Python blocks run in tests/test_e
 
 from __future__ import annotations
 
-import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_images
-from tests.test_dist import _torchrun
-
-README = Path(__file__).parent.parent / "README.md"
+from tests.helpers import readme_variants, shell_lines, torchrun, write_images
 
 NOT_RUN = {  # a line's beginning -> why it does not run here
     "make run": "installs, then the digits demo: the demo runs as `selfsup run --dataset "
@@ -45,47 +40,6 @@ TINY = {"run": TINY_PRETRAIN, "pretrain": TINY_PRETRAIN, "compare": TINY_PRETRAI
         "finetune": ["--epochs", "1", "--min-steps", "2", "--no-progress"],
         "label-efficiency": ["--epochs", "1", "--min-steps", "2", "--no-progress"]}
 
-
-def _fenced(text: str) -> list[tuple[str, list[str]]]:
-    blocks, lang, cur = [], "", None
-    for line in text.splitlines():
-        if line.startswith("```"):
-            if cur is None:
-                lang, cur = line[3:].strip(), []
-            else:
-                blocks.append((lang, cur))
-                cur = None
-        elif cur is not None:
-            cur.append(line)
-    return blocks
-
-
-def shell_lines() -> list[str]:
-    """Each command of the README's shell blocks (comments dropped, continuations joined); in
-    an unlabelled block (example output) only the lines typed after a `$ ` prompt."""
-    lines = []
-    for lang, block in _fenced(README.read_text()):
-        if lang not in ("", "sh", "bash"):
-            continue
-        for line in "\n".join(block).replace("\\\n", " ").splitlines():
-            if lang == "" and not line.startswith("$ "):
-                continue
-            line = re.split(r"(?:^|\s)#", line.removeprefix("$ "))[0].strip()
-            if line:
-                lines.append(" ".join(line.split()))
-    return lines
-
-
-def _variants(line: str) -> list[str]:
-    """The line with its placeholders filled; one line per alternative of `[a | b]`."""
-    line = line.replace("[options]", "")
-    m = re.search(r"\[([^\]]*\|[^\]]*)\]", line)
-    if m:
-        alts = ["", *(a.strip() for a in m.group(1).split("|"))]
-        return [v for a in alts for v in _variants(line[:m.start()] + a + line[m.end():])]
-    line = re.sub(r"\[([^\]]*)\]", r"\1", line)  # optional parts: given
-    return [" ".join({"RUN": "runs/NAME", "DIR": "my_photos", "N": "3"}.get(w, w)
-                     for w in line.split())]
 
 
 def _selfsup_args(words: list[str], named: set[str]) -> list[str]:
@@ -123,7 +77,7 @@ def test_readme_shell_blocks_run_as_written(cifar_dir, tmp_path, monkeypatch, ca
     for line in shell_lines():
         if any(line.startswith(p) for p in NOT_RUN):
             continue
-        for cmd in _variants(line):
+        for cmd in readme_variants(line):
             words = shlex.split(cmd)
             if words[0] == "selfsup":
                 code = main(_selfsup_args(words[1:], named))
@@ -132,7 +86,7 @@ def test_readme_shell_blocks_run_as_written(cifar_dir, tmp_path, monkeypatch, ca
             elif words[0] == "torchrun":
                 m = words.index("-m")
                 args = _selfsup_args(words[m + 2:], named)
-                p = subprocess.run([*_torchrun(), *words[1:m], "-m", "selfsup", *args],
+                p = subprocess.run([*torchrun(), *words[1:m], "-m", "selfsup", *args],
                                    capture_output=True, text=True, timeout=300)
                 assert p.returncode == 0, f"{cmd}\n{p.stderr[-3000:]}"
             elif words[:2] == ["tail", "-f"]:  # follows forever: read the same file once

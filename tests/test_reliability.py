@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from selfsup import checkpoint, data, files, train
 from selfsup.cli import main
-from selfsup.config import FIELD_NAMES, config_from_dict, field_types, parse_duration
+from selfsup.config import config_from_dict, field_names, field_types, parse_duration
 from selfsup.errors import CheckpointError, ConfigError, DataError, SelfsupError
 from selfsup.methods import simclr
-from tests.conftest import small_tmpfs, write_images
+from tests.helpers import small_tmpfs, write_images
 
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
 DIGITS = ["--dataset", "digits", "--width", "8", "--proj-hidden", "32", "--proj-dim", "16",
@@ -376,7 +376,7 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(FIELD_NAMES + ("bogus",)), _VALUES, max_size=6))
+@given(st.dictionaries(st.sampled_from(field_names() + ("bogus",)), _VALUES, max_size=6))
 def test_fuzz_config_parser_gives_config_or_config_error(values):
     try:
         cfg = config_from_dict(values)
@@ -385,7 +385,7 @@ def test_fuzz_config_parser_gives_config_or_config_error(values):
     types = field_types()
     for k, v in cfg.to_dict().items():  # whatever it accepted is well-typed
         assert isinstance(v, types[k]), (k, v)
-    assert cfg.batch_size >= 2 and cfg.temperature > 0
+    assert cfg.batch_size >= 2 and cfg.options["temperature"] > 0
 
 
 @FUZZ

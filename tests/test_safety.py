@@ -24,7 +24,7 @@ from selfsup import checkpoint, compare, data, files, logs
 from selfsup.cli import main
 from selfsup.errors import CheckpointError, SelfsupError
 from selfsup.report import FIGURES, build_report
-from tests.conftest import (
+from tests.helpers import (
     DIGITS_ARGS,
     dump_dom,
     file_tree,

@@ -1,15 +1,14 @@
 import dataclasses
 import math
-import os
-import signal
 
 import pytest
 import torch
 
 from selfsup import checkpoint, hardware, models, optim, train
-from selfsup.config import make_config
+from selfsup.config import make_config, parse_duration
 from selfsup.errors import CheckpointError, ConfigError, SelfsupError
 from selfsup.methods import METHODS, simclr
+from tests.helpers import interrupt_at
 
 
 def test_lr_schedule_warmup_then_cosine_per_step():
@@ -96,28 +95,13 @@ def test_pretrain_writes_outputs_and_is_reproducible(digits, tmp_path):
     assert not _same_weights(r1.encoder.state_dict(), models.init_encoder(_cfg()).state_dict())
 
 
-def _interrupt_at(monkeypatch, call, method="simclr"):
-    """Send a real SIGINT to this process during the loss of the given step."""
-    cls = METHODS[method]
-    real = cls.loss
-    calls = {"n": 0}
-
-    def loss_then_ctrl_c(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(cls, "loss", loss_then_ctrl_c)
-    return real
-
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("stop_at", [5, 11])  # mid-epoch, and the last step of epoch 1
 def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypatch, stop_at,
                                                      method):
     full = train.pretrain(_cfg(method=method), digits, tmp_path / "full")
-    real = _interrupt_at(monkeypatch, stop_at, method)
+    real = interrupt_at(monkeypatch, stop_at, method)
     with pytest.raises(KeyboardInterrupt):
         train.pretrain(_cfg(method=method), digits, tmp_path / "cut")
     ck = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
@@ -142,13 +126,13 @@ def test_views_drawn_a_step_ahead_give_the_same_run(digits, tmp_path, monkeypatc
     """On GPUs the next step's views are drawn before the loss is read back: the same random
     draws in the same order, so the same run, and a Ctrl-C there saves the stream's state
     before the views drawn ahead (a resume draws them again)."""
-    monkeypatch.setattr(train, "VIEWS_AHEAD", False)
+    monkeypatch.setattr(train.views, "VIEWS_AHEAD", False)
     plain = train.pretrain(_cfg(), digits, tmp_path / "plain")
-    monkeypatch.setattr(train, "VIEWS_AHEAD", True)
+    monkeypatch.setattr(train.views, "VIEWS_AHEAD", True)
     ahead = train.pretrain(_cfg(), digits, tmp_path / "ahead")
     assert ahead.losses == plain.losses
     assert _same_weights(plain.encoder.state_dict(), ahead.encoder.state_dict())
-    real = _interrupt_at(monkeypatch, stop_at)
+    real = interrupt_at(monkeypatch, stop_at)
     with pytest.raises(KeyboardInterrupt):
         train.pretrain(_cfg(), digits, tmp_path / "cut")
     monkeypatch.setattr(METHODS["simclr"], "loss", real)
@@ -165,7 +149,7 @@ def test_resume_with_more_epochs_continues(digits, tmp_path):
 
 def test_resume_refuses_changed_model(digits, tmp_path):
     train.pretrain(_cfg(epochs=1), digits, tmp_path / "r")
-    with pytest.raises(CheckpointError, match="differs in width"):
+    with pytest.raises(CheckpointError, match="with changed width"):
         train.pretrain(_cfg(epochs=2, width=8), digits, tmp_path / "r", resume=True)
     with pytest.raises(CheckpointError, match="does not exist"):
         train.pretrain(_cfg(), digits, tmp_path / "none", resume=True)
@@ -189,13 +173,13 @@ def test_load_checkpoint_refuses_non_selfsup_and_garbage(tmp_path):
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1.5h", 5400)])
 def test_parse_duration(text, seconds):
-    assert train.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("bad", ["20", "m", "-5m", "0s", "5d", "nanm"])
 def test_parse_duration_rejects(bad):
     with pytest.raises(ConfigError, match="unit s, m or h"):
-        train.parse_duration(bad)
+        parse_duration(bad)
 
 
 def test_schedule_after_replans_goes_on_from_where_it_was_and_ends_at_zero():
@@ -297,9 +281,9 @@ def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, monkeypa
     import json
 
     cfg = _cfg(budget="3s", method=method, batch_size=batch, knn_every=0)
-    monkeypatch.setattr(train, "VIEWS_AHEAD", ahead)
+    monkeypatch.setattr(train.views, "VIEWS_AHEAD", ahead)
     budgeted = train.pretrain(cfg, digits, tmp_path / "b")
-    monkeypatch.setattr(train, "VIEWS_AHEAD", False)
+    monkeypatch.setattr(train.views, "VIEWS_AHEAD", False)
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     n = saved["steps"]
     assert n == budgeted.steps == budgeted.config.steps and n >= 1 and saved["budget"] == "3s"

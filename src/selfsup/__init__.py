@@ -14,6 +14,11 @@ __version__ = "0.1.0"
 __all__ = ["load_classifier", "load_encoder", "__version__"]
 
 
+from selfsup import plugins  # noqa: E402  (the methods, data sets and encoders, registered)
+
+plugins.load()
+
+
 def load_encoder(path: Any, device: Any = "cpu") -> Any:
     """A run's trained encoder with its input normalisation: see ``inference.load_encoder``."""
     from selfsup.inference import load_encoder as _load

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.config import MIN_SIDE, RANGES, Config, config_from_dict, is_number
+from selfsup.config import MIN_SIDE, RANGES, Config, config_from_dict, diff_keys, is_number
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.files import save_torch
 from selfsup.models import Encoder, build_encoder, init_encoder
@@ -76,12 +76,30 @@ def checkpoint_config(saved: dict[str, Any], path: str | Path) -> Config:
         raise CheckpointError(f"{path} is damaged: its config is invalid ({e})") from None
 
 
+def config_of(saved: dict[str, Any]) -> Config:
+    """The config inside a saved file already checked (a checkpoint, an encoder, a classifier):
+    every place that reads one back reads it here."""
+    return config_from_dict(saved["config"])
+
+
+def check_resume(old: Config, new: Config, where: str | Path) -> None:
+    """A resume continues the same run: only epochs/steps and run-time settings may change.
+
+    Raises:
+        CheckpointError: ``new`` changes what is trained (names the settings).
+    """
+    changed = diff_keys(old, new)
+    if changed:
+        raise CheckpointError(f"cannot resume {where} with changed {', '.join(changed)}; only "
+                              f"epochs/steps and run-time settings may change")
+
+
 def expected_state(cfg: Config) -> tuple[dict[str, torch.Tensor], int]:
     """Parameters and buffers of the config's encoder (shapes and dtypes only), and its feature
     width, made on the meta device: nothing is allocated, however large the config says the
     network is."""
     with torch.device("meta"):
-        encoder = build_encoder(cfg.model, cfg.width)
+        encoder = build_encoder(cfg.model, cfg.width, cfg.options)
     return dict(encoder.state_dict()), int(encoder.feature_dim)
 
 
@@ -178,7 +196,7 @@ def pretrained_encoder(saved: dict[str, Any], initial: bool = False) -> Encoder:
     """The encoder of an ``encoder.pt`` (as ``load_encoder_file`` checked it), in eval mode; with
     ``initial``, the same architecture at the initial weights pretraining started from (the
     untrained baseline)."""
-    encoder = init_encoder(config_from_dict(saved["config"]))
+    encoder = init_encoder(config_of(saved))
     if not initial:
         try:
             encoder.load_state_dict(saved["state_dict"])

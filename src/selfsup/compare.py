@@ -8,6 +8,7 @@ curves over pretraining time) and ``compare.html`` beside them.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ import numpy as np
 
 from selfsup.checkpoint import CHECKPOINT, ENCODER
 from selfsup.errors import SelfsupError
-from selfsup.evaluate import linear_probe, read_metrics
+from selfsup.evaluate import linear_probe
 from selfsup.files import atomic_write_text, load_array, read_json, save_json
 from selfsup.finetune import stratified_subset
+from selfsup.runfolder import read_metrics
 
 CLOSE = 1.0  # points of linear-probe accuracy within which two methods are called a tie
 
@@ -71,7 +73,8 @@ def _settings_of(method: str) -> tuple[str, ...]:
     from selfsup.methods import METHODS
 
     cls = METHODS.get(method)
-    return cls.settings if cls is not None else ()
+    own = cls.Settings if cls is not None else None
+    return tuple(f.name for f in dataclasses.fields(own)) if own is not None else ()
 
 
 def _mean(xs: list[float] | None) -> float | None:

@@ -11,10 +11,13 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from selfsup.errors import ConfigError
+
+S = TypeVar("S")
 
 DATA_DIR_ENV = "SELFSUP_DATA"
 
@@ -28,13 +31,10 @@ class Config:
     """Everything that defines a run. Saved as ``config.json`` and inside every checkpoint."""
 
     # --- data ---
-    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | digits | folder (images at data_dir)
+    dataset: str = "cifar10"  # a registered data set (selfsup.datasets); folder: images at data_dir
     data_dir: str = field(default_factory=_default_data_dir)  # $SELFSUP_DATA or ./data
     image_size: int = 0  # images are resized to this side (px); 0 = own size (folders: the median)
     download: bool = True  # fetch CIFAR-10/100 or STL-10 when absent (checked against its MD5)
-    cifar100_labels: str = "fine"  # cifar100: fine (100 classes) | coarse (20 superclasses)
-    stl10_unlabeled: bool = True  # stl10: pretrain on the 100,000 unlabeled images too
-    stl10_fold: int = -1  # stl10: probe/kNN/fine-tune on predefined fold 0-9 (1,000); -1 = all
     bad_images: str = "skip"  # image folders: skip unreadable or non-image files (counted), or fail
     # --- augmentation (two views per image per step; SimCLR appendix B.9 for CIFAR) ---
     view_size: int = 0  # side of the augmented views during pretraining (px); 0 = image side
@@ -46,21 +46,15 @@ class Config:
     gray_p: float = 0.2  # probability of grayscale per view
     blur_p: float = 0.0  # probability of Gaussian blur per view (off for 32x32 images)
     # --- method (selfsup.methods.METHODS) ---
-    method: str = "simclr"  # simclr | moco (MoCo v2) | byol
-    queue_size: int = 4096  # moco: negative keys kept, a multiple of batch_size
-    target_momentum: float = 0.99  # moco: key encoder EMA momentum; byol: its starting value
-    symmetric: bool = False  # moco: also the loss with the views swapped (byol always is)
-    pred_hidden: int = 0  # byol: hidden width of the predictor; 0 = proj_hidden
+    method: str = "simclr"  # a registered method (selfsup.methods)
     # --- model ---
     # With a budget (and no --steps): choose model, width and view size from this machine's
     # measured speed (selfsup.sizing); off when any of the three is given.
     auto_size: bool = True
-    model: str = "small_cnn"  # encoder name in selfsup.models.ENCODERS
+    model: str = "small_cnn"  # a registered encoder (selfsup.models)
     width: int = 32  # base channel width of the encoder (small_cnn: first stage)
     proj_hidden: int = 512  # hidden width of the 2-layer projection head
     proj_dim: int = 128  # output width z of the projection head
-    # --- loss ---
-    temperature: float = 0.5  # tau in NT-Xent
     # --- optimisation ---
     optimizer: str = "sgd"  # sgd | lars | adamw (for ViTs)
     lr: float = 0.06  # learning rate per 256 images; peak lr = lr * batch_size / 256
@@ -96,17 +90,27 @@ class Config:
     preset: str = ""  # the preset these values started from (informational)
     progress: bool = True  # show a progress bar (a line per epoch when not on a terminal)
     log: str = "none"  # metrics.jsonl is always written; tensorboard: event files too
+    # The settings the plugins declare (methods, data sets, encoders: ``declare``), by name; in
+    # config.json and on the command line they sit beside the fields above.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field and every plugin setting, by name (as ``config.json`` holds them)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        values.update(self.options)
+        return values
+
+    def of(self, settings: type[S]) -> S:
+        """A plugin's settings (a dataclass of ``setting`` fields), read from this config (their
+        own defaults where it holds none: a config made without ``config_from_dict``)."""
+        return settings(**{f.name: self.options.get(f.name, f.default)
+                           for f in fields(settings)})  # type: ignore[arg-type]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("cifar10", "cifar100", "stl10", "digits", "folder"),
-    "cifar100_labels": ("fine", "coarse"),
     "optimizer": ("sgd", "lars", "adamw"),
     "precision": ("auto", "fp32", "bf16"),
     "bad_images": ("skip", "fail"),
@@ -120,9 +124,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The best linear probe ~20 minutes of a 2-core CPU buys (see BENCHMARKS.md): the budget
     # sizes the encoder to the machine (selfsup.sizing); these three are the smallest rung,
     # used when --steps replaces the budget.
-    # lr 0.12 per 256: 76.0 % against 75.7 % at 0.06 in 20 minutes (BENCHMARKS.md, r7 vs r6).
-    # The monitors (kNN, RankMe) every 5 epochs: at every epoch their ~2-3 s checks took about a
-    # tenth of the budget.
+    # lr 0.12 per 256: it beat 0.06, and held on a validation split (BENCHMARKS.md, "The
+    # preset's lr and the sizing's 40-epoch rule, re-checked on validation"). The monitors
+    # every 5 epochs: checked at every epoch they took a noticeable share of the budget
+    # (BENCHMARKS.md, "Figures that were code comments").
     "cpu": dict(model="fast_cnn", width=32, view_size=16, batch_size=512, budget="20m",
                 lr=0.12, temperature=0.2, warmup_epochs=1.0, crop_scale_min=0.2, knn_every=5),
     # The SimCLR authors' CIFAR-10 command (README of google-research/simclr): ResNet-18 with
@@ -136,22 +141,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 proj_hidden=512, proj_dim=128, eval_batch_size=1024),
 }
 
-# Defaults that suit a data set better than the general ones; presets and options still win.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # 1,437 tiny 16x16 digits: smaller batches for more steps; no flips (a mirrored 2 is no 2).
-    # MoCo's queue: fewer keys than images, so that no image meets an old key of itself.
-    "digits": dict(batch_size=256, epochs=40, flip_p=0.0, crop_scale_min=0.3, queue_size=1024),
-}
-
 SIZE_KEYS = ("model", "width", "view_size")  # what the budget's sizing chooses (auto_size)
 
-FIELD_NAMES = tuple(f.name for f in fields(Config))
-
-
-def field_types() -> dict[str, type]:
-    """The Python type of every field (bool, int, float or str)."""
-    defaults = Config()
-    return {name: type(getattr(defaults, name)) for name in FIELD_NAMES}
+# The fields every run has; the plugins' settings (``declare``) join them by name.
+CORE_FIELDS = tuple(f.name for f in fields(Config) if f.name != "options")
 
 
 @dataclass(frozen=True)
@@ -181,13 +174,115 @@ def option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+# --- the plugins: methods, data sets and encoders, and the settings each declares ----------
+
+
+def setting(default: Any, help: str, range: Range | None = None,
+            choices: tuple[str, ...] = ()) -> Any:
+    """A field of a plugin's settings dataclass: its default, what it means (the command line's
+    help) and the values it admits. The name is the option: ``queue_size`` is ``--queue-size``."""
+    return field(default=default, metadata=dict(help=help, range=range, choices=choices))
+
+
+@dataclass(frozen=True)
+class Option:
+    """A plugin's setting as every config holds it (several plugins may declare one name:
+    they share its type and range; each run takes the default of the plugin it selects)."""
+
+    name: str
+    default: Any  # the first declaration's; a selected plugin's own default wins
+    help: str
+    range: Range | None
+    choices: tuple[str, ...]
+    owners: tuple[str, ...]  # "method moco", ...
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A method, data set or encoder by name (``kind``: the config field that selects it).
+
+    ``settings``: a dataclass of ``setting`` fields, its own options; ``defaults``: values of
+    other fields it prefers (applied over the preset, under the user's options, for methods;
+    under the preset for data sets); ``check``: raises ConfigError for settings it cannot run.
+    """
+
+    kind: str
+    name: str
+    settings: type | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    check: Callable[[Config], None] | None = None
+
+
+KINDS = ("method", "dataset", "model")
+PLUGINS: dict[str, dict[str, Plugin]] = {kind: {} for kind in KINDS}
+OPTIONS: dict[str, Option] = {}
+
+
+def declare(plugin: Plugin) -> None:
+    """Make ``plugin.name`` a valid value of its field, and its settings options of every config.
+
+    Raises:
+        TypeError: a setting without a default, named like a field of every run, or declared
+            before with another type.
+    """
+    owner = f"{plugin.kind} {plugin.name}"
+    for f in fields(plugin.settings) if plugin.settings is not None else ():
+        if f.default is dataclasses.MISSING or f.name in CORE_FIELDS or f.name == "options":
+            raise TypeError(f"{owner}: setting {f.name} needs a default and a name of its own")
+        old = OPTIONS.get(f.name)
+        if old is not None and type(old.default) is not type(f.default):
+            raise TypeError(f"{owner}: setting {f.name} is a {type(f.default).__name__}; "
+                            f"{', '.join(old.owners)} declared it a {type(old.default).__name__}")
+        OPTIONS[f.name] = Option(
+            f.name, f.default if old is None else old.default,
+            f.metadata.get("help", "") if old is None else old.help,
+            f.metadata.get("range") if old is None else old.range,
+            tuple(f.metadata.get("choices", ())) if old is None else old.choices,
+            tuple(dict.fromkeys((*(old.owners if old else ()), owner))))
+    PLUGINS[plugin.kind][plugin.name] = plugin
+
+
+def option_defaults(selected: dict[str, str]) -> dict[str, Any]:
+    """Every plugin setting's default for a run that selects ``selected`` (kind -> name): the
+    selected plugin's own where it declares the setting, the first declaration's elsewhere."""
+    values = {name: opt.default for name, opt in OPTIONS.items()}
+    for kind, name in selected.items():
+        plugin = PLUGINS.get(kind, {}).get(name)
+        if plugin is not None and plugin.settings is not None:
+            values.update((f.name, f.default) for f in fields(plugin.settings))
+    return values
+
+
+def field_names() -> tuple[str, ...]:
+    """Every config key: the fields of every run, then the plugins' settings."""
+    return CORE_FIELDS + tuple(OPTIONS)
+
+
+def field_types() -> dict[str, type]:
+    """The Python type of every config key (bool, int, float or str)."""
+    defaults = Config()
+    types = {name: type(getattr(defaults, name)) for name in CORE_FIELDS}
+    types.update((name, type(opt.default)) for name, opt in OPTIONS.items())
+    return types
+
+
+def choices_of(key: str) -> tuple[str, ...]:
+    """The values a string field or setting admits (empty: any)."""
+    if key in KINDS:
+        return tuple(PLUGINS[key])
+    return CHOICES.get(key) or (OPTIONS[key].choices if key in OPTIONS else ())
+
+
+def range_of(key: str) -> Range | None:
+    return RANGES.get(key) or (OPTIONS[key].range if key in OPTIONS else None)
+
+
 # The range of every numeric field: wide enough for any sensible run, narrow enough that nothing
 # later overflows, allocates without bound or trains for years. Checked before any work.
 SEED_MAX = 2**32 - 1
 MIN_SIDE = 8  # px: the smallest image side selfsup resizes to (no encoder takes less)
 RANGES: dict[str, Range] = {
     "image_size": Range(0, 4096),  # 0 = the images' own side; else at least MIN_SIDE
-    "stl10_fold": Range(-1, 9),  # -1 = every labelled training image
     "view_size": Range(0, 4096),  # 0 = the image side
     "crop_scale_min": Range(0, 1, lo_open=True),
     "crop_scale_max": Range(0, 1, lo_open=True),
@@ -200,10 +295,6 @@ RANGES: dict[str, Range] = {
     "width": Range(1, 1024),
     "proj_hidden": Range(1, 16384),
     "proj_dim": Range(1, 8192),
-    "queue_size": Range(1, 1_048_576),
-    "target_momentum": Range(0, 1),
-    "pred_hidden": Range(0, 16384),  # 0 = proj_hidden
-    "temperature": Range(0.001, 100),
     "lr": Range(0, 100, lo_open=True),
     "momentum": Range(0, 1, hi_open=True),
     "weight_decay": Range(0, 1),
@@ -271,7 +362,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             return False
         raise ConfigError(f"{option(key)} must be true or false, got {value!r}")
     if typ in (int, float):
-        return check_number(key, value, typ, RANGES.get(key))
+        return check_number(key, value, typ, range_of(key))
     if not isinstance(value, str):
         raise ConfigError(f"{option(key)} must be a string, got {value!r}")
     if "\x00" in value:
@@ -300,8 +391,9 @@ def check_run_name(name: str) -> None:
 
 
 def make_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Build and validate a config: defaults, the data set's defaults, the preset, the method's
-    own defaults (e.g. MoCo's temperature), the overrides.
+    """Build and validate a config: defaults (a selected plugin's own for its settings), the
+    data set's preferred values, the preset, the method's preferred values (e.g. MoCo's
+    temperature), the overrides.
 
     Args:
         preset: name in ``PRESETS`` or None/"" for plain defaults.
@@ -317,30 +409,37 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | None = No
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     preset_values = PRESETS[preset] if preset else {}
     dataset = overrides.get("dataset", preset_values.get("dataset", Config.dataset))
-    values.update(DATASET_DEFAULTS.get(dataset, {}))
+    values.update(_plugin("dataset", dataset).defaults)
     values.update(preset_values)
     if preset:
         values["preset"] = preset
-    from selfsup.methods import METHODS  # the registry lives with the methods
-
     method = overrides.get("method", values.get("method", Config.method))
-    if method in METHODS:  # an unknown name is refused by validate, with the valid ones
-        values.update(METHODS[method].defaults)
+    values.update(_plugin("method", method).defaults)
     if "auto_size" not in overrides and any(k in overrides for k in SIZE_KEYS):
         values["auto_size"] = False  # the user named a size: theirs wins over the sizing
     values.update(overrides)
     return config_from_dict(values)
 
 
+def _plugin(kind: str, name: Any) -> Plugin:
+    """The registered plugin, or an empty one for a name ``validate`` will refuse."""
+    found = PLUGINS[kind].get(name) if isinstance(name, str) else None
+    return found if found is not None else Plugin(kind, str(name))
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Validate a mapping of field values into a Config (missing keys take defaults)."""
+    """Validate a mapping of field values into a Config (missing keys take defaults: for a
+    plugin's setting, the selected plugin's own)."""
     types = field_types()
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELD_NAMES)}"
-        )
-    cfg = Config(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: "
+                          f"{', '.join(types)}")
+    given = {k: _coerce(k, v, types[k]) for k, v in values.items()}
+    selected = {kind: given.get(kind, getattr(Config, kind)) for kind in KINDS}
+    options = option_defaults(selected)
+    options.update((k, v) for k, v in given.items() if k in OPTIONS)
+    cfg = Config(**{k: v for k, v in given.items() if k not in OPTIONS}, options=options)
     validate(cfg)
     return cfg
 
@@ -366,9 +465,22 @@ def parse_duration(text: str) -> float:
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 
 
-def _replans_ok(cfg: Config) -> bool:
-    from selfsup.optim import parse_replans
+def parse_replans(text: str) -> list[tuple[int, int]]:
+    """``"R1:P1,R2:P2"`` -> ``[(R1, P1), (R2, P2)]``: a budgeted run's replans (``Config``).
 
+    Raises:
+        ValueError: anything else.
+    """
+    if not text:
+        return []
+    knots = []
+    for part in text.split(","):
+        at, _, planned = part.partition(":")
+        knots.append((int(at), int(planned)))
+    return knots
+
+
+def _replans_ok(cfg: Config) -> bool:
     try:
         knots = parse_replans(cfg.replans)
     except ValueError:
@@ -382,19 +494,16 @@ def _replans_ok(cfg: Config) -> bool:
 
 def validate(cfg: Config) -> None:
     """Check ranges and names; raise ConfigError saying what is allowed."""
-    from selfsup.methods import METHODS
-    from selfsup.models import ENCODERS  # registry lives with the models
-
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            value = getattr(cfg, key)
-            raise ConfigError(f"{option(key)} must be one of {', '.join(allowed)}, got {value!r}")
-    if cfg.model not in ENCODERS:
-        raise ConfigError(f"--model: unknown model {cfg.model!r}; valid models: "
-                          f"{', '.join(ENCODERS)}")
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method: unknown method {cfg.method!r}; valid methods: "
-                          f"{', '.join(METHODS)}")
+    values = cfg.to_dict()
+    for kind in ("model", "method"):  # a name of a registry: the message lists the valid ones
+        if values[kind] not in PLUGINS[kind]:
+            raise ConfigError(f"{option(kind)}: unknown {kind} {values[kind]!r}; valid {kind}s: "
+                              f"{', '.join(PLUGINS[kind])}")
+    for key in (*CHOICES, "dataset", *(k for k, o in OPTIONS.items() if o.choices)):
+        allowed = choices_of(key)
+        if values[key] not in allowed:
+            raise ConfigError(f"{option(key)} must be one of {', '.join(allowed)}, got "
+                              f"{values[key]!r}")
     # Per-field ranges are checked when the values are read (``check_number``); these relate
     # several fields or check names.
     checks = [
@@ -413,7 +522,10 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    METHODS[cfg.method].check_config(cfg)  # the method's own relations between fields
+    for kind in KINDS:  # each selected plugin's own relations between fields
+        check = PLUGINS[kind][getattr(cfg, kind)].check
+        if check is not None:
+            check(cfg)
     if cfg.name:
         check_run_name(cfg.name)
     if cfg.budget:

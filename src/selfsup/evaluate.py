@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment import normalize, to_float
-from selfsup.config import Config, config_from_dict, is_number
+from selfsup.config import Config
 from selfsup.data import ImageData
 from selfsup.files import save_json, save_npy
-from selfsup.models import Encoder
+from selfsup.models import Encoder, in_batches
 
 # Regularisation strengths tried by the probe (L2 penalty on the weights, per sample).
 PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -41,18 +41,16 @@ def embed(encoder: nn.Module, x: torch.Tensor, mean: list[float], std: list[floa
     Returns:
         (N, feature_dim) float32 array.
     """
-    was_training = encoder.training
-    encoder.eval()
     dev = device or next(encoder.parameters()).device
     m = torch.tensor(mean, device=dev)
     s = torch.tensor(std, device=dev)
     mem = torch.channels_last if channels_last else torch.contiguous_format
-    out = []
-    for i in range(0, len(x), batch_size):
-        b = normalize(to_float(x[i:i + batch_size].to(dev)), m, s).contiguous(memory_format=mem)
-        out.append(encoder(b).float().cpu())  # (b, D)
-    encoder.train(was_training)
-    return torch.cat(out).numpy()
+
+    def features(b: torch.Tensor) -> torch.Tensor:  # (b, D)
+        return encoder(normalize(to_float(b), m, s).contiguous(memory_format=mem)).float()
+
+    out = in_batches(features, x, batch_size, dev, encoder)
+    return out.numpy() if out is not None else np.zeros((0, 0), np.float32)
 
 
 @dataclass
@@ -280,18 +278,20 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     Returns:
         The metrics written.
     """
-    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
+    from selfsup.checkpoint import ENCODER, config_of, load_encoder_file, pretrained_encoder
     from selfsup.hardware import select_device
     from selfsup.methods import prepare, use_channels_last
 
     run_dir = Path(run_dir)
     saved = load_encoder_file(run_dir / ENCODER)
-    cfg = config_from_dict(saved["config"])
+    cfg = config_of(saved)
     device = select_device(cfg.device)
     if encoder is None:
         encoder = pretrained_encoder(saved)
     # The untrained baseline: the exact network pretraining started from (same seed, same init).
     encoders = {"trained": encoder, "untrained": pretrained_encoder(saved, initial=True)}
+    from selfsup.runfolder import read_metrics, update_metrics
+
     metrics = read_metrics(run_dir)
     times = metrics.setdefault("time_s", {})
     results: dict[str, dict[str, Any]] = {"linear_probe": {}, "knn": {}}
@@ -341,8 +341,7 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
         times["knn"] = time.perf_counter() - t0
         metrics.update(results)
     metrics["caveats"] = caveats(metrics, cfg)
-    save_json(metrics, run_dir / METRICS)
-    return metrics
+    return update_metrics(run_dir, **metrics)
 
 
 MIN_STEPS = 100  # fewer optimiser steps: the figures say little about the method
@@ -369,82 +368,3 @@ def caveats(m: dict[str, Any], cfg: Config) -> list[str]:
     return out
 
 
-METRICS = "metrics.json"
-# The type of each section of metrics.json that selfsup reads back.
-_METRIC_SECTIONS: dict[str, type] = {
-    "config": dict, "machine": dict, "pretrain": dict, "time_s": dict, "linear_probe": dict,
-    "knn": dict, "finetune": dict, "label_efficiency": dict, "knn_history": list,
-    "classes": list, "confusion": list, "resumes": list, "caveats": list,
-    "quality_history": list,
-}
-
-
-def read_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``metrics.json``, or an empty dict when there is none.
-
-    Raises:
-        SelfsupError: the file is damaged (not JSON, not an object, a section of the wrong type):
-            names it and how to recover.
-    """
-    from selfsup.errors import SelfsupError
-    from selfsup.files import read_json
-
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return {}
-    fix = (f"move it aside and run `selfsup evaluate {Path(run_dir)}` to measure the run "
-           f"again")
-    m = read_json(path, "a JSON object", fix)
-    for key, typ in _METRIC_SECTIONS.items():
-        if key in m and not isinstance(m[key], typ):
-            raise SelfsupError(f"{path} is damaged ({key} is not a {typ.__name__}); {fix}")
-    wrong = _not_numbers(m)
-    if wrong:
-        raise SelfsupError(f"{path} is damaged ({wrong} is not a number); {fix}")
-    return m  # type: ignore[no-any-return]
-
-
-# The figures of metrics.json that selfsup computes with or formats as numbers, where present:
-# a field of a section, every field of a section (``*``), every record of a list or a table.
-_NUMBERS = {
-    "": ("train_size", "test_size", "pretrain_size", "feature_dim", "image_size"),
-    "pretrain": ("steps", "epochs", "images_per_s", "train_seconds"),
-    "linear_probe": ("trained", "untrained", "trained_validation", "untrained_validation"),
-    "knn": ("trained", "untrained", "k"),
-    "time_s": ("*",),
-}
-_RECORDS = {"knn_history": ("step", "epoch", "accuracy"),
-            "quality_history": ("step", "epoch", "rankme", "alignment", "uniformity",
-                                "feature_dim"),
-            "resumes": ("from_step", "to_step")}
-_TABLES = {"finetune": ("labels", "steps", "accuracy", "seconds"),
-           "label_efficiency": ("fraction", "labels", "probe", "probe_untrained", "finetune",
-                                "scratch", "steps")}
-
-
-def _not_numbers(m: dict[str, Any]) -> str | None:
-    """The first field of ``m`` that must be a number and is not (``knn.k``), or None."""
-    for section, keys in _NUMBERS.items():
-        part = m.get(section, {}) if section else m
-        for k in part if keys == ("*",) else keys:
-            if k in part and not is_number(part[k]):
-                return f"{section}.{k}" if section else k
-    for key, fields in _RECORDS.items():
-        for i, entry in enumerate(m.get(key) or []):
-            bad = [f for f in fields if not isinstance(entry, dict)
-                   or (f in entry and not is_number(entry[f]))]
-            if bad:
-                return f"{key}[{i}].{bad[0]}"
-    ft = m.get("finetune") or {}
-    for tag, row in ft.items():
-        bad = [f for f in _TABLES["finetune"] if not isinstance(row, dict)
-               or not is_number(row.get(f))]
-        if bad:
-            return f"finetune.{tag}.{bad[0]}"
-    le = m.get("label_efficiency") or {}
-    n = len(le.get("fraction") or [])
-    for f in _TABLES["label_efficiency"] if le else ():
-        col = le.get(f)
-        if not isinstance(col, list) or len(col) != n or not all(is_number(x) for x in col):
-            return f"label_efficiency.{f}"
-    return None

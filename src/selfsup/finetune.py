@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment import AugmentParams, augment, normalize, to_float
-from selfsup.config import SEED_MAX, Config, Range, check_number, config_from_dict
+from selfsup.config import SEED_MAX, Config, Range, check_number
 from selfsup.data import ImageData
 from selfsup.errors import ConfigError
 from selfsup.files import load_array
-from selfsup.models import Encoder
+from selfsup.models import Encoder, in_batches
+from selfsup.optim import decay_groups, lr_at
 
 LABEL_FRACTION_RANGE = Range(0, 1, lo_open=True)
 MODES = ("finetune", "linear", "scratch")
@@ -131,14 +132,9 @@ def _param_groups(model: Classifier, mode: str, lr: float, s: FinetuneSettings
                   ) -> list[dict[str, Any]]:
     wd = 0.0 if mode == "linear" else s.weight_decay
     enc_lr = lr * (s.encoder_lr_mult if mode == "finetune" else 1.0)
-    groups: list[dict[str, Any]] = []
     parts = [(model.fc, lr)] if mode == "linear" else [(model.fc, lr), (model.encoder, enc_lr)]
-    for module, group_lr in parts:
-        params = list(module.parameters())
-        groups.append(dict(params=[p for p in params if p.ndim > 1], weight_decay=wd,
-                           lr=group_lr, base_lr=group_lr))
-        groups.append(dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0,
-                           lr=group_lr, base_lr=group_lr))
+    groups = [g for module, group_lr in parts
+              for g in decay_groups([module], wd, lr=group_lr, base_lr=group_lr)]
     return [g for g in groups if g["params"]]
 
 
@@ -146,12 +142,10 @@ def _param_groups(model: Classifier, mode: str, lr: float, s: FinetuneSettings
 def predict(model: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
             batch_size: int, device: torch.device) -> np.ndarray:
     """Predicted classes (N,) of uint8 images (N, 3, H, W), model in eval mode."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        b = normalize(to_float(x[i:i + batch_size].to(device)), mean, std)
-        out.append(model(b).argmax(1).cpu())
-    return torch.cat(out).numpy()
+    model.eval()  # and left so
+    out = in_batches(lambda b: model(normalize(to_float(b), mean, std)).argmax(1), x,
+                     batch_size, device, model)
+    return out.numpy() if out is not None else np.zeros(0, np.int64)
 
 
 def train_classifier(encoder: Encoder, mode: str, data: ImageData, mean: list[float],
@@ -210,7 +204,7 @@ def train_classifier(encoder: Encoder, mode: str, data: ImageData, mean: list[fl
         idx = order[pos:pos + batch]
         pos += batch
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr_at(step, steps, 0, g["base_lr"])  # cosine to 0
         v = normalize(augment(x[idx], aug, gen), m, sd)
         loss = F.cross_entropy(model(v), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -246,14 +240,14 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
     the run's; ``selfsup.load_classifier`` reads it) and adds the result under that name in
     ``finetune`` in ``metrics.json``.
     """
-    from selfsup.checkpoint import ENCODER, load_encoder_file, pretrained_encoder
-    from selfsup.evaluate import read_metrics
-    from selfsup.files import save_json, save_torch
+    from selfsup.checkpoint import ENCODER, config_of, load_encoder_file, pretrained_encoder
+    from selfsup.files import save_torch
     from selfsup.hardware import select_device
+    from selfsup.runfolder import read_metrics, update_metrics
 
     run_dir = Path(run_dir)
     saved = load_encoder_file(run_dir / ENCODER)
-    cfg = config_from_dict(saved["config"])
+    cfg = config_of(saved)
     if settings.flip_p is None:  # the run's own augmentation: its data set's default
         settings = replace(settings, flip_p=cfg.flip_p)
     device = select_device(cfg.device)
@@ -269,9 +263,9 @@ def finetune_run(run_dir: str | Path, data: ImageData, mode: str, label_fraction
                     image_size=int(saved.get("image_size", 32)),
                     settings=asdict(settings), result=result.to_dict()),
                run_dir / f"classifier_{tag}.pt")
-    metrics = read_metrics(run_dir)
-    metrics.setdefault("finetune", {})[tag] = dict(result.to_dict(), settings=asdict(settings))
-    save_json(metrics, run_dir / "metrics.json")
+    done = dict(read_metrics(run_dir).get("finetune", {}))
+    done[tag] = dict(result.to_dict(), settings=asdict(settings))
+    update_metrics(run_dir, finetune=done)
     return result
 
 
@@ -304,9 +298,9 @@ def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[floa
     the same architecture from scratch with the same steps. The table goes under
     ``label_efficiency`` in ``metrics.json``; ``label_efficiency.png`` plots it.
     """
-    from selfsup.evaluate import evaluate_run, linear_probe, read_metrics
-    from selfsup.files import save_json
+    from selfsup.evaluate import evaluate_run, linear_probe
     from selfsup.plots import label_efficiency_plot
+    from selfsup.runfolder import update_metrics
 
     run_dir = Path(run_dir)
     if not data.labeled or data.test_y is None:
@@ -342,8 +336,6 @@ def label_efficiency(run_dir: str | Path, data: ImageData, fractions: tuple[floa
               f"{rows['probe_untrained'][-1]:.1%}), fine-tune {rows['finetune'][-1]:.1%}, "
               f"scratch {rows['scratch'][-1]:.1%}", flush=True)
     table = dict(rows, settings=asdict(settings))
-    metrics = read_metrics(run_dir)
-    metrics["label_efficiency"] = table
-    save_json(metrics, run_dir / "metrics.json")
+    update_metrics(run_dir, label_efficiency=table)
     label_efficiency_plot(table, run_dir / "label_efficiency.png")
     return table

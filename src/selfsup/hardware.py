@@ -40,10 +40,9 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees tens of megabytes of activations. glibc serves blocks
     above its mmap threshold (32 MiB at most) with new mappings and unmaps them when freed, so
-    every step faulted all their pages in again: on 2 EPYC cores the ladder's networks stepped
-    12-29 % faster with freed memory kept, and the process's kernel time over 80 s fell from
-    18 s to none (BENCHMARKS.md, issue 28). The process keeps its peak heap; tensors are freed
-    to it.
+    every step faulted all their pages in again, and the kernel's time went into that rather
+    than the step (BENCHMARKS.md, "Why the timings missed"). The process keeps its peak heap;
+    tensors are freed to it.
 
     Returns:
         Whether the allocator was set (False without glibc: macOS, musl, Windows).

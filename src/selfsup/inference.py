@@ -11,6 +11,7 @@ from torch import nn
 
 from selfsup.augment import normalize, to_float
 from selfsup.errors import DataError, SelfsupError
+from selfsup.models import in_batches
 
 FLOAT_MAX = 1.0 + 1e-3  # float input above this is taken for 0-255 and refused
 
@@ -80,13 +81,9 @@ class FeatureExtractor(nn.Module):
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Features (N, feature_dim) of images (N, 3, H, W), batch by batch, in eval mode."""
-        was = self.training
-        self.eval()
         dev = next(self.encoder.parameters()).device
-        out = [self(images[i:i + batch_size].to(dev)).float().cpu()
-               for i in range(0, len(images), batch_size)]
-        self.train(was)
-        return torch.cat(out).numpy() if out else np.zeros((0, self.feature_dim), np.float32)
+        out = in_batches(lambda b: self(b).float(), images, batch_size, dev, self)
+        return out.numpy() if out is not None else np.zeros((0, self.feature_dim), np.float32)
 
     def embed_folder(self, folder: str | Path, batch_size: int = 256, bad_images: str = "skip"
                      ) -> tuple[np.ndarray, list[Path]]:
@@ -181,13 +178,10 @@ class ImageClassifier(nn.Module):
     def predict(self, images: torch.Tensor, batch_size: int = 256
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Predicted class indices (N,) and class probabilities (N, C), in eval mode."""
-        was = self.training
-        self.eval()
         dev = next(self.model.parameters()).device
-        out = [torch.softmax(self(images[i:i + batch_size].to(dev)).float(), 1).cpu()
-               for i in range(0, len(images), batch_size)]
-        self.train(was)
-        probs = torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        out = in_batches(lambda b: torch.softmax(self(b).float(), 1), images, batch_size, dev,
+                         self)
+        probs = out.numpy() if out is not None else np.zeros((0, len(self.classes)), np.float32)
         return probs.argmax(1), probs
 
     def predict_folder(self, folder: str | Path, batch_size: int = 256,
@@ -211,8 +205,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
     Raises:
         CheckpointError: missing, damaged, or not a selfsup classifier.
     """
-    from selfsup.checkpoint import check_input_fields, check_state_dict, load_checkpoint
-    from selfsup.config import config_from_dict
+    from selfsup.checkpoint import (
+        check_input_fields,
+        check_state_dict,
+        config_of,
+        load_checkpoint,
+    )
     from selfsup.errors import CheckpointError
     from selfsup.finetune import Classifier
     from selfsup.models import build_encoder, init_encoder
@@ -221,12 +219,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
     saved = load_checkpoint(path)
     classes = saved.get("classes")
     try:
-        cfg = config_from_dict(saved["config"])
+        cfg = config_of(saved)
         if not isinstance(classes, list) or not classes or len(classes) > 1_000_000:
             raise KeyError("classes")
         check_input_fields(saved, str(path))
         with torch.device("meta"):  # the file's weights checked before anything is allocated
-            shapes = Classifier(build_encoder(cfg.model, cfg.width), len(classes),
+            shapes = Classifier(build_encoder(cfg.model, cfg.width, cfg.options), len(classes),
                                 feature_norm=True).state_dict()
         check_state_dict(saved.get("state_dict"), dict(shapes), str(path))
         model = Classifier(init_encoder(cfg), len(classes), feature_norm=True)

@@ -1,10 +1,11 @@
 """Contrastive losses as pure functions, always computed in float32.
 
 A loss is called inside the training step's ``torch.autocast``, which would recast its matrix
-products (the similarities) to bf16 or fp16: at batch 512 that moves NT-Xent's gradient by
-0.3-2 %. Every loss here is wrapped in ``fp32_loss``, which turns autocast off and casts its
-tensor arguments to float32, so the similarities, the softmax and the result are float32 whatever
-the caller's autocast state. A new loss gets the same by the same decorator.
+products (the similarities) to bf16 or fp16, which moves NT-Xent's gradient measurably
+(BENCHMARKS.md, "Figures that were code comments"). Every loss here is wrapped in
+``fp32_loss``, which turns autocast off and casts its tensor arguments to float32, so the
+similarities, the softmax and the result are float32 whatever the caller's autocast state. A
+new loss gets the same by the same decorator.
 """
 
 from __future__ import annotations

@@ -1,21 +1,25 @@
 """Encoders by name, and the projection head.
 
 Every encoder maps (B, 3, H, W) images to pooled features h of width ``feature_dim``; the
-projection head g maps h to z (SimCLR section 2.1). Register a new encoder with ``@register``.
+projection head g maps h to z (SimCLR section 2.1). Register a new encoder with ``@register``,
+in this module or in one of your own (``SELFSUP_PLUGINS``, see ``selfsup.plugins``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from selfsup.config import Config
+from selfsup.config import Config, Plugin, declare
 
-ENCODERS: dict[str, Callable[[int], Encoder]] = {}
+# name -> constructor: f(width) -> Encoder, or f(width, settings) for an encoder that declares
+# settings of its own (``register(name, settings=...)``)
+ENCODERS: dict[str, Callable[..., Encoder]] = {}
+_SETTINGS: dict[str, type] = {}
 
 
 class Encoder(nn.Module):
@@ -28,25 +32,37 @@ class Encoder(nn.Module):
         features depend on it (a ViT's positions); others ignore it."""
 
 
-def register(name: str) -> Callable[[Callable[[int], Encoder]], Callable[[int], Encoder]]:
-    """Decorator: make an encoder constructor ``f(width) -> Encoder`` available by name."""
+def register(name: str, settings: type | None = None
+             ) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
+    """Decorator: make an encoder constructor available by name (``--model name``):
+    ``f(width) -> Encoder``, or ``f(width, settings)`` with ``settings`` a dataclass of
+    ``config.setting`` fields, its own options (``--patch-size``, ...)."""
 
-    def deco(fn: Callable[[int], Encoder]) -> Callable[[int], Encoder]:
+    def deco(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
         ENCODERS[name] = fn
+        if settings is not None:
+            _SETTINGS[name] = settings
+        declare(Plugin("model", name, settings))
         return fn
 
     return deco
 
 
-def build_encoder(name: str, width: int) -> Encoder:
-    """Construct a registered encoder.
+def build_encoder(name: str, width: int, options: dict[str, Any] | None = None) -> Encoder:
+    """Construct a registered encoder; ``options``: a config's plugin settings (its own read
+    from them; their defaults when None).
 
     Raises:
         KeyError: unknown name (the message lists the valid ones).
     """
     if name not in ENCODERS:
         raise KeyError(f"unknown model {name!r}; valid models: {', '.join(ENCODERS)}")
-    return ENCODERS[name](width)
+    own = _SETTINGS.get(name)
+    if own is None:
+        return ENCODERS[name](width)
+    given = options or {}
+    names = [f.name for f in dataclasses.fields(own)]  # type: ignore[arg-type]
+    return ENCODERS[name](width, own(**{k: given[k] for k in names if k in given}))
 
 
 def init_encoder(cfg: Config) -> Encoder:
@@ -55,9 +71,24 @@ def init_encoder(cfg: Config) -> Encoder:
     The untrained baseline is this same call, so it is the exact network pretraining started from.
     """
     torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg.model, cfg.width)
+    encoder = build_encoder(cfg.model, cfg.width, cfg.options)
     encoder.set_view_size(cfg.view_size)
     return encoder
+
+
+@torch.no_grad()
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: Any, batch_size: int,
+               device: torch.device, model: nn.Module) -> torch.Tensor | None:
+    """``fn`` of ``x`` (N, ...) batch by batch on ``device``, with ``model`` in eval mode (its
+    mode restored after), the outputs joined on the CPU; None when ``x`` is empty. The one
+    batched eval-mode forward of embedding, prediction and the monitors."""
+    was = model.training
+    model.eval()
+    try:
+        out = [fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else None
 
 
 def nhwc_safe_on_cpu(model: nn.Module) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from selfsup.config import Config
+from selfsup.config import Config
 
 
 class LARS(torch.optim.Optimizer):
@@ -45,16 +44,19 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
+def decay_groups(modules: list[nn.Module], weight_decay: float, **extra: Any
+                 ) -> list[dict[str, Any]]:
+    """Parameter groups: weights with weight decay, biases and norm parameters (one dimension)
+    without; ``extra`` (a learning rate, ...) in both."""
+    params = [p for m in modules for p in m.parameters()]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay, **extra),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, **extra)]
+
+
 def build_optimizer(modules: list[nn.Module], cfg: Config, lr: float) -> torch.optim.Optimizer:
     """SGD (momentum), LARS or AdamW (decoupled weight decay, as transformers are trained);
     biases and norm parameters get no weight decay."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for m in modules:
-        for p in m.parameters():
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
+    groups = decay_groups(modules, cfg.weight_decay)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
     if cfg.optimizer == "adamw":
@@ -68,21 +70,6 @@ def lr_at(step: float, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def parse_replans(text: str) -> list[tuple[int, int]]:
-    """``"R1:P1,R2:P2"`` -> ``[(R1, P1), (R2, P2)]``: a budgeted run's replans (``Config``).
-
-    Raises:
-        ValueError: anything else.
-    """
-    if not text:
-        return []
-    knots = []
-    for part in text.split(","):
-        at, _, planned = part.partition(":")
-        knots.append((int(at), int(planned)))
-    return knots
 
 
 def schedule_step(step: int, total: int, replans: list[tuple[int, int]]) -> tuple[float, int]:

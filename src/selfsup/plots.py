@@ -322,7 +322,7 @@ def plot_run(run_dir: str | Path, cfg: Config, data: ImageData | None = None) ->
     figure the data cannot give (too few points, say) is skipped with a note on stderr; one
     figure that fails never stops the others.
     """
-    from selfsup.evaluate import read_metrics
+    from selfsup.runfolder import read_metrics
 
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)

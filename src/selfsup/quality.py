@@ -101,7 +101,7 @@ class QualityMonitor:
             z1s, z2s = [], []
             for i in range(0, len(self.x), self.batch_size):
                 b = self.x[i:i + self.batch_size].to(method.device)
-                v = method.views(b, gen)  # (2b, 3, S, S), rows k and k+b pair up
+                v = torch.cat(method.pair_views(b, gen))  # (2b, 3, S, S): k and k+b pair up
                 z = F.normalize(method.head(method.encoder(v)).float(), dim=1)  # (2b, d)
                 z1s.append(z[:len(b)].cpu())
                 z2s.append(z[len(b):].cpu())

@@ -342,8 +342,8 @@ def csp(script: str = "") -> str:
 
 def build_report(run_dir: str | Path) -> str:
     """The HTML page of a run, from its ``metrics.json``, ``config.json`` and figures."""
-    from selfsup.evaluate import read_metrics
     from selfsup.files import read_json
+    from selfsup.runfolder import read_metrics
 
     run_dir = Path(run_dir)
     m = read_metrics(run_dir)

@@ -27,9 +27,9 @@ from selfsup.methods import METHODS, build_method
 from selfsup.models import ProjectionHead, build_encoder
 
 # Cheapest first. View sides are for 32 px images and scale with the image side. A side of
-# 16-23 px leaves 2x2 maps for the last stage, which runs as a matrix product (``Conv3x3``):
-# at width 64, 20 px views cost half of what 24 px views do (BENCHMARKS.md), and 22 px views
-# cost 18 % more than 20 px for no better encoder.
+# 16-23 px leaves 2x2 maps for the last stage, which runs as a matrix product (``Conv3x3``),
+# so 20 px views cost much less than 24 px ones, and 22 px more than 20 px for no better
+# encoder (BENCHMARKS.md, "An encoder sized to the machine").
 LADDER: tuple[dict[str, Any], ...] = (
     dict(model="fast_cnn", width=32, view_size=16),
     dict(model="fast_cnn", width=48, view_size=20),
@@ -56,7 +56,7 @@ def check_model_size(cfg: Config, device: torch.device) -> None:
         ConfigError: naming the sizes that make it too large.
     """
     with torch.device("meta"):
-        encoder = build_encoder(cfg.model, cfg.width)
+        encoder = build_encoder(cfg.model, cfg.width, cfg.options)
         head = ProjectionHead(encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim)
     params = sum(p.numel() for m in (encoder, head) for p in m.parameters())
     # weights, gradients, momentum, the budget's snapshot of them, and a method's target copies
@@ -84,7 +84,7 @@ def check_model_input(cfg: Config, image_size: int, device: torch.device | None 
     def fits(s: int) -> bool:
         try:
             with torch.device("meta"):
-                build_encoder(cfg.model, min(cfg.width, 8))(torch.empty(2, 3, s, s))
+                build_encoder(cfg.model, min(cfg.width, 8), cfg.options)(torch.empty(2, 3, s, s))
             return True
         except RuntimeError:
             return False
@@ -111,7 +111,7 @@ def activation_bytes(cfg: Config, side: int, images: int) -> int:
             total += output.numel() * 4
 
     with torch.device("meta"):
-        encoder = build_encoder(cfg.model, cfg.width)
+        encoder = build_encoder(cfg.model, cfg.width, cfg.options)
         hooks = [m.register_forward_hook(count) for m in encoder.modules()]
         encoder(torch.empty(2, 3, side, side))  # two: batch norm refuses one in training
         for h in hooks:
@@ -127,7 +127,8 @@ def check_activations(cfg: Config, side: int, device: torch.device | None = None
         ConfigError: naming the view side and batch, and the memory they would need.
     """
     device = device or torch.device("cpu")
-    need = activation_bytes(cfg, side, 2 * cfg.batch_size)
+    need = sum(activation_bytes(cfg, s, k * cfg.batch_size)
+               for s, k in METHODS[cfg.method].view_sizes(cfg, side))
     total = device_memory(device)
     if total is not None and need > 0.8 * total:
         what = f"--view-size {cfg.view_size}" if cfg.view_size else f"images of {side} px"
@@ -163,12 +164,12 @@ def time_step(cfg: Config, x_all: Images, mean: list[float], std: list[float],
     random streams is used).
 
     The first steps of a new network are slow (kernels chosen, memory mapped), for a number of
-    steps that differs by network and machine: a fixed 5 steps of warm-up read a width-48
-    network 27-29 % slower than the run then ran it, and the sizing chose one rung too small.
-    Steps are taken in windows of ``WINDOW``; the first is warm-up, and once the medians of
-    the last two windows agree within ``SETTLED`` (or ``TIMING_MOST_S`` has passed) the timing
-    is the mean of their steps: what a run's steps then take is a mean, and a step's time is
-    skewed (a median of the same steps read 1-2 % low).
+    steps that differs by network and machine: a fixed few steps of warm-up read a network
+    slower than the run then ran it, and the sizing chose one rung too small (BENCHMARKS.md,
+    issue 28). Steps are taken in windows of ``WINDOW``; the first is warm-up, and once the
+    medians of the last two windows agree within ``SETTLED`` (or ``TIMING_MOST_S`` has passed)
+    the timing is the mean of their steps: what a run's steps then take is a mean, and a
+    step's time is skewed (a median of the same steps reads low).
     """
     device = x_all.device
     method = build_method(cfg, device, int(x_all.shape[-1]), mean, std, 1e-6, amp_dtype, batch)

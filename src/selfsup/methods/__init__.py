@@ -10,14 +10,17 @@ time budget, checkpoints and the kNN monitor, and knows no method by name. What 
 * ``networks()`` and ``state_dict()`` / ``load_state_dict()``: everything a checkpoint holds;
 * ``train(mode)``.
 
-A method is a subclass of ``Method`` that builds its extra networks in ``build`` and computes its
-loss in ``loss``; moving-average targets come from ``MomentumMethod``. Register it with
-``@register_method("name")`` in a module of this package listed in ``_MODULES`` below.
+A method is a subclass of ``Method`` that declares its hyper-parameters in ``Settings``, builds
+its extra networks in ``build`` and computes its loss in ``loss``; moving-average targets come
+from ``MomentumMethod``. Register it with ``@register_method("name")`` in a module of this
+package (every module here is imported) or of your own (``SELFSUP_PLUGINS``, see
+``selfsup.plugins``): one file, no other change.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from selfsup.methods.base import (
     METHODS,
@@ -32,9 +35,12 @@ from selfsup.methods.base import (
     use_channels_last,
 )
 
-_MODULES = ("simclr", "moco", "byol")  # each registers its method when imported
+# Each module registers its methods when imported: these first (the order of the method table
+# and of settings several methods declare), then any other module of the package.
+_FIRST = ("simclr", "moco", "byol")
 
-for _name in _MODULES:
+for _name in (*_FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} - {*_FIRST,
+                                                                                  "base"})):
     importlib.import_module(f"selfsup.methods.{_name}")
 
 __all__ = ["METHODS", "Method", "MomentumMethod", "Online", "build_method", "cosine_momentum",

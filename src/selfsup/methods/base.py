@@ -6,30 +6,30 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from selfsup import dist
 from selfsup.augment import AugmentParams, augment, normalize_into
+from selfsup.config import Config, Plugin, declare
 from selfsup.models import Encoder, ProjectionHead, init_encoder, nhwc_safe_on_cpu
 from selfsup.optim import build_optimizer
-
-if TYPE_CHECKING:
-    from selfsup.config import Config
 
 M = TypeVar("M", bound=nn.Module)
 METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make a method available by name (``--method name``)."""
+    """Class decorator: make a method available by name (``--method name``), its settings
+    (``Settings``) options of every config (``--queue-size``, ...)."""
 
     def deco(cls: type[Method]) -> type[Method]:
         cls.name = name
         cls.title = cls.__dict__.get("title") or name
         METHODS[name] = cls
+        declare(Plugin("method", name, cls.Settings, dict(cls.defaults), cls.check_config))
         return cls
 
     return deco
@@ -85,18 +85,20 @@ class Online(nn.Module):
 class Method:
     """Base class: the online networks, their optimiser, the views and the update.
 
-    Subclasses set ``defaults`` (config values the method's paper uses, applied over the preset
-    and under the user's options), build their extra networks in ``build`` and compute the loss
-    in ``loss``; ``after_step`` runs after every optimiser step (moving averages, queues).
+    Subclasses declare their own hyper-parameters in ``Settings`` (a dataclass of
+    ``config.setting`` fields; read as ``self.settings``), set ``defaults`` (values of the
+    run's other fields the method's paper uses, applied over the preset and under the user's
+    options), build their extra networks in ``build`` and compute the loss in ``loss``;
+    ``after_step`` runs after every optimiser step (moving averages, queues).
     In several processes (torchrun) the online networks are wrapped in DistributedDataParallel and
     every batch norm, extra networks' included, is global (``sync_bn``).
     """
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""  # as the paper writes it, for reports
+    Settings: ClassVar[type | None] = None  # the method's own settings (a dataclass)
     defaults: ClassVar[dict[str, Any]] = {}
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
-    settings: ClassVar[tuple[str, ...]] = ()  # the config fields only some methods read
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
     loss_name: ClassVar[str] = "loss"  # the loss as its paper names it, for figures
 
@@ -114,6 +116,7 @@ class Method:
                  std: list[float], peak_lr: float, amp_dtype: torch.dtype | None, batch: int
                  ) -> None:
         self.cfg, self.device, self.peak_lr, self.amp_dtype = cfg, device, peak_lr, amp_dtype
+        self.settings: Any = None if self.Settings is None else cfg.of(self.Settings)
         self.batch = batch  # the global batch
         encoder = init_encoder(cfg)
         self.nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=dist.is_main())
@@ -144,9 +147,16 @@ class Method:
         """The method's other networks and buffers, by the names the checkpoint uses."""
         return {}
 
-    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
-        """The loss of views (2B, 3, S, S), rows k and k+B of image k; called under autocast."""
+    def loss(self, v: Any, progress: float) -> torch.Tensor:
+        """The loss of a step's views (what ``views`` made: by default (2B, 3, S, S), rows k and
+        k+B of image k); called under autocast."""
         raise NotImplementedError
+
+    @classmethod
+    def view_sizes(cls, cfg: Config, side: int) -> list[tuple[int, int]]:
+        """The views a step makes of each image, as (side, how many): by default two of the
+        training side. The memory check counts their activations."""
+        return [(side, 2)]
 
     def after_step(self, progress: float) -> None:
         """Called after every optimiser step, with the fraction of training done before it."""
@@ -176,13 +186,23 @@ class Method:
         named.update((k, m) for k, m in self.nets.items() if k != "online")
         return named
 
-    def views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (2B, 3, S, S) normalised views; rows k and k+B pair up."""
+    def views(self, x: torch.Tensor, gen: torch.Generator) -> Any:
+        """A step's views of a uint8 batch (B, 3, H, W), normalised, on the device; whatever
+        ``loss`` takes (the loop passes them on unopened). By default (2B, 3, S, S): two views
+        of each image, rows k and k+B pairing up. A multi-crop method returns, e.g., a list of
+        batches of several sizes, and says so in ``view_sizes`` and ``pair_views``."""
         v = augment(x, self.aug, gen, views=2)  # (2B, 3, S, S) in [0, 1]
         return normalize_into(v, self.mean, self.std, self.mem)
 
-    def update(self, v: torch.Tensor, lr: float, progress: float = 0.0) -> torch.Tensor:
-        """One optimiser step on ready views (2B, 3, S, S); returns the detached loss.
+    def pair_views(self, x: torch.Tensor, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of each image, both (B, 3, S, S) and normalised: what the label-free
+        monitor compares and the augmentation grid shows. By default the halves of ``views``."""
+        v = self.views(x, gen)
+        return v[:len(x)], v[len(x):]
+
+    def update(self, v: Any, lr: float, progress: float = 0.0) -> torch.Tensor:
+        """One optimiser step on ready views (``views``'s); returns the detached loss.
 
         Args:
             progress: the fraction of training done before this step (momentum schedules).
@@ -200,7 +220,8 @@ class Method:
 
     def step(self, x: torch.Tensor, lr: float, gen: torch.Generator, progress: float = 0.0
              ) -> torch.Tensor:
-        """Augment a uint8 batch (B, 3, H, W) and take one step; returns the detached loss."""
+        """Make the views of a uint8 batch (B, 3, H, W) and take one step; returns the
+        detached loss."""
         return self.update(self.views(x, gen), lr, progress)
 
     def train(self, mode: bool = True) -> None:
@@ -234,7 +255,7 @@ class MomentumMethod(Method):
         return self.nets["target"]  # type: ignore[return-value]
 
     def momentum(self, progress: float) -> float:
-        return self.cfg.target_momentum
+        return float(self.settings.target_momentum)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -4,17 +4,23 @@ and evaluated, as in the paper."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from selfsup.config import Config, Range, setting
 from selfsup.losses import byol_loss
 from selfsup.methods.base import MomentumMethod, cosine_momentum, register_method
 from selfsup.models import ProjectionHead
 
-if TYPE_CHECKING:
-    from selfsup.config import Config
+
+@dataclass(frozen=True)
+class BYOLSettings:
+    target_momentum: float = setting(0.99, "the target's moving-average momentum at the start "
+                                           "(moco: constant; byol: rises to 1)", Range(0, 1))
+    pred_hidden: int = setting(0, "byol: hidden width of the predictor; 0 = proj_hidden",
+                               Range(0, 16384))
 
 
 @register_method("byol")
@@ -32,15 +38,17 @@ class BYOL(MomentumMethod):
 
     title = "BYOL"
     loss_name = "BYOL: 2 - 2 cos(p, z'), summed over both views"  # no chance level: none drawn
-    settings = ("target_momentum", "pred_hidden")
+    Settings = BYOLSettings
+    settings: BYOLSettings
     evaluated = "the online encoder f"
 
     def predictor(self, cfg: Config) -> nn.Module | None:
         torch.manual_seed(cfg.seed + 2)
-        return ProjectionHead(cfg.proj_dim, cfg.pred_hidden or cfg.proj_hidden, cfg.proj_dim)
+        hidden = cfg.of(BYOLSettings).pred_hidden or cfg.proj_hidden
+        return ProjectionHead(cfg.proj_dim, hidden, cfg.proj_dim)
 
     def momentum(self, progress: float) -> float:
-        return cosine_momentum(self.cfg.target_momentum, progress)
+        return cosine_momentum(self.settings.target_momentum, progress)
 
     def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
         b = v.shape[0] // 2

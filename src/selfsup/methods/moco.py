@@ -7,19 +7,27 @@ saved and evaluated, as in the papers.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup import dist
+from selfsup.config import Config, Range, setting
 from selfsup.errors import ConfigError
 from selfsup.losses import info_nce
 from selfsup.methods.base import MomentumMethod, Online, register_method
 
-if TYPE_CHECKING:
-    from selfsup.config import Config
+
+@dataclass(frozen=True)
+class MoCoSettings:
+    temperature: float = setting(0.2, "tau in InfoNCE", Range(0.001, 100))
+    target_momentum: float = setting(0.99, "the key encoder's moving-average momentum",
+                                     Range(0, 1))
+    queue_size: int = setting(4096, "negative keys kept, a multiple of batch_size",
+                              Range(1, 1_048_576))
+    symmetric: bool = setting(False, "also the loss with the views swapped")
 
 
 class KeyQueue(nn.Module):
@@ -72,22 +80,24 @@ class MoCo(MomentumMethod):
     @classmethod
     def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
         # the key among K queued negatives, all equally similar
-        return math.log(cfg.queue_size + 1), "log(K+1): chance level"
+        return math.log(cfg.of(MoCoSettings).queue_size + 1), "log(K+1): chance level"
     progress_free = True
-    settings = ("temperature", "target_momentum", "queue_size", "symmetric")
+    Settings = MoCoSettings
+    settings: MoCoSettings
     evaluated = "the query encoder f_q (the key encoder is a moving average of it)"
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.queue_size % cfg.batch_size:
-            near = max(1, round(cfg.queue_size / cfg.batch_size)) * cfg.batch_size
-            raise ConfigError(f"--queue-size ({cfg.queue_size}) must be a multiple of "
+        queue_size = cfg.of(MoCoSettings).queue_size
+        if queue_size % cfg.batch_size:
+            near = max(1, round(queue_size / cfg.batch_size)) * cfg.batch_size
+            raise ConfigError(f"--queue-size ({queue_size}) must be a multiple of "
                               f"--batch-size ({cfg.batch_size}): the queue takes a "
                               f"whole global batch of keys per step; e.g. {near}")
 
     def build(self, online: Online) -> dict[str, nn.Module]:
         nets = super().build(online)
-        length = self.cfg.queue_size
+        length = self.settings.queue_size
         if length % self.batch:  # the batch was clipped to a small data set
             length = max(1, length // self.batch) * self.batch
             if dist.is_main():
@@ -102,7 +112,7 @@ class MoCo(MomentumMethod):
 
     def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
         b = v.shape[0] // 2
-        if self.cfg.symmetric:  # queries of both views, each against the other view's key
+        if self.settings.symmetric:  # queries of both views, each against the other view's key
             q = self.net(v)  # (2B, D)
             with torch.no_grad():
                 k = self.target(torch.cat((v[b:], v[:b])))  # (2B, D)
@@ -111,7 +121,7 @@ class MoCo(MomentumMethod):
             with torch.no_grad():
                 k = self.target(v[b:])  # (B, D) keys of the second views
         self._new_keys = k[:b].detach()
-        return info_nce(q, k, self.queue.keys, self.cfg.temperature)
+        return info_nce(q, k, self.queue.keys, self.settings.temperature)
 
     def after_step(self, progress: float) -> None:
         super().after_step(progress)  # the key encoder follows the updated query encoder

@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from selfsup import dist
+from selfsup.config import Config, Range, setting
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Method, register_method
 
-if TYPE_CHECKING:
-    from selfsup.config import Config
+
+@dataclass(frozen=True)
+class SimCLRSettings:
+    temperature: float = setting(0.5, "tau in NT-Xent", Range(0.001, 100))
 
 
 @register_method("simclr")
@@ -29,10 +32,11 @@ class SimCLR(Method):
         # each view's positive among 2N-1 others, all equally similar
         return math.log(2 * batch - 1), "log(2N-1): chance level"
     progress_free = True
-    settings = ("temperature",)
+    Settings = SimCLRSettings
+    settings: SimCLRSettings
     evaluated = "the encoder f (the projection head g is dropped, SimCLR section 4.2)"
 
     def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
         b = v.shape[0] // 2
         z = self.net(v)  # h: (2B, D) -> z: (2B, proj_dim)
-        return nt_xent(z[:b], z[b:], self.cfg.temperature, dist.gather_with_grad, dist.rank())
+        return nt_xent(z[:b], z[b:], self.settings.temperature, dist.gather_with_grad, dist.rank())
