@@ -23,6 +23,7 @@ def _run(tmp_path, data_dir, *extra, name="e2e"):
                  str(tmp_path / "runs"), "--name", name, *SMALL, *extra])
 
 
+@pytest.mark.slow
 def test_run_end_to_end_writes_everything(cifar_dir, tmp_path, capsys):
     assert _run(tmp_path, cifar_dir) == 0
     run = tmp_path / "runs" / "e2e"
@@ -54,6 +55,7 @@ def test_run_end_to_end_writes_everything(cifar_dir, tmp_path, capsys):
     assert "changed width" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_from_archive(cifar_archive, tmp_path):
     assert _run(tmp_path, cifar_archive, "--model", "resnet18") == 0
     assert (tmp_path / "runs" / "e2e" / "tsne.png").is_file()
@@ -98,6 +100,7 @@ def test_missing_cifar_offline(tmp_path, capsys, monkeypatch):
     assert "cifar-10-python.tar.gz" in err and "get it from" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_error_has_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "selfsup", "run", "--dataset", "cifar10",
                         "--data-dir", str(tmp_path), "--no-download", "--out-dir",
@@ -123,6 +126,7 @@ def test_every_command_has_help(capsys):
         assert "usage: selfsup " + cmd in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_unlabeled_folder_run(tmp_path, capsys):
     from tests.helpers import write_images
 
@@ -167,6 +171,7 @@ def _check_captions(page, m, drawn):
         assert html_mod.escape(report.captions(m)[f]) in page, f
 
 
+@pytest.mark.slow
 def test_labelled_run_captions_match_its_figures(cifar_dir, tmp_path):
     assert _run(tmp_path, cifar_dir) == 0
     run = tmp_path / "runs" / "e2e"
@@ -194,6 +199,7 @@ def test_digits_demo_command(digits_demo):
         assert (digits_demo / f).is_file(), f
 
 
+@pytest.mark.slow
 def test_messages_for_a_pretrained_only_run_warnings_and_interrupts(cifar_dir, tmp_path, capsys,
                                                                      monkeypatch):
     """Issue 20: the report of a run not evaluated yet says so and names the command; a

@@ -316,6 +316,7 @@ def _run(tmp_path, dataset, data_dir, *extra, name="e2e"):
                  str(tmp_path / "runs"), "--name", name, *SMALL, *extra])
 
 
+@pytest.mark.slow
 def test_run_cifar100_whole_job(cifar100_dir, tmp_path):
     assert _run(tmp_path, "cifar100", cifar100_dir, "--cifar100-labels", "coarse") == 0
     run = tmp_path / "runs" / "e2e"
@@ -329,6 +330,7 @@ def test_run_cifar100_whole_job(cifar100_dir, tmp_path):
         assert (run / f).is_file(), f
 
 
+@pytest.mark.slow
 def test_run_stl10_pretrains_on_the_unlabeled_images_too(stl10_dir, tmp_path):
     assert _run(tmp_path, "stl10", stl10_dir, "--image-size", "32") == 0
     run = tmp_path / "runs" / "e2e"

@@ -55,6 +55,7 @@ def test_stratified_subset_is_balanced_fixed_and_nested():
             stratified_subset(y, bad, seed=0)
 
 
+@pytest.mark.slow
 def test_modes_train_what_they_should(digits_run):
     from selfsup.checkpoint import load_checkpoint
 
@@ -100,6 +101,7 @@ def test_run_writes_retrieval_knn_history_and_report(digits_run):
     assert 0 < m["time_s"]["knn_monitor"] < m["time_s"]["pretrain"]  # inside pretraining
 
 
+@pytest.mark.slow
 def test_knn_monitor_does_not_change_training(tmp_path):
     data = load_digits()
     runs = {}
@@ -119,6 +121,7 @@ def test_knn_monitor_does_not_change_training(tmp_path):
     assert [h["step"] for h in resumed.knn_history] == [0, 5, 10, 15]
 
 
+@pytest.mark.slow
 def test_finetune_command_all_modes(digits_run, tmp_path, capsys):
     run = _copy(digits_run, tmp_path)
     common = ["--epochs", "1", "--min-steps", "10", "--batch-size", "64"]
@@ -145,6 +148,7 @@ def test_finetune_command_all_modes(digits_run, tmp_path, capsys):
     assert "--label-fraction must be a number in (0, 1], got 2.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_label_efficiency_table_plot_and_report(digits_run, tmp_path):
     run = _copy(digits_run, tmp_path)
     assert main(["label-efficiency", str(run), "--fractions", "0.05,1", "--epochs", "1",
@@ -284,6 +288,7 @@ def test_pretrained_encoder_initial_is_the_untrained_baseline(digits_run):
     assert not all(torch.equal(trained[k], ref[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_vit_pretrains_and_serves_finetune_and_load_encoder(tmp_path):
     """The ViT does what every encoder does (methods: ``test_methods``): pretraining, then
     load_encoder on images of another size than its views, and fine-tuning."""
@@ -302,6 +307,7 @@ def test_vit_pretrains_and_serves_finetune_and_load_encoder(tmp_path):
     assert r["steps"] == 5 and 0 <= r["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_new_user_trip_ups_in_the_commands(digits_run, tmp_path, capsys, monkeypatch):
     """Issue 20, first group: --no-progress for the label commands, help texts as printed, a
     run given by its bare name, and evaluate/plot rewriting the report they change."""

@@ -48,6 +48,7 @@ def exported(tmp_path_factory, digits):
     return x, out
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_onnxruntime_like_pytorch(exported):
     import onnxruntime as ort
 
@@ -66,6 +67,7 @@ def test_onnx_runs_in_onnxruntime_like_pytorch(exported):
         assert meta["input"] == "uint8" and meta["image_size"] == "16"
 
 
+@pytest.mark.slow
 def test_torchscript_runs_in_a_fresh_process(exported, tmp_path):
     x, runs = exported
     np.save(tmp_path / "x.npy", x.numpy())
@@ -130,6 +132,7 @@ def test_export_never_overwrites_the_run_s_files(digits, tmp_path):
     assert (run / "encoder.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("marker", ["onnx-example", "python-example"])
 def test_readme_python_examples_run_as_written(digits, tmp_path, marker):
     """The README's Python blocks, run as a user would: in a folder holding runs/NAME and

@@ -98,6 +98,7 @@ def test_commands_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert file_tree(folder) == before
 
 
+@pytest.mark.slow
 def test_embed_keeps_every_path_and_never_shares_an_output_name(run, tmp_path, capsys):
     from selfsup import load_encoder
 
@@ -372,6 +373,7 @@ def _bytes_named_folder(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("case", ["one_test_image", "two_test_images", "markup_names",
                                   "undecodable_names", "tsne_0", "tsne_1"])
+@pytest.mark.slow
 def test_tiny_or_odd_data_finish_with_metrics_and_report(tmp_path, capsys, case):
     classes = {"markup_names": ["$a$b", "x$\\frac{1}{", "c$^$", "{d}"]}.get(case, ["a", "b"])
     extra = {"tsne_0": ["--tsne-points", "0"], "tsne_1": ["--tsne-points", "1"]}.get(case, [])
@@ -551,6 +553,7 @@ def _argv(draw, command: str, run_dir: str) -> list[str]:
 @pytest.mark.parametrize("command", sorted(OPTIONS))
 @settings(max_examples=70, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.mark.slow
 @given(data=st.data())
 def test_generated_options_start_or_exit_2_never_a_traceback(run, tmp_path, monkeypatch, capsys,
                                                             command, data):

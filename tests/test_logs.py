@@ -37,6 +37,7 @@ def _check_log(run, total, checks):
             assert 0 <= e["knn"] <= 1 and e["rankme"] >= 1
 
 
+@pytest.mark.slow
 def test_jsonl_has_every_step_and_every_check(tmp_path):
     run = tmp_path / "runs" / "j"
     assert main(["pretrain", *TINY, "--epochs", "2", "--out-dir", str(tmp_path / "runs"),
@@ -71,6 +72,7 @@ def test_jsonl_after_sigkill_and_resume(tmp_path):
     _check_log(run, 66, [0, 11, 22, 33, 44, 55, 66])
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back_across_a_resume(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

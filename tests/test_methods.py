@@ -39,6 +39,7 @@ def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_every_method_steps_on_every_encoder_and_changes_its_online_networks():
     from selfsup.models import ENCODERS
 
@@ -176,6 +177,7 @@ def test_byol_step_loss_predictor_and_target_average():
 # --- the run: saved encoder, checkpoint, report -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["moco", "byol"])
 def test_saved_encoder_is_the_online_one_and_the_checkpoint_holds_the_target(digits, tmp_path,
                                                                              method):

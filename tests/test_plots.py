@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from selfsup import plots
@@ -11,6 +12,7 @@ def _png_ok(path):
         assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
 
 
+@pytest.mark.slow
 def test_each_plot_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     plots.loss_curve(np.linspace(5, 3, 120) + rng.normal(0, 0.05, 120), tmp_path / "l.png", 12,
@@ -35,6 +37,7 @@ def test_subsample_is_stratified():
     assert len(plots.subsample(None, 10, 40)) == 10
 
 
+@pytest.mark.slow
 def test_many_classes_give_a_readable_page(tmp_path):
     """CIFAR-100's 100 classes: the confusion matrix stays a page (at most 25 names per axis)
     and the maps use a colour scale, not a 100-entry legend."""

@@ -73,6 +73,7 @@ def _cfg(**kw):
     return make_config(None, {**base, **kw})
 
 
+@pytest.mark.slow
 def test_monitor_changes_nothing_and_records_each_check(digits, tmp_path):
     with_it = train.pretrain(_cfg(knn_every=1), digits, tmp_path / "a")
     without = train.pretrain(_cfg(knn_every=0), digits, tmp_path / "b")
@@ -92,6 +93,7 @@ def test_monitor_changes_nothing_and_records_each_check(digits, tmp_path):
     assert [e["rankme"] for e in r.quality_history] == [e["rankme"] for e in h]
 
 
+@pytest.mark.slow
 def test_monitor_history_survives_a_resume(digits, tmp_path):
     first = train.pretrain(_cfg(epochs=1), digits, tmp_path / "r")
     more = train.pretrain(_cfg(epochs=2), digits, tmp_path / "r", resume=True)

@@ -41,7 +41,6 @@ TINY = {"run": TINY_PRETRAIN, "pretrain": TINY_PRETRAIN, "compare": TINY_PRETRAI
         "label-efficiency": ["--epochs", "1", "--min-steps", "2", "--no-progress"]}
 
 
-
 def _selfsup_args(words: list[str], named: set[str]) -> list[str]:
     """A selfsup command's arguments with the tiny options and, for a new run, its name."""
     if "--resume" in words:  # the run's own settings; only its length changes
@@ -61,6 +60,7 @@ def test_the_readme_lists_what_it_does_not_run():
     assert sum(not any(s.startswith(p) for p in NOT_RUN) for s in lines) >= 15
 
 
+@pytest.mark.slow
 def test_readme_shell_blocks_run_as_written(cifar_dir, tmp_path, monkeypatch, capsys):
     from selfsup.cli import main
 

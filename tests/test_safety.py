@@ -93,6 +93,7 @@ def test_markup_in_any_field_of_metrics_json_never_reaches_the_page(run_copy):
     assert rendered > 50 and refused > 10  # both kinds of field were tried
 
 
+@pytest.mark.slow
 def test_markup_in_a_compare_row_never_reaches_the_page(run, tmp_path):
     row = compare.method_row(run, 0.1, 1)
     bad = dict(row, **dict.fromkeys(("steps", "epochs", "images_per_s", "method", "linear",
@@ -102,6 +103,7 @@ def test_markup_in_a_compare_row_never_reaches_the_page(run, tmp_path):
     _no_markup(page)
 
 
+@pytest.mark.slow
 def test_no_script_runs_in_a_real_browser(run_copy, tmp_path):
     """Every text field of metrics.json holds markup, and a copy of the page has markup
     pasted in unescaped (the page's policy must stop it too): Chromium runs none of it, and the
@@ -256,6 +258,7 @@ def test_export_on_a_full_or_read_only_disk_is_a_message_and_leaves_nothing(run,
                 assert "cannot lock" in err and "read-only" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_run_folder_being_written_is_refused_to_a_second_writer(run_copy, tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from selfsup.files import folder_lock\n"
@@ -331,6 +334,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys)
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_compare_killed_as_a_method_started_runs_again(tmp_path, capsys):
     folder = tmp_path / "cmp"
     _leftovers(folder / "simclr")
@@ -376,6 +380,7 @@ class _FullDisk:
         self.real.close()
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
                                                                         capsys):
     real_open = open
@@ -392,6 +397,7 @@ def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_checkpoint(tmp_path
     assert main(["pretrain", "--resume", str(tmp_path / "full")]) == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_a_real_small_filesystem_keeps_the_checkpoint(tmp_path, capsys):
     with small_tmpfs(tmp_path / "small", "1m") as mnt:
         assert main(["pretrain", *DIGITS, "--epochs", "1", "--out-dir", str(mnt),
@@ -418,6 +424,7 @@ def test_deeply_nested_json_is_a_message(run_copy, capsys):
         (run_copy / name).write_bytes(saved)
 
 
+@pytest.mark.slow
 def test_a_metrics_json_that_is_a_fifo_does_not_hang(run_copy):
     (run_copy / "metrics.json").unlink()
     os.mkfifo(run_copy / "metrics.json")
@@ -497,6 +504,7 @@ def test_classifier_fields_are_checked_at_load(run, tmp_path, capsys, change, ex
     assert not list(tmp_path.glob("*.csv"))
 
 
+@pytest.mark.slow
 def test_a_small_classifier_claiming_a_huge_network_allocates_nothing(run, tmp_path):
     saved = torch.load(run / "classifier_linear_0.1.pt", weights_only=True)
     saved["config"] = dict(saved["config"], model="resnet50", width=1024)

@@ -68,6 +68,7 @@ def _digits_cfg(**kw):
     return make_config(None, {**base, **kw})
 
 
+@pytest.mark.slow
 def test_budget_sizes_the_encoder_and_the_printed_command_repeats_the_run(digits, tmp_path,
                                                                           capsys):
     cfg = _digits_cfg(budget="4s")
@@ -101,6 +102,7 @@ def test_budget_sizes_the_encoder_and_the_printed_command_repeats_the_run(digits
     assert sized.losses == again.losses
 
 
+@pytest.mark.slow
 def test_run_records_the_budget_used_and_the_size_in_metrics_and_report(tmp_path):
     from selfsup.cli import main
 
@@ -133,6 +135,7 @@ class _SlowStart:
         time.sleep(self.slow_s if self.calls <= self.slow else self.steady_s)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slow", [3, 7, 10])
 def test_a_rung_timed_matches_the_run_of_the_same_network(monkeypatch, slow):
     """Issue 28: the sizing read a network 27-29 % slower than the run then ran it: a fixed

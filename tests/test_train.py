@@ -83,6 +83,7 @@ def _same_weights(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.values(), b.values(), strict=True))
 
 
+@pytest.mark.slow
 def test_pretrain_writes_outputs_and_is_reproducible(digits, tmp_path):
     r1 = train.pretrain(_cfg(), digits, tmp_path / "a")
     r2 = train.pretrain(_cfg(), digits, tmp_path / "b")
@@ -95,7 +96,7 @@ def test_pretrain_writes_outputs_and_is_reproducible(digits, tmp_path):
     assert not _same_weights(r1.encoder.state_dict(), models.init_encoder(_cfg()).state_dict())
 
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("stop_at", [5, 11])  # mid-epoch, and the last step of epoch 1
 def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypatch, stop_at,
@@ -121,6 +122,7 @@ def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypat
     assert all(_same_weights(a[k], b[k]) for k in nets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [5, 11])
 def test_views_drawn_a_step_ahead_give_the_same_run(digits, tmp_path, monkeypatch, stop_at):
     """On GPUs the next step's views are drawn before the loss is read back: the same random
@@ -204,6 +206,7 @@ def test_replans_are_checked(replans, steps):
         make_config(None, {"steps": steps, "replans": replans})
 
 
+@pytest.mark.slow
 def test_budget_is_spent_when_the_speed_drops_after_its_timing(digits, tmp_path, monkeypatch):
     """Issue 28: the budget was fitted to the run's first steps alone, and the run's speed then
     drifted (a virtual machine's neighbours took up to half of its CPU for minutes): 88-107 %
@@ -276,6 +279,7 @@ def test_steps_for_budget_counts_checkpoints():
     ("simclr", 64, True, True),  # the same with views drawn a step ahead (as on GPUs)
     ("byol", 64, False, True),
 ])
+@pytest.mark.slow
 def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, monkeypatch, method,
                                                       batch, kept, ahead):
     import json
@@ -296,6 +300,7 @@ def test_budget_fixes_steps_and_steps_repeats_the_run(digits, tmp_path, monkeypa
     assert budgeted.losses == again.losses and len(budgeted.losses) == n
 
 
+@pytest.mark.slow
 def test_resume_extends_a_budgeted_run(tmp_path, capsys):
     """Issue 20: a finished budgeted run is extended by --epochs, --steps or a new --budget,
     the schedule's continuation said; a resume that changes nothing says how to extend."""
@@ -332,6 +337,7 @@ def test_resume_extends_a_budgeted_run(tmp_path, capsys):
     assert "budget 2s more:" in said and steps_now() > epochs * 11 + 5
 
 
+@pytest.mark.slow
 def test_budget_thins_monitor_checks_that_would_eat_it(digits, tmp_path):
     """Issue 20: one epoch is one step here (batch 1024 of 1,437 images): a check every epoch
     would take most of a 4-second budget. The checks are thinned to at most a tenth of it,

@@ -24,7 +24,6 @@ from selfsup.config import (
 )
 from selfsup.errors import Interrupted, SelfsupError
 from selfsup.finetune import LABEL_FRACTIONS, FinetuneSettings
-from selfsup.runfolder import run_folder
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -256,32 +255,14 @@ def _main(argv: list[str] | None) -> int:
             _find_runs(ns)
             if ns.command in ("run", "pretrain", "compare"):  # they claim their own folders
                 return COMMANDS[ns.command](ns)
-            with _writer_of(ns):
+            with workflow.writer_of(ns.command, getattr(ns, "run", None), getattr(ns, "out", None),
+                                    getattr(ns, "classifier", None), getattr(ns, "images", None)):
                 return COMMANDS[ns.command](ns)
         except SelfsupError as e:
             print(f"selfsup: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             return 128 + (e.signum if isinstance(e, Interrupted) else 2)
-
-
-@contextlib.contextmanager
-def _writer_of(ns: argparse.Namespace) -> Iterator[None]:
-    """A command that writes into a run folder holds its lock while it runs (one writer at a
-    time); ``embed`` and ``export`` with ``--out`` elsewhere only read the run; ``predict``
-    locks the run folder it writes its CSV into, if it writes into one."""
-    from selfsup.files import folder_lock
-
-    run = getattr(ns, "run", None)
-    if ns.command == "predict":  # writes beside its classifier, in a run folder or elsewhere
-        folder = workflow.predict_output(ns.classifier, ns.images, ns.out).parent
-        run = str(folder) if (folder / "config.json").is_file() else None
-    if run is None or (ns.command in ("embed", "export") and ns.out is not None
-                       and Path(ns.out).resolve().parent != Path(run).resolve()):
-        yield
-        return
-    with folder_lock(run_folder(run)):
-        yield
 
 
 @contextlib.contextmanager

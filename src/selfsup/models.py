@@ -110,9 +110,8 @@ class Conv3x3(nn.Conv2d):
     At 2x2 every output position sees every input position, so the convolution is x (B, HWC)
     times a (HWC, HWO) matrix gathered from the kernel: 4 of the 9 taps per output position
     instead of 9 with zero padding, and a plain matrix product, whose backward pass the CPU runs
-    far faster than the convolution's (the small CNN's last stage on 16 px views: 2.6x faster,
-    forward and backward, measured on 2 AVX2 cores). Same parameters and state dict as
-    ``nn.Conv2d``; larger inputs take the convolution.
+    far faster than the convolution's (BENCHMARKS.md, "Figures that were code comments"). Same
+    parameters and state dict as ``nn.Conv2d``; larger inputs take the convolution.
     """
 
     def __init__(self, cin: int, cout: int) -> None:

@@ -6,6 +6,9 @@ calls ``run`` and ``evaluate`` the same way."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -15,11 +18,34 @@ from typing import Any
 
 from selfsup import dist
 from selfsup.checkpoint import check_resume
-from selfsup.config import Config, config_from_dict, make_config
+from selfsup.compare import method_row, recommend, run_state, write_page
+from selfsup.config import PLUGINS, Config, Range, check_number, config_from_dict, make_config
+from selfsup.datasets import load_for
 from selfsup.errors import ConfigError, SelfsupError
-from selfsup.files import folder_lock, save_json
-from selfsup.finetune import FinetuneSettings
+from selfsup.evaluate import evaluate_run
+from selfsup.export import export_encoder, read_metadata
+from selfsup.files import (
+    atomic_write_text,
+    check_output,
+    folder_lock,
+    read_json,
+    save_json,
+    save_npy,
+)
+from selfsup.finetune import (
+    LABEL_FRACTION_RANGE,
+    FinetuneSettings,
+    finetune_run,
+    parse_fractions,
+    settings_from,
+)
+from selfsup.finetune import label_efficiency as measure_label_efficiency
 from selfsup.hardware import machine_info, select_device
+from selfsup.inference import load_classifier, load_encoder
+from selfsup.logs import check_tensorboard
+from selfsup.methods import METHODS
+from selfsup.quality import collapse_warning
+from selfsup.report import write_report
 from selfsup.runfolder import (
     check_new_run_dir,
     checkpoint_config_of,
@@ -29,6 +55,8 @@ from selfsup.runfolder import (
     run_folder,
     update_metrics,
 )
+from selfsup.sizing import check_model_input, check_model_size
+from selfsup.train import pretrain
 
 SUMMARY_ROWS = (("linear_probe", "linear probe"), ("knn", "kNN"))
 # The training options finetune and label-efficiency take (None: the run's or the default)
@@ -38,7 +66,6 @@ FINETUNE_OPTIONS = ("epochs", "min_steps", "batch_size", "lr", "encoder_lr_mult"
 def _check_threads(cfg: Config, overrides: dict[str, Any]) -> None:
     """--threads beyond this machine's CPUs oversubscribes them: refused before any work (a
     resumed run's own value from a larger machine is capped, with a note, when it starts)."""
-    import os
 
     cpus = os.cpu_count() or 1
     if "threads" in overrides and cfg.threads > cpus:
@@ -74,15 +101,12 @@ def resolve(overrides: dict[str, Any], preset: str | None = None, resume: str | 
 
 def _load_data(cfg: Config, pretraining: bool = False) -> Any:
     """The run's data; STL-10's unlabeled images only where pretraining uses them."""
-    from selfsup.datasets import load_for
-
     return load_for(cfg, pretraining)
 
 
 def _label_free_summary(metrics: dict[str, Any]) -> None:
     """Print the label-free signals, untrained (step 0) and now, and record and print a
     collapse warning when they show one."""
-    from selfsup.quality import collapse_warning
 
     history = metrics.get("quality_history") or []
     metrics.pop("collapse_warning", None)
@@ -116,7 +140,6 @@ def _record_pretraining(metrics: dict[str, Any], result: Any, changes: dict[str,
                         resume: bool) -> None:
     """Put this invocation's pretraining into ``metrics``: a new run's figures, or a resume
     added to the record (the first invocation's config and figures are kept)."""
-    from selfsup.methods import METHODS
 
     this = dict(method=result.config.method, evaluated=METHODS[result.config.method].evaluated,
                 steps=result.steps, epochs=result.epochs, precision=result.precision,
@@ -164,22 +187,16 @@ def run(overrides: dict[str, Any], preset: str | None = None, resume: str | None
 def _train(resume: bool, everything: bool, start: float, cfg: Config, run_dir: Path,
            changes: dict[str, list[Any]], device: Any) -> int:
     """``run`` once the run folder is claimed."""
-    from selfsup.report import write_report
-    from selfsup.sizing import check_model_input, check_model_size
-    from selfsup.train import pretrain
-
     main, world = dist.is_main(), dist.world_size()
     if main:
         command = "run" if everything else "pretrain"
         print(f"selfsup {command}: run folder {run_dir}\nconfig:\n{cfg.to_json()}", flush=True)
-        from selfsup.config import PLUGINS
 
         own = PLUGINS["dataset"][cfg.dataset].defaults
         if own and not resume:
             print(f"the {cfg.dataset} data set's own defaults, under --preset and your options: "
                   + ", ".join(f"{k}={v}" for k, v in own.items()), flush=True)
     if cfg.log == "tensorboard":
-        from selfsup.logs import check_tensorboard
 
         check_tensorboard()  # a clear error now, not after loading the data
     check_model_size(cfg, device)  # before the data are loaded
@@ -241,7 +258,6 @@ def _say_what_is_saved_on_interrupt(run_dir: Path) -> Iterator[None]:
 
 
 def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = None) -> None:
-    from selfsup.evaluate import evaluate_run
     from selfsup.plots import plot_run
 
     metrics = evaluate_run(run_dir, data, encoder)
@@ -262,7 +278,6 @@ def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = Non
 
 
 def evaluate(run: str, data_dir: str | None = None) -> int:
-    from selfsup.report import write_report
 
     cfg = finished_config(run, data_dir)
     read_metrics(run)  # damaged: an error before the work, not after
@@ -282,7 +297,6 @@ def plot(run: str, data_dir: str | None = None) -> int:
     except SelfsupError as e:
         print(f"note: no augmentation grid ({e})", file=sys.stderr)
         data = None
-    from selfsup.report import write_report
 
     made = plot_run(Path(run), cfg, data)
     print("wrote " + ", ".join(str(Path(run) / f) for f in made.values())
@@ -291,7 +305,6 @@ def plot(run: str, data_dir: str | None = None) -> int:
 
 
 def _settings(given: dict[str, Any], cfg: Config) -> FinetuneSettings:
-    from selfsup.finetune import settings_from
 
     return settings_from(cfg, **{k: given.get(k) for k in FINETUNE_OPTIONS})
 
@@ -300,9 +313,6 @@ def finetune(run: str, data_dir: str | None, label_fraction: float, mode: str,
              settings: dict[str, Any], progress: bool | None) -> int:
     """A classifier on ``label_fraction`` of the labels: ``mode`` finetune, linear (frozen
     encoder) or scratch; ``settings``: the training's options given (``FINETUNE_OPTIONS``)."""
-    from selfsup.config import check_number
-    from selfsup.finetune import LABEL_FRACTION_RANGE, finetune_run
-    from selfsup.report import write_report
 
     fraction = check_number("label_fraction", label_fraction, float, LABEL_FRACTION_RANGE)
     cfg = finished_config(run, data_dir)
@@ -317,9 +327,6 @@ def finetune(run: str, data_dir: str | None, label_fraction: float, mode: str,
 
 def label_efficiency(run: str, data_dir: str | None, fractions: str, settings: dict[str, Any],
                      progress: bool | None) -> int:
-    from selfsup.finetune import label_efficiency as measure_label_efficiency
-    from selfsup.finetune import parse_fractions
-    from selfsup.report import write_report
 
     chosen = parse_fractions(fractions)
     cfg = finished_config(run, data_dir)
@@ -331,7 +338,6 @@ def label_efficiency(run: str, data_dir: str | None, fractions: str, settings: d
 
 
 def report(run: str) -> int:
-    from selfsup.report import write_report
 
     run_dir = run_folder(run)
     if not (run_dir / "metrics.json").is_file():
@@ -353,7 +359,6 @@ def _embed_outputs(run: str, images: str, given: str | None) -> tuple[Path, Path
     Raises:
         SelfsupError: an --out that does not end in .npy, or whose folder does not exist.
     """
-    from selfsup.files import check_output
 
     if given is None:
         out = Path(run) / f"embeddings_{_folder_name(images)}.npy"
@@ -374,8 +379,6 @@ def _embed_outputs(run: str, images: str, given: str | None) -> tuple[Path, Path
 
 def _is_file_list(path: Path) -> bool:
     """Whether ``path`` is a file list that ``embed`` wrote (so its .npy is embed's too)."""
-    from selfsup.files import read_json
-
     try:
         return {"images", "rows", "files"} <= set(read_json(path, "", ""))
     except SelfsupError:
@@ -384,10 +387,7 @@ def _is_file_list(path: Path) -> bool:
 
 def embed(run: str, images: str, out: str | None) -> int:
     """Embed a folder of images with a run's encoder: a .npy and its file list."""
-    import os
 
-    from selfsup.files import save_npy
-    from selfsup.inference import load_encoder
 
     cfg = finished_config(run, None)
     target, listing = _embed_outputs(run, images, out)
@@ -403,7 +403,6 @@ def embed(run: str, images: str, out: str | None) -> int:
 
 
 def _compare_methods(given: str, overrides: dict[str, Any]) -> list[str]:
-    from selfsup.methods import METHODS
 
     if "method" in overrides:
         raise ConfigError("--method: compare takes --methods (comma-separated)")
@@ -419,8 +418,6 @@ def compare(overrides: dict[str, Any], preset: str | None, methods: str, fractio
             subsets: int) -> int:
     """Each of ``methods`` (comma-separated) run with the same options, one after the other
     (a finished run kept, a stopped one resumed), and one page: which to pick."""
-    from selfsup.config import Range, check_number
-    from selfsup.finetune import LABEL_FRACTION_RANGE
 
     if dist.launched():
         raise SelfsupError("compare runs the methods one after the other in one process; under "
@@ -445,8 +442,6 @@ def compare(overrides: dict[str, Any], preset: str | None, methods: str, fractio
 def _compare(methods: list[str], fraction: float, subsets: int, overrides: dict[str, Any],
              preset: str | None, base: Config, folder: Path) -> int:
     """``compare`` once its folder is locked."""
-    from selfsup.compare import method_row, recommend, run_state, write_page
-
     for m in methods:
         run_dir = folder / m
         state = run_state(run_dir)
@@ -487,12 +482,7 @@ def _compare(methods: list[str], fraction: float, subsets: int, overrides: dict[
 
 def predict(classifier: str, images: str, out: str | None) -> int:
     """Classify a folder of images with a classifier ``finetune`` wrote: one CSV row each."""
-    import csv
-    import io
-    import os
 
-    from selfsup.files import atomic_write_text, check_output
-    from selfsup.inference import load_classifier
 
     path = Path(classifier)
     if path.is_dir():
@@ -521,6 +511,23 @@ def predict(classifier: str, images: str, out: str | None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def writer_of(command: str, run: str | None, out: str | None, classifier: str | None,
+              images: str | None) -> Iterator[None]:
+    """A command that writes into a run folder holds its lock while it runs (one writer at a
+    time); ``embed`` and ``export`` with ``--out`` elsewhere only read the run; ``predict``
+    locks the run folder it writes its CSV into, if it writes into one."""
+    if command == "predict":  # writes beside its classifier, in a run folder or elsewhere
+        folder = predict_output(str(classifier), str(images), out).parent
+        run = str(folder) if (folder / "config.json").is_file() else None
+    if run is None or (command in ("embed", "export") and out is not None
+                       and Path(out).resolve().parent != Path(run).resolve()):
+        yield
+        return
+    with folder_lock(run_folder(run)):
+        yield
+
+
 def predict_output(classifier: str, images: str, out: str | None) -> Path:
     """Where ``predict`` writes its CSV: ``out``, or beside the classifier."""
     if out:
@@ -539,8 +546,6 @@ def _is_predictions(path: Path) -> bool:
 
 def export(run: str, form: str, out: str | None, input_type: str) -> int:
     """A run's encoder as ONNX, TorchScript or safetensors."""
-    from selfsup.export import export_encoder, read_metadata
-
     finished_config(run, None)  # a finished run (says so when it is not)
     path = export_encoder(run, form, out, input_type)
     meta = read_metadata(path)
