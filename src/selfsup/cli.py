@@ -40,7 +40,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         default = defaults[name]
-        about = f"{OPTIONS[name].help} " if name in OPTIONS else ""
+        about = ""
+        if name in OPTIONS:  # a plugin's setting: whose, and what it means
+            owners = ", ".join(o.split(" ", 1)[1] for o in OPTIONS[name].owners)
+            about = f"{owners}: {OPTIONS[name].help} "
         if typ is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{about}(default {default})")

@@ -17,7 +17,7 @@ def cifar10(req: DataRequest, settings: None) -> ImageData:
 
 @dataclass(frozen=True)
 class Cifar100Settings:
-    cifar100_labels: str = setting("fine", "cifar100: fine (100 classes) or coarse (20 "
+    cifar100_labels: str = setting("fine", "fine (100 classes) or coarse (20 "
                                            "superclasses)", choices=("fine", "coarse"))
 
 
@@ -28,8 +28,8 @@ def cifar100(req: DataRequest, settings: Cifar100Settings) -> ImageData:
 
 @dataclass(frozen=True)
 class STL10Settings:
-    stl10_unlabeled: bool = setting(True, "stl10: pretrain on the 100,000 unlabeled images too")
-    stl10_fold: int = setting(-1, "stl10: probe/kNN/fine-tune on predefined fold 0-9 (1,000 "
+    stl10_unlabeled: bool = setting(True, "pretrain on the 100,000 unlabeled images too")
+    stl10_fold: int = setting(-1, "probe/kNN/fine-tune on predefined fold 0-9 (1,000 "
                                   "images); -1 = all 5,000", Range(-1, 9))
 
 

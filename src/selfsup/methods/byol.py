@@ -19,7 +19,7 @@ from selfsup.models import ProjectionHead
 class BYOLSettings:
     target_momentum: float = setting(0.99, "the target's moving-average momentum at the start "
                                            "(moco: constant; byol: rises to 1)", Range(0, 1))
-    pred_hidden: int = setting(0, "byol: hidden width of the predictor; 0 = proj_hidden",
+    pred_hidden: int = setting(0, "hidden width of the predictor; 0 = proj_hidden",
                                Range(0, 16384))
 
 

@@ -23,7 +23,8 @@ from selfsup.methods.base import MomentumMethod, Online, register_method
 @dataclass(frozen=True)
 class MoCoSettings:
     temperature: float = setting(0.2, "tau in InfoNCE", Range(0.001, 100))
-    target_momentum: float = setting(0.99, "the key encoder's moving-average momentum",
+    target_momentum: float = setting(0.99, "the target network's moving-average momentum "
+                                           "(moco: constant; byol: rises from it to 1)",
                                      Range(0, 1))
     queue_size: int = setting(4096, "negative keys kept, a multiple of batch_size",
                               Range(1, 1_048_576))

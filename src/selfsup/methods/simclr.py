@@ -16,7 +16,8 @@ from selfsup.methods.base import Method, register_method
 
 @dataclass(frozen=True)
 class SimCLRSettings:
-    temperature: float = setting(0.5, "tau in NT-Xent", Range(0.001, 100))
+    temperature: float = setting(0.5, "tau of the loss (NT-Xent; MoCo's InfoNCE)",
+                                 Range(0.001, 100))
 
 
 @register_method("simclr")
