@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
 
 class Monitors:
-    """The run's monitors and their histories (``knn_history``: {step, epoch, accuracy};
-    ``quality_history``: {step, epoch, rankme, feature_dim, alignment, uniformity}).
+    """The run's monitors and their one history: a record per check, {step, epoch} and the
+    values measured (``knn`` where there are labels; ``rankme``, ``feature_dim``,
+    ``alignment``, ``uniformity``). The files keep it as the two lists they always held
+    (``knn_history``: {step, epoch, accuracy}; ``quality_history``: {step, epoch, rankme,
+    feature_dim, alignment, uniformity}).
 
     ``every`` epochs (0: never), and at the end of the run; only the main process checks.
     """
@@ -36,7 +39,7 @@ class Monitors:
 
             self.quality = QualityMonitor(x_all, min(MONITOR_IMAGES, len(x_all)), seed,
                                           batch_size)
-        self.knn_history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
         self.seconds = 0.0  # spent on checks (and the budget's timing of one)
 
     @property
@@ -44,14 +47,28 @@ class Monitors:
         return self.knn is not None or self.quality is not None
 
     @property
+    def knn_history(self) -> list[dict[str, float]]:
+        return [dict(step=int(r["step"]), epoch=r["epoch"], accuracy=r["knn"])
+                for r in self.history if "knn" in r]
+
+    @property
     def quality_history(self) -> list[dict[str, float]]:
-        return [] if self.quality is None else self.quality.history  # type: ignore[no-any-return]
+        from selfsup.quality import SIGNALS
+
+        return [dict(step=float(r["step"]), epoch=r["epoch"], **{k: r[k] for k in SIGNALS})
+                for r in self.history if "rankme" in r]
 
     def restore(self, knn_history: list[dict[str, float]],
                 quality_history: list[dict[str, float]]) -> None:
-        self.knn_history = knn_history
-        if self.quality is not None:
-            self.quality.history = quality_history
+        """The history from a checkpoint's two lists (joined by step)."""
+        by_step: dict[float, dict[str, float]] = {}
+        for e in knn_history:
+            by_step.setdefault(float(e["step"]), dict(step=e["step"], epoch=e["epoch"]))[
+                "knn"] = e["accuracy"]
+        for e in quality_history:
+            record = by_step.setdefault(float(e["step"]), dict(step=e["step"], epoch=e["epoch"]))
+            record.update((k, v) for k, v in e.items() if k not in ("step", "epoch"))
+        self.history = [by_step[s] for s in sorted(by_step)]
 
     def measure(self, method: Method, mean: list[float], std: list[float],
                 device: torch.device) -> dict[str, float]:
@@ -74,13 +91,10 @@ class Monitors:
 
     def check(self, step: int, epoch: float, method: Method, mean: list[float],
               std: list[float], device: torch.device, log: RunLog) -> None:
-        """The checks at ``step``, appended to the histories and the log."""
+        """The checks at ``step``, appended to the history and the log."""
         t0 = time.perf_counter()
         values = self.measure(method, mean, std, device)
-        if self.knn is not None:
-            self.knn_history.append(dict(step=step, epoch=epoch, accuracy=values["knn"]))
-        if self.quality is not None:
-            self.quality.record(step, epoch, values)
+        self.history.append(dict(step=step, epoch=epoch, **values))
         log.check(step, epoch, {k: v for k, v in values.items() if k != "feature_dim"})
         self.seconds += time.perf_counter() - t0
 
