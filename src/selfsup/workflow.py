@@ -16,13 +16,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import selfsup.evaluate  # called through their modules (replaceable)
+import selfsup.report
 from selfsup import dist
 from selfsup.checkpoint import check_resume
 from selfsup.compare import method_row, recommend, run_state, write_page
 from selfsup.config import PLUGINS, Config, Range, check_number, config_from_dict, make_config
 from selfsup.datasets import load_for
 from selfsup.errors import ConfigError, SelfsupError
-from selfsup.evaluate import evaluate_run
 from selfsup.export import export_encoder, read_metadata
 from selfsup.files import (
     atomic_write_text,
@@ -45,7 +46,6 @@ from selfsup.inference import load_classifier, load_encoder
 from selfsup.logs import check_tensorboard
 from selfsup.methods import METHODS
 from selfsup.quality import collapse_warning
-from selfsup.report import write_report
 from selfsup.runfolder import (
     check_new_run_dir,
     checkpoint_config_of,
@@ -240,7 +240,7 @@ def _train(resume: bool, everything: bool, start: float, cfg: Config, run_dir: P
             _evaluate_and_plot(run_dir, cfg, data, result.encoder)
         total = time.perf_counter() - start
         update_metrics(run_dir, time_s=dict(total=total))
-        report = write_report(run_dir)
+        report = selfsup.report.write_report(run_dir)
         print(f"done in {total / 60:.1f} min; outputs in {run_dir}; open {report}", flush=True)
     return 0
 
@@ -260,7 +260,7 @@ def _say_what_is_saved_on_interrupt(run_dir: Path) -> Iterator[None]:
 def _evaluate_and_plot(run_dir: Path, cfg: Config, data: Any, encoder: Any = None) -> None:
     from selfsup.plots import plot_run
 
-    metrics = evaluate_run(run_dir, data, encoder)
+    metrics = selfsup.evaluate.evaluate_run(run_dir, data, encoder)
     if data.labeled:
         print(_summary(metrics), flush=True)
     else:
@@ -283,7 +283,8 @@ def evaluate(run: str, data_dir: str | None = None) -> int:
     read_metrics(run)  # damaged: an error before the work, not after
     with _say_what_is_saved_on_interrupt(Path(run)):
         _evaluate_and_plot(Path(run), cfg, _load_data(cfg))
-    print(f"report {write_report(run)}")  # the page follows what was measured and drawn
+    # the page follows what was measured and drawn
+    print(f"report {selfsup.report.write_report(run)}")
     return 0
 
 
@@ -300,7 +301,7 @@ def plot(run: str, data_dir: str | None = None) -> int:
 
     made = plot_run(Path(run), cfg, data)
     print("wrote " + ", ".join(str(Path(run) / f) for f in made.values())
-          + f"; report {write_report(run)}")
+          + f"; report {selfsup.report.write_report(run)}")
     return 0
 
 
@@ -320,8 +321,9 @@ def finetune(run: str, data_dir: str | None, label_fraction: float, mode: str,
     read_metrics(run)
     r = finetune_run(run, _load_data(cfg), mode, fraction, chosen,
                      cfg.progress if progress is None else progress)
+    page = selfsup.report.write_report(run)
     print(f"{mode}, {fraction:g} of the labels ({r.labels} images), {r.steps} steps: "
-          f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s); report {write_report(run)}")
+          f"test accuracy {r.accuracy:.1%} ({r.seconds:.0f} s); report {page}")
     return 0
 
 
@@ -333,7 +335,7 @@ def label_efficiency(run: str, data_dir: str | None, fractions: str, settings: d
     read_metrics(run)
     measure_label_efficiency(run, _load_data(cfg), chosen, _settings(settings, cfg),
                              cfg.progress if progress is None else progress)
-    print(f"wrote {Path(run) / 'label_efficiency.png'}, {write_report(run)}")
+    print(f"wrote {Path(run) / 'label_efficiency.png'}, {selfsup.report.write_report(run)}")
     return 0
 
 
@@ -344,7 +346,7 @@ def report(run: str) -> int:
         raise SelfsupError(f"{run} has no metrics.json: run `selfsup evaluate {run}` "
                            f"first")
     read_metrics(run_dir)
-    print(f"wrote {write_report(run_dir)}")
+    print(f"wrote {selfsup.report.write_report(run_dir)}")
     return 0
 
 
