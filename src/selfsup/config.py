@@ -103,8 +103,7 @@ class Config:
     def of(self, settings: type[S]) -> S:
         """A plugin's settings (a dataclass of ``setting`` fields), read from this config (their
         own defaults where it holds none: a config made without ``config_from_dict``)."""
-        return settings(**{f.name: self.options.get(f.name, f.default)
-                           for f in fields(settings)})  # type: ignore[arg-type]
+        return settings_from(settings, self.options)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -240,6 +239,12 @@ def declare(plugin: Plugin) -> None:
             tuple(f.metadata.get("choices", ())) if old is None else old.choices,
             tuple(dict.fromkeys((*(old.owners if old else ()), owner))))
     PLUGINS[plugin.kind][plugin.name] = plugin
+
+
+def settings_from(settings: type[S], options: dict[str, Any]) -> S:
+    """A plugin's settings dataclass read from a config's options (its defaults where absent)."""
+    return settings(**{f.name: options.get(f.name, f.default)
+                       for f in fields(settings)})  # type: ignore[arg-type]
 
 
 def option_defaults(selected: dict[str, str]) -> dict[str, Any]:

@@ -7,19 +7,17 @@ in this module or in one of your own (``SELFSUP_PLUGINS``, see ``selfsup.plugins
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfsup.config import Config, Plugin, declare
+from selfsup.config import PLUGINS, Config, Plugin, declare, settings_from
 
 # name -> constructor: f(width) -> Encoder, or f(width, settings) for an encoder that declares
 # settings of its own (``register(name, settings=...)``)
 ENCODERS: dict[str, Callable[..., Encoder]] = {}
-_SETTINGS: dict[str, type] = {}
 
 
 class Encoder(nn.Module):
@@ -40,8 +38,6 @@ def register(name: str, settings: type | None = None
 
     def deco(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
         ENCODERS[name] = fn
-        if settings is not None:
-            _SETTINGS[name] = settings
         declare(Plugin("model", name, settings))
         return fn
 
@@ -57,12 +53,10 @@ def build_encoder(name: str, width: int, options: dict[str, Any] | None = None) 
     """
     if name not in ENCODERS:
         raise KeyError(f"unknown model {name!r}; valid models: {', '.join(ENCODERS)}")
-    own = _SETTINGS.get(name)
+    own = PLUGINS["model"][name].settings
     if own is None:
         return ENCODERS[name](width)
-    given = options or {}
-    names = [f.name for f in dataclasses.fields(own)]  # type: ignore[arg-type]
-    return ENCODERS[name](width, own(**{k: given[k] for k in names if k in given}))
+    return ENCODERS[name](width, settings_from(own, options or {}))
 
 
 def init_encoder(cfg: Config) -> Encoder:

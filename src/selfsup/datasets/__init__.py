@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfsup.config import Config, Plugin, declare
+from selfsup.config import PLUGINS, Config, Plugin, declare
 from selfsup.data import ImageData
 from selfsup.errors import DataError
 
@@ -35,7 +35,6 @@ class DataRequest:
 
 Loader = Callable[[DataRequest, Any], ImageData]
 DATASETS: dict[str, Loader] = {}
-_SETTINGS: dict[str, type | None] = {}
 _NEEDS_FOLDER: dict[str, bool] = {}
 
 
@@ -55,7 +54,6 @@ def register_dataset(name: str, settings: type | None = None,
 
     def deco(load: Loader) -> Loader:
         DATASETS[name] = load
-        _SETTINGS[name] = settings
         _NEEDS_FOLDER[name] = folder
         declare(Plugin("dataset", name, settings, dict(defaults or {})))
         return load
@@ -79,7 +77,7 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0, download:
     if _NEEDS_FOLDER[name] and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir} is a file; it must be the folder that holds "
                         f"(or will hold) the {name} data")
-    own = _SETTINGS[name]
+    own = PLUGINS["dataset"][name].settings
     chosen = own(**settings) if own is not None else None
     if own is None and settings:
         raise TypeError(f"dataset {name} has no settings; got {', '.join(settings)}")
@@ -95,9 +93,8 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0, download:
 def load_for(cfg: Config, pretraining: bool = False) -> ImageData:
     """The data set a config names, with its settings; the images only pretraining uses
     (STL-10's unlabeled) only when ``pretraining``."""
-    own = _SETTINGS.get(cfg.dataset)
-    settings = {} if own is None else {f.name: cfg.options[f.name]
-                                       for f in dataclasses.fields(own)}
+    own = PLUGINS["dataset"][cfg.dataset].settings
+    settings = {} if own is None else dataclasses.asdict(cfg.of(own))
     return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download,
                         cfg.bad_images, pretraining=pretraining, **settings)
 
