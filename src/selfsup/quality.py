@@ -84,7 +84,6 @@ class QualityMonitor:
         pick = torch.from_numpy(np.random.default_rng(seed + 29).permutation(n)[:size])
         self.x = x_all[pick.to(x_all.device)]
         self.seed, self.batch_size = seed, batch_size
-        self.history: list[dict[str, float]] = []
 
     @torch.no_grad()
     def measure(self, method: Method) -> dict[str, float]:
@@ -111,11 +110,6 @@ class QualityMonitor:
         return dict(rankme=rankme(h), feature_dim=float(h.shape[1]),
                     alignment=alignment(z1, z2),
                     uniformity=(uniformity(z1) + uniformity(z2)) / 2)
-
-    def record(self, step: int, epoch: float, values: dict[str, float]) -> None:
-        """Append a check's values (``measure``'s, among others) to ``history``."""
-        self.history.append(dict(step=float(step), epoch=epoch,
-                                 **{k: values[k] for k in SIGNALS}))
 
 
 def collapse_warning(history: list[dict[str, Any]]) -> str | None:
