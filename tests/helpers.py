@@ -167,6 +167,57 @@ def write_images(folder: Path, n: int, size: int = 12, seed: int = 0, suffix: st
         Image.fromarray(arr).save(folder / f"{i:03d}{suffix}")
 
 
+def write_photo(path: Path, pixels: np.ndarray, gray: bool = False, turned: int = 0) -> None:
+    """Save (H, W, 3) uint8 ``pixels`` as the file ``path`` (its suffix picks the format), as a
+    camera would: ``gray`` as one channel; ``turned`` 6 or 8: stored turned a quarter (clockwise
+    or not) with that EXIF orientation, so that only a reader that applies the tag sees the
+    picture upright."""
+    from PIL import Image
+
+    im = Image.fromarray(pixels)
+    if gray:
+        im = im.convert("L")
+    exif = Image.Exif()
+    if turned:
+        # orientation 6: the stored picture must turn 90 degrees clockwise to stand upright
+        im = im.transpose(Image.Transpose.ROTATE_90 if turned == 6 else Image.Transpose.ROTATE_270)
+        exif[0x0112] = turned
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, exif=exif.tobytes()) if turned else im.save(path)
+
+
+PHOTO_SHAPES = ((4, 3), (3, 4), (16, 9), (1, 1), (3, 2))  # width : height
+
+
+def photo_pixels(label: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """(height, width, 3) uint8: a picture of class ``label``: the upper half bright in one
+    of ten colours, noise elsewhere (a picture with an up and a down, so that a sideways one
+    reads differently)."""
+    x = rng.integers(0, 120, size=(height, width, 3), dtype=np.uint8)
+    colour = np.array([200, 130 + (label * 41) % 120, 250 - (label * 53) % 110])  # all bright
+    x[: height // 2] = colour.astype(np.uint8)
+    return x
+
+
+def photo_folder(root: Path, per_class: int = 6, classes: int = 3, long_side: int = 120,
+                 seed: int = 0, test_per_class: int = 2) -> Path:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` of photos in every shape of
+    ``PHOTO_SHAPES``, JPEG and PNG, some grey, some stored turned with an EXIF orientation."""
+    rng = np.random.default_rng(seed)
+    k = 0
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes):
+            for i in range(n):
+                w, h = PHOTO_SHAPES[k % len(PHOTO_SHAPES)]
+                scale = long_side / max(w, h)
+                suffix = (".jpg", ".png", ".jpeg")[k % 3]
+                write_photo(root / split / f"c{c}" / f"{i:04d}{suffix}",
+                            photo_pixels(c, round(w * scale), round(h * scale), rng),
+                            gray=k % 7 == 3, turned=(0, 6, 0, 8)[k % 4] if suffix != ".png" else 0)
+                k += 1
+    return root
+
+
 def find_browser() -> str | None:
     """A headless-capable Chromium (``SELFSUP_BROWSER`` first), or None."""
     for name in (os.environ.get("SELFSUP_BROWSER", ""), "chromium", "chromium-browser",

@@ -145,7 +145,8 @@ def test_image_folder_flat_unlabeled_mixed_sizes_and_junk(tmp_path, capsys):
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         d = data.load_image_folder(root)
     assert d.train_y is None and not d.labeled and d.train_x.shape == (6, 3, 10, 10)
-    assert "2 image(s) not 10x10 were resized" in capsys.readouterr().out
+    assert "read at 10 px (their own); images of other sizes resized to it" in \
+        capsys.readouterr().out
 
 
 def test_image_folder_errors(tmp_path):

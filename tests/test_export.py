@@ -17,6 +17,7 @@ from selfsup.cli import main
 from selfsup.config import make_config
 from selfsup.errors import CheckpointError
 from selfsup.models import ENCODERS, init_encoder
+from tests.helpers import PHOTO_SHAPES, write_photo
 
 
 def _run_with(tmp_path, model, digits):
@@ -149,15 +150,24 @@ def test_readme_python_examples_run_as_written(digits, tmp_path, marker):
     (run.parent / "NAME").symlink_to(run)
     export.export_encoder(run, "onnx")
     photos = tmp_path / "my_photos"
-    photos.mkdir()
-    for i in range(5):
-        Image.fromarray(digits.test_x[i].permute(1, 2, 0).numpy()).resize((40, 40)).save(
-            photos / f"{i}.jpg")
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(PHOTO_SHAPES):  # photos: of every shape, some stored turned
+        pixels = np.asarray(Image.fromarray(digits.test_x[i].permute(1, 2, 0).numpy()).resize(
+            (w * 12, h * 12)))
+        pixels = np.clip(pixels + rng.integers(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+        write_photo(photos / f"{i}{'.png' if i == 3 else '.jpg'}", pixels,
+                    turned=(6, 0, 8, 0, 6)[i])
     script = block + "\nimport numpy as np\nnp.save('features.npy', np.asarray(feats if " \
                      "'feats' in dir() else features))\n"
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     width = int(export.read_metadata(run / "encoder.onnx")["feature_dim"])
-    assert np.load(tmp_path / "features.npy").shape == (5, width)
+    got = np.load(tmp_path / "features.npy")
+    assert got.shape == (len(PHOTO_SHAPES), width)
+    # The example sees the photos as selfsup does: upright, aspect kept (a squashed or a
+    # sideways photo gives other features).
+    want, _ = load_encoder(run).embed_folder(photos)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99, cos
 
 
 def test_float_images_above_one_are_refused(digits, tmp_path):

@@ -110,13 +110,13 @@ class TwoSizes(Method):
     def view_sizes(cls, cfg, side):
         return [(side, 2), (side // 2, 2)]
 
-    def views(self, x, gen):
+    def views(self, x, gen, shape=None):
         small = dataclasses.replace(self.aug, out_size=self.aug.out_size // 2)
-        return [normalize_into(augment(x, p, gen, views=2), self.mean, self.std, self.mem)
-                for p in (self.aug, small)]
+        return [normalize_into(augment(x, p, gen, views=2, shape=shape), self.mean, self.std,
+                               self.mem) for p in (self.aug, small)]
 
-    def pair_views(self, x, gen):
-        v = self.views(x, gen)[0]
+    def pair_views(self, x, gen, shape=None):
+        v = self.views(x, gen, shape)[0]
         return v[:len(x)], v[len(x):]
 
     def loss(self, v, progress):

@@ -104,8 +104,42 @@ def crop_boxes(b: int, height: int, width: int, scale: tuple[float, float],
     return top, left, h, w
 
 
+def crop_boxes_within(height: torch.Tensor, width: torch.Tensor, scale: tuple[float, float],
+                      ratio: tuple[float, float], g: torch.Generator | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``crop_boxes`` for images of many shapes: image k is ``height[k]`` x ``width[k]`` (int64
+    tensors on the generator's device), and its box is drawn on that shape by the same rule."""
+    b, dev = len(height), height.device
+    hh = height.view(b, 1).double()
+    ww = width.view(b, 1).double()
+    area = (hh * ww).float() * _uniform(b * CROP_TRIES, scale[0], scale[1], g, dev).view(b, -1)
+    log_r = _uniform(b * CROP_TRIES, math.log(ratio[0]), math.log(ratio[1]), g, dev)
+    r = torch.exp(log_r).view(b, CROP_TRIES)
+    w = torch.round(torch.sqrt(area * r))  # (B, tries)
+    h = torch.round(torch.sqrt(area / r))
+    fits = (w > 0) & (w <= ww) & (h > 0) & (h <= hh)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    ok = fits.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback per image: the whole image cropped to the nearest allowed ratio, centred.
+    hh, ww = hh.squeeze(1), ww.squeeze(1)
+    in_ratio = ww / hh
+    fw = torch.where(in_ratio > max(ratio), torch.round(hh * max(ratio)), ww)
+    fh = torch.where(in_ratio < min(ratio), torch.round(ww / min(ratio)), hh)
+    w = torch.where(ok, w.double(), fw).long()
+    h = torch.where(ok, h.double(), fh).long()
+    u_top = torch.rand(b, generator=g, device=dev)
+    u_left = torch.rand(b, generator=g, device=dev)
+    top = torch.where(ok, torch.minimum((u_top * (height - h + 1)).long(), height - h),
+                      (height - h) // 2)
+    left = torch.where(ok, torch.minimum((u_left * (width - w + 1)).long(), width - w),
+                       (width - w) // 2)
+    return top, left, h, w
+
+
 def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None,
-              views: int = 1) -> torch.Tensor:
+              views: int = 1, shape: torch.Tensor | None = None) -> torch.Tensor:
     """Random resized crop and horizontal flip, each view with its own box (``crop_boxes``).
 
     The box is resampled bilinearly to ``out_size`` (one ``affine_grid``/``grid_sample`` call).
@@ -117,13 +151,21 @@ def crop_flip(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = Non
 
     Args:
         x: (B, C, H, W) float images.
+        shape: (B, 2) the height and width of each image inside its frame, for images of many
+            shapes held at the top-left of frames of one size (``selfsup.data.Framed``): the
+            boxes are drawn on each image's own shape, so its aspect ratio is kept. None: every
+            image fills its frame.
     Returns:
         (views * B, C, out_size, out_size), rows v * B + k from image k.
     """
     b, dev = x.shape[0], x.device
     n, c, s = views * b, x.shape[1], p.out_size
     height, width = x.shape[-2:]
-    top, left, h, w = crop_boxes(n, height, width, p.scale, p.ratio, g, dev)
+    if shape is None:
+        top, left, h, w = crop_boxes(n, height, width, p.scale, p.ratio, g, dev)
+    else:
+        own = shape.to(dev, torch.int64).repeat(views, 1)  # (n, 2): row v * B + k is image k's
+        top, left, h, w = crop_boxes_within(own[:, 0], own[:, 1], p.scale, p.ratio, g)
     flip = torch.where(_bernoulli(n, p.flip_p, g, dev), -1.0, 1.0)
     # The box in normalised coordinates [-1, 1] (align_corners=False): half-size and centre.
     sx, sy = w.to(x.dtype) / width, h.to(x.dtype) / height
@@ -317,7 +359,7 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None,
-            views: int = 1) -> torch.Tensor:
+            views: int = 1, shape: torch.Tensor | None = None) -> torch.Tensor:
     """``views`` random views of every image, before normalisation.
 
     Args:
@@ -325,10 +367,11 @@ def augment(x: torch.Tensor, p: AugmentParams, g: torch.Generator | None = None,
         p: augmentation settings.
         g: random generator on ``x``'s device (None = torch's global one).
         views: views per image, each with its own random parameters.
+        shape: (B, 2) each image's own height and width inside its frame (``crop_flip``).
     Returns:
         (views * B, 3, out_size, out_size) float in [0, 1]; rows v * B + k from image k.
     """
-    v = crop_flip(to_float(x), p, g, views)  # bilinear: stays in [0, 1]
+    v = crop_flip(to_float(x), p, g, views, shape)  # bilinear: stays in [0, 1]
     if p.jitter_p > 0:
         v = color_jitter(v, p, g, inplace=True)
     if p.gray_p > 0:

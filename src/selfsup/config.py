@@ -20,6 +20,7 @@ from selfsup.errors import ConfigError
 S = TypeVar("S")
 
 DATA_DIR_ENV = "SELFSUP_DATA"
+MIN_STEPS = 100  # fewer optimiser steps: a run's figures say little about the method
 
 
 def _default_data_dir() -> str:
@@ -33,7 +34,7 @@ class Config:
     # --- data ---
     dataset: str = "cifar10"  # a registered data set (selfsup.datasets); folder: images at data_dir
     data_dir: str = field(default_factory=_default_data_dir)  # $SELFSUP_DATA or ./data
-    image_size: int = 0  # images are resized to this side (px); 0 = own size (folders: the median)
+    image_size: int = 0  # images are read at this side (px); 0 = own size (photos: chosen)
     download: bool = True  # fetch CIFAR-10/100 or STL-10 when absent (checked against its MD5)
     bad_images: str = "skip"  # image folders: skip unreadable or non-image files (counted), or fail
     # --- augmentation (two views per image per step; SimCLR appendix B.9 for CIFAR) ---

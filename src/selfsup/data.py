@@ -13,6 +13,7 @@ Readers:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -21,7 +22,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ CIFAR100_MD5: dict[str, str] = {
     "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
     "meta": "7973b15100ade9c7d40fb424638fde48",
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic",
+                  ".heif")
 
 
 @dataclass
@@ -77,6 +79,9 @@ class ImageData:
             (STL-10's unlabeled split, which may be a memory-mapped file).
         files: image folders: the absolute path of each row of ``train_x`` (``"train"``) and
             ``test_x`` (``"test"``); empty for data sets that are not files of images.
+        frames: photos of many shapes: the rows of ``train_x`` with their own aspect ratios,
+            which pretraining crops (``train_x`` holds their centre crops); None when every
+            image is square.
     """
 
     train_x: torch.Tensor
@@ -87,6 +92,7 @@ class ImageData:
     name: str
     unlabeled_x: tuple[torch.Tensor, ...] = ()
     files: dict[str, list[str]] = field(default_factory=dict)
+    frames: Framed | None = None
 
     @property
     def labeled(self) -> bool:
@@ -97,9 +103,11 @@ class ImageData:
         """Images pretraining sees per epoch: the training images and the unlabeled ones."""
         return len(self.train_x) + sum(len(u) for u in self.unlabeled_x)
 
-    def pretrain_images(self) -> torch.Tensor | ImageStack:
-        """The pretraining set: ``train_x`` itself, or it and the unlabeled images as one
-        indexable stack (nothing is copied)."""
+    def pretrain_images(self) -> Images:
+        """The pretraining set: ``train_x`` itself (or its ``frames``), or it and the unlabeled
+        images as one indexable stack (nothing is copied)."""
+        if self.frames is not None:
+            return self.frames
         return ImageStack((self.train_x, *self.unlabeled_x)) if self.unlabeled_x else self.train_x
 
     def to(self, device: torch.device) -> ImageData:
@@ -108,9 +116,12 @@ class ImageData:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return ImageData(move(self.train_x), move(self.train_y), move(self.test_x),  # type: ignore[arg-type]
+        train_x = self.train_x.to(device)
+        frames = None if self.frames is None else Framed(
+            self.frames.frames.to(device), self.frames.shapes.to(device), train_x)
+        return ImageData(train_x, move(self.train_y), move(self.test_x),  # type: ignore[arg-type]
                          move(self.test_y), self.classes, self.name,
-                         tuple(u.to(device) for u in self.unlabeled_x), self.files)
+                         tuple(u.to(device) for u in self.unlabeled_x), self.files, frames)
 
 
 class ImageStack:
@@ -174,7 +185,43 @@ class ImageStack:
         return out
 
 
-Images = torch.Tensor | ImageStack  # what pretraining indexes: one tensor, or a stack of them
+class Framed:
+    """Images of many shapes, for pretraining: image k lies at the top-left of an (F, F) frame
+    (``frames[k]``, uint8, edge-padded), ``shapes[k]`` (height, width) px of it, its shorter side
+    at most the image side S. The crops are drawn on each image's own shape (``augment``'s
+    ``shape``), so the photos keep their aspect ratio. ``centre`` holds the same images as
+    evaluation sees them: (N, 3, S, S), the shorter side resized to S and centre-cropped.
+
+    It stands for images of side S: ``shape`` is (N, 3, S, S); indexing gives the frames.
+    """
+
+    def __init__(self, frames: torch.Tensor, shapes: torch.Tensor, centre: torch.Tensor) -> None:
+        if not len(frames) == len(shapes) == len(centre):
+            raise ValueError("frames, shapes and centre crops of different lengths")
+        self.frames, self.shapes, self.centre = frames, shapes, centre
+        self.device, self.dtype = frames.device, frames.dtype
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self.centre.shape[1:]))
+
+    def to(self, device: torch.device | str) -> Framed:
+        return Framed(self.frames.to(device), self.shapes.to(device), self.centre.to(device))
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        return self.frames[idx]
+
+
+Images = torch.Tensor | ImageStack | Framed  # what pretraining indexes
+
+
+def shapes_of(x: Images, idx: torch.Tensor | slice) -> torch.Tensor | None:
+    """The (B, 2) shapes of the images at ``idx`` when ``x`` holds framed images of many
+    shapes (``Framed``); None when each image fills its row."""
+    return x.shapes[idx] if isinstance(x, Framed) else None
 
 
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -603,16 +650,33 @@ def to_rgb8(im: Any) -> Any:
 
 @dataclass
 class _Decoded:
-    """One file's outcome: the (3, S, S) array and the file's own size, or why it failed."""
+    """One file's outcome: its (3, S, S) centre crop, its (3, F, F) frame and the image's shape
+    in it (when asked for), and the file's own size; or why it failed."""
 
     array: np.ndarray | None
     size: tuple[int, int] = (0, 0)
     why: str = ""
+    frame: np.ndarray | None = None
+    shape: tuple[int, int] = (0, 0)
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    """Teach Pillow HEIC/HEIF (phones' photos) through pillow-heif, once; False without it."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _open_checked(path: Path) -> Any:
     """Open an image (header only) and refuse one with more than ``MAX_IMAGE_PIXELS``."""
     from PIL import Image
+
+    if path.suffix.lower() in (".heic", ".heif") and not _heif_opener():
+        raise ValueError("a HEIC/HEIF photo: pip install pillow-heif to read it")
 
     try:
         im = Image.open(path)
@@ -629,10 +693,42 @@ def _open_checked(path: Path) -> Any:
     return im
 
 
-def _decode(path: Path, size: int) -> _Decoded:
-    """Decode one file to (3, size, size) uint8. Any failure is this file's problem: the
-    reason is kept for the bad-image warning, never raised (the parsers see untrusted bytes)."""
-    from PIL import Image, ImageOps
+def centre_crop(im: Any, size: int) -> np.ndarray:
+    """(3, size, size) uint8: the centred square of the image's shorter side, resized to
+    ``size`` (bilinear, antialiased): evaluation's view of a photo, whose aspect is kept (no
+    squashing). A square image is only resized."""
+    from PIL import Image
+
+    w, h = im.size
+    if (w, h) != (size, size):
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        box = None if w == h else (left, top, left + side, top + side)
+        im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def framed(im: Any, size: int, frame: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(3, frame, frame) uint8 and (height, width): the whole image, its shorter side resized to
+    ``size`` (its longer to at most ``frame``), at the top-left of the frame; the rest repeats
+    its last row and column, so that sampling at its edges never blends in black."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = min(size / min(w, h), frame / max(w, h))
+    nw, nh = max(1, min(frame, round(w * scale))), max(1, min(frame, round(h * scale)))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    a = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    return np.pad(a, ((0, 0), (0, frame - nh), (0, frame - nw)), mode="edge"), (nh, nw)
+
+
+def _decode(path: Path, size: int, frame: int = 0) -> _Decoded:
+    """Decode one file: its centre crop at ``size`` px (``centre_crop``) and, when ``frame``,
+    the whole image in a frame of that side (``framed``). Any failure is this file's problem:
+    the reason is kept for the bad-image warning, never raised (the parsers see untrusted
+    bytes)."""
+    from PIL import ImageOps
 
     try:
         with _open_checked(path) as f:
@@ -642,9 +738,10 @@ def _decode(path: Path, size: int) -> _Decoded:
             # Turn upright by the EXIF orientation (only files that carry EXIF: a copy costs).
             upright = ImageOps.exif_transpose(f) if "exif" in f.info or f.format == "TIFF" else f
             im = to_rgb8(upright or f)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return _Decoded(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), own)
+            out = _Decoded(centre_crop(im, size), own)
+            if frame:
+                out.frame, out.shape = framed(im, size, frame)
+            return out
     except Exception as e:  # noqa: BLE001 - every decoder error means "unreadable file"
         return _Decoded(None, why=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                         if str(e) else type(e).__name__)
@@ -689,17 +786,53 @@ def _first_size(paths: Iterable[Path]) -> int:
     return int(np.median(sides)) if sides else 0
 
 
+DECODE_CHUNK = 1024  # files decoded at a time where images stream (embed, predict)
+
+
+def decoded_chunks(paths: list[Path], size: int, bad_images: str = "skip"
+                   ) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Image files decoded ``DECODE_CHUNK`` at a time, on all cores: each chunk's (n, 3, S, S)
+    uint8 centre crops (``centre_crop``: upright, the shorter side's centred square) and the
+    indices into ``paths`` that decoded. Memory holds one chunk, whatever the number of files.
+
+    Files over ``MAX_IMAGE_PIXELS`` (or declaring it) are bad images and are never decoded;
+    unreadable files are counted in one warning at the end, or refused at the first chunk that
+    holds one when ``bad_images`` is ``fail``.
+
+    Raises:
+        DataError: no readable image, or ``fail`` and an unreadable one.
+    """
+    from PIL import Image
+
+    bad: list[str] = []
+    kept_any = False
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        # Pillow warns of large images as it opens them; the limit above decides instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for lo in range(0, len(paths), DECODE_CHUNK):
+            decoded = list(pool.map(lambda p: _decode(p, size), paths[lo:lo + DECODE_CHUNK]))
+            kept = [lo + i for i, d in enumerate(decoded) if d.array is not None]
+            bad += [f"{paths[lo + i]} ({d.why})" for i, d in enumerate(decoded) if d.array is None]
+            if bad and bad_images == "fail":
+                _bad("fail", f"{len(bad)} unreadable image file(s)", bad)
+            if kept:
+                kept_any = True
+                yield torch.from_numpy(np.stack([decoded[i - lo].array for i in kept])), kept  # type: ignore[misc]
+    if not kept_any:
+        raise DataError(f"none of the {len(paths)} files could be read as an image: "
+                        f"{', '.join(bad[:3])}")
+    if bad:
+        _bad(bad_images, f"{len(bad)} unreadable image file(s)", bad)
+
+
 def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "skip"
                   ) -> tuple[torch.Tensor, list[int]]:
-    """Decode image files into one (N, 3, S, S) uint8 tensor, on all cores.
-
-    Every mode Pillow opens becomes 8-bit RGB with the values the file means (``to_rgb8``).
-    Files over ``MAX_IMAGE_PIXELS`` (or declaring it) are bad images and are never decoded.
+    """Decode image files into one (N, 3, S, S) uint8 tensor of their centre crops
+    (``decoded_chunks``).
 
     Args:
         paths: image files.
-        image_size: side S; 0 = the width of the first readable image. Images of another size
-            are resized (bilinear), and a note says how many.
+        image_size: side S; 0 = the median shorter side of the first images.
 
     Returns:
         The images and the indices into ``paths`` that decoded (unreadable files are skipped
@@ -708,31 +841,14 @@ def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "ski
     Raises:
         DataError: no readable image, or ``fail`` and an unreadable one.
     """
-    from PIL import Image
-
     size = image_size or _first_size(paths)
     if size == 0:
         why = [f"{p} ({_decode(p, 1).why})" for p in paths[:3]]
         raise DataError(f"none of the {len(paths)} files could be read as an image: "
                         f"{', '.join(why)}{', ...' if len(paths) > 3 else ''}")
     _check_memory(len(paths), size)
-    with warnings.catch_warnings():
-        # Pillow warns of large images as it opens them; the limit above decides instead.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            decoded = list(pool.map(lambda p: _decode(p, size), paths))
-    kept = [i for i, d in enumerate(decoded) if d.array is not None]
-    bad = [f"{paths[i]} ({d.why})" for i, d in enumerate(decoded) if d.array is None]
-    if bad and kept:
-        _bad(bad_images, f"{len(bad)} unreadable image file(s)", bad)
-    if not kept:
-        raise DataError(f"none of the {len(paths)} files could be read as an image: "
-                        f"{', '.join(bad[:3])}")
-    if not image_size:
-        resized = sum(decoded[i].size != (size, size) for i in kept)
-        if resized:
-            print(f"note: {resized} image(s) not {size}x{size} were resized to it", flush=True)
-    return torch.from_numpy(np.stack([decoded[i].array for i in kept])), kept  # type: ignore[misc]
+    chunks = list(decoded_chunks(paths, size, bad_images))
+    return torch.cat([x for x, _ in chunks]), [i for _, kept in chunks for i in kept]
 
 
 def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
@@ -758,10 +874,11 @@ def _class_dirs(folder: Path, bad_images: str) -> list[Path]:
     return dirs
 
 
-def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_images: str,
+def _labeled_split(folder: Path, classes: list[str] | None, bad_images: str,
                    left_out: Collection[str] = ()
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[str], set[str], list[str]]:
-    """One split of ``<class>/*`` folders.
+                   ) -> tuple[list[Path], list[int], list[str], set[str]]:
+    """One split of ``<class>/*`` folders: its image files, their labels, the classes, and
+    the class folders left out.
 
     For the training split (``classes`` None) the classes are its class folders that hold
     images: an empty or unreadable one is named in a warning and left out (returned in the
@@ -801,10 +918,7 @@ def _labeled_split(folder: Path, classes: list[str] | None, size: int, bad_image
             labels += [names.index(name)] * len(files)
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    x, kept = decode_images(paths, size, bad_images)
-    skipped = set(empty) | set(unreadable)
-    return (x, torch.tensor([labels[i] for i in kept], dtype=torch.int64), names, skipped,
-            [os.path.abspath(paths[i]) for i in kept])
+    return paths, labels, names, set(empty) | set(unreadable)
 
 
 def _has_class_folders(split: Path) -> bool:
@@ -815,8 +929,77 @@ def _has_class_folders(split: Path) -> bool:
         return True  # an unreadable split: reading it as labeled gives the clear error
 
 
-def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "skip"
-                      ) -> ImageData:
+PHOTO_SIDE = 64  # the side of photos (images over AUTO_OWN_MOST) when nothing else chooses one
+AUTO_OWN_MOST = 64  # folders whose median shorter side is at most this keep their own side
+SideRule = Callable[[int, int], tuple[int, str]]  # (median side, images) -> (side, why)
+
+
+def _sample(paths: Sequence[Path]) -> tuple[int, bool, bool]:
+    """The median shorter side of the first ``AUTO_SIDE_SAMPLE`` images that open (0: none
+    does), whether all of them are square, and whether all are of one size."""
+    sizes: list[tuple[int, int]] = []
+    for p in paths:
+        try:
+            with _open_checked(p) as im:
+                sizes.append(im.size)
+        except Exception:  # noqa: BLE001 - a bad file: try the next
+            continue
+        if len(sizes) == AUTO_SIDE_SAMPLE:
+            break
+    if not sizes:
+        return 0, True, True
+    return (int(np.median([min(s) for s in sizes])), all(w == h for w, h in sizes),
+            len(set(sizes)) == 1)
+
+
+def _side(paths: list[Path], image_size: int, side_for: SideRule | None) -> tuple[int, int]:
+    """The side S the images are read at and the frame side F of pretraining's whole images
+    (0: none; a folder of square images is its centre crops). Given ``image_size``, that;
+    else the images' own median shorter side when it is at most ``AUTO_OWN_MOST``; else
+    photos: ``side_for``'s choice (the workflow's, from the machine and the budget), or
+    ``PHOTO_SIDE``. Printed, with why."""
+    median, square, one_size = _sample(paths)
+    if median == 0:
+        failed = [f"{p} ({_decode(p, 1).why})" for p in paths[:3]]
+        raise DataError(f"none of the {len(paths)} files could be read as an image: "
+                        f"{', '.join(failed)}{', ...' if len(paths) > 3 else ''}")
+    if image_size:
+        side, why = image_size, "--image-size"
+    elif median <= AUTO_OWN_MOST:
+        side, why = median, "their own"
+    elif side_for is not None:
+        side, why = side_for(median, len(paths))
+    else:
+        side, why = min(median, PHOTO_SIDE), "the default for photos"
+    frame = 0 if square else 2 * side
+    if not (square and one_size and median == side):
+        kept = "shapes kept: crops drawn on each image's own shape, evaluation on the centred " \
+               "square of its shorter side" if frame else "images of other sizes resized to it"
+        print(f"images: median shorter side {median} px, read at {side} px ({why}); {kept}",
+              flush=True)
+    return side, frame
+
+
+def _stored(paths: list[Path], root: Path, split: str, side: int, frame: int, bad_images: str
+            ) -> tuple[torch.Tensor, Framed | None, list[int]]:
+    """A split's images through the image store (``selfsup.store``): the centre crops, the
+    framed whole images (or None), and the indices of the files that decoded."""
+    from selfsup.store import open_store
+
+    st = open_store(paths, root, split, side, frame, _decode)
+    if not st.kept:
+        raise DataError(f"none of the {len(paths)} files could be read as an image: "
+                        f"{', '.join(st.bad[:3])}")
+    if st.bad:
+        _bad(bad_images, f"{len(st.bad)} unreadable image file(s)"
+             f"{'' if st.built else ' (found when the image store was built)'}", st.bad)
+    frames = None if st.frames is None or st.shapes is None else \
+        Framed(st.frames, st.shapes, st.centre)
+    return st.centre, frames, st.kept
+
+
+def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "skip",
+                      side_for: SideRule | None = None) -> ImageData:
     """Images from a folder: ``train/<class>/*`` and ``test/<class>/*``, or a flat folder.
 
     A folder with ``train/`` and ``test/`` subfolders of class folders gives a labeled data set
@@ -827,6 +1010,10 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
     warning (``bad_images="skip"``) or refused (``fail``); an empty class folder is named in a
     warning.
 
+    Images are decoded once into the image store beside the data (``selfsup.store``) and
+    mapped from there, at the side ``_side`` chooses: evaluation sees each image's centred
+    square; photos of other shapes keep them for pretraining (``ImageData.frames``).
+
     Raises:
         DataError: the folder is missing or cannot be read, holds no readable image, or a bad
             file and ``fail``.
@@ -836,11 +1023,16 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
     train, test = root / "train", root / "test"
     labeled = [_has_class_folders(train), _has_class_folders(test)]
     if all(labeled):
-        x, y, classes, left_out, files = _labeled_split(train, None, image_size, bad_images)
-        tx, ty, _, _, test_files = _labeled_split(test, classes, x.shape[-1], bad_images,
-                                                  left_out)
-        return ImageData(x, y, tx, ty, classes, root.name,
-                         files={"train": files, "test": test_files})
+        paths, labels, classes, left_out = _labeled_split(train, None, bad_images)
+        test_paths, test_labels, _, _ = _labeled_split(test, classes, bad_images, left_out)
+        side, frame = _side(paths, image_size, side_for)
+        x, frames, kept = _stored(paths, root, "train", side, frame, bad_images)
+        tx, _, test_kept = _stored(test_paths, root, "test", side, 0, bad_images)
+        return ImageData(x, torch.tensor([labels[i] for i in kept]), tx,
+                         torch.tensor([test_labels[i] for i in test_kept]), classes, root.name,
+                         files={"train": [os.path.abspath(paths[i]) for i in kept],
+                                "test": [os.path.abspath(test_paths[i]) for i in test_kept]},
+                         frames=frames)
     if any(labeled):
         has, lacks = ("train", "test") if labeled[0] else ("test", "train")
         warnings.warn(f"{root} has {has}/ with class folders but no {lacks}/<class>/ folders: "
@@ -849,9 +1041,10 @@ def load_image_folder(root: str | Path, image_size: int = 0, bad_images: str = "
     paths = image_files(root, bad_images)
     if not paths:
         raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    x, kept = decode_images(paths, image_size, bad_images)
+    side, frame = _side(paths, image_size, side_for)
+    x, frames, kept = _stored(paths, root, "all", side, frame, bad_images)
     return ImageData(x, None, None, None, [], root.name,
-                     files={"train": [os.path.abspath(paths[i]) for i in kept]})
+                     files={"train": [os.path.abspath(paths[i]) for i in kept]}, frames=frames)
 
 
 # --- digits ---------------------------------------------------------------------------------

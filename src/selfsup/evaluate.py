@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment import normalize, to_float
-from selfsup.config import Config
+from selfsup.config import MIN_STEPS, Config
 from selfsup.data import ImageData
 from selfsup.files import save_json, save_npy
 from selfsup.models import Encoder, in_batches
@@ -344,7 +344,6 @@ def evaluate_run(run_dir: str | Path, data: ImageData, encoder: Encoder | None =
     return update_metrics(run_dir, **metrics)
 
 
-MIN_STEPS = 100  # fewer optimiser steps: the figures say little about the method
 MIN_TEST = 1000  # fewer test images: an accuracy's 95 % interval is wider than +-3 points
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,26 @@ def unit_float(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def decode_folder(folder: str | Path, size: int, bad_images: str = "skip"
-                  ) -> tuple[torch.Tensor, list[Path]]:
-    """Every image under ``folder``, in sorted path order, decoded at ``size`` px, and the paths
-    of those that decoded (unreadable ones skipped with a counted warning, or refused under
-    ``bad_images="fail"``).
+def folder_chunks(folder: str | Path, size: int, bad_images: str = "skip"
+                  ) -> Iterator[tuple[torch.Tensor, list[Path]]]:
+    """Every image under ``folder``, in sorted path order, a chunk at a time (memory holds
+    one, whatever the number of files): each chunk's images as evaluation sees them (upright by
+    their EXIF orientation, the centred square of the shorter side at ``size`` px) and their
+    paths. Unreadable files are skipped with a counted warning, or refused under
+    ``bad_images="fail"``.
 
     Raises:
         DataError: no folder, one that cannot be read, no image in it, or a bad file under
             ``fail``.
     """
-    from selfsup.data import IMAGE_SUFFIXES, decode_images, image_files
+    from selfsup.data import IMAGE_SUFFIXES, decoded_chunks, image_files
 
     root = Path(folder)
     paths = image_files(root, bad_images)
     if not paths:
         raise DataError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    x, kept = decode_images(paths, size, bad_images)
-    return x, [paths[i] for i in kept]
+    for x, kept in decoded_chunks(paths, size, bad_images):
+        yield x, [paths[i] for i in kept]
 
 
 class FeatureExtractor(nn.Module):
@@ -87,16 +90,21 @@ class FeatureExtractor(nn.Module):
 
     def embed_folder(self, folder: str | Path, batch_size: int = 256, bad_images: str = "skip"
                      ) -> tuple[np.ndarray, list[Path]]:
-        """Features of every image under ``folder`` (resized to the training size), in sorted
-        path order, and those paths. Files that cannot be read (or exceed the pixel limit) are
+        """Features of every image under ``folder`` (``folder_chunks``: upright, the centred
+        square of the shorter side at the training side), in sorted path order, and those
+        paths. Files that cannot be read (or exceed the pixel limit) are
         skipped with a counted warning, or refused when ``bad_images`` is ``fail``.
 
         Raises:
             DataError: no folder, one that cannot be read, no image in it, or a bad file under
                 ``fail``.
         """
-        x, paths = decode_folder(folder, self.image_size, bad_images)
-        return self.embed(x, batch_size), paths
+        feats: list[np.ndarray] = []
+        paths: list[Path] = []
+        for x, kept in folder_chunks(folder, self.image_size, bad_images):
+            feats.append(self.embed(x, batch_size))
+            paths += kept
+        return np.concatenate(feats), paths
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
@@ -186,16 +194,18 @@ class ImageClassifier(nn.Module):
 
     def predict_folder(self, folder: str | Path, batch_size: int = 256,
                        bad_images: str = "skip") -> tuple[list[Path], np.ndarray, np.ndarray]:
-        """Every image under ``folder`` (sorted, resized to the training side): their paths,
+        """Every image under ``folder`` (sorted, as ``folder_chunks`` reads them): their paths,
         predicted class indices and probabilities. Unreadable files are skipped with a
         counted warning (or refused under ``bad_images="fail"``).
 
         Raises:
             DataError: no folder, one that cannot be read, or no image in it.
         """
-        x, paths = decode_folder(folder, self.image_size, bad_images)
-        labels, probs = self.predict(x, batch_size)
-        return paths, labels, probs
+        chunks = [(kept, *self.predict(x, batch_size))
+                  for x, kept in folder_chunks(folder, self.image_size, bad_images)]
+        return ([p for kept, _, _ in chunks for p in kept],
+                np.concatenate([labels for _, labels, _ in chunks]),
+                np.concatenate([probs for _, _, probs in chunks]))
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ImageClassifier:

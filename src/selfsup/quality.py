@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfsup.data import Images
+from selfsup.data import Framed, Images, shapes_of
 
 if TYPE_CHECKING:
     from selfsup.methods import Method
@@ -82,7 +82,10 @@ class QualityMonitor:
     def __init__(self, x_all: Images, size: int, seed: int, batch_size: int) -> None:
         n = len(x_all)
         pick = torch.from_numpy(np.random.default_rng(seed + 29).permutation(n)[:size])
-        self.x = x_all[pick.to(x_all.device)]
+        self.x = x_all[pick.to(x_all.device)]  # what the views are drawn from
+        self.shape = shapes_of(x_all, pick.to(x_all.device))
+        # what the features are of: the images as evaluation sees them
+        self.plain = x_all.centre[pick.to(x_all.device)] if isinstance(x_all, Framed) else self.x
         self.seed, self.batch_size = seed, batch_size
 
     @torch.no_grad()
@@ -94,13 +97,14 @@ class QualityMonitor:
         was_training = method.nets.training
         method.nets.eval()
         try:
-            h = embed(method.encoder, self.x, method.mean.tolist(), method.std.tolist(),
+            h = embed(method.encoder, self.plain, method.mean.tolist(), method.std.tolist(),
                       self.batch_size, method.device, method.nhwc)  # (n, D)
             gen = torch.Generator(device=method.device).manual_seed(self.seed + 31)
             z1s, z2s = [], []
             for i in range(0, len(self.x), self.batch_size):
                 b = self.x[i:i + self.batch_size].to(method.device)
-                v = torch.cat(method.pair_views(b, gen))  # (2b, 3, S, S): k and k+b pair up
+                shape = None if self.shape is None else self.shape[i:i + self.batch_size]
+                v = torch.cat(method.pair_views(b, gen, shape))  # (2b, 3, S, S): k and k+b pair up
                 z = F.normalize(method.head(method.encoder(v)).float(), dim=1)  # (2b, d)
                 z1s.append(z[:len(b)].cpu())
                 z2s.append(z[len(b):].cpu())

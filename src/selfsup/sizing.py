@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from selfsup import dist
-from selfsup.config import Config
-from selfsup.data import Images, physical_memory
+from selfsup.config import Config, parse_duration
+from selfsup.data import Images, physical_memory, shapes_of
 from selfsup.errors import ConfigError
 from selfsup.hardware import sync
 from selfsup.methods import METHODS, build_method
@@ -39,6 +40,7 @@ LADDER: tuple[dict[str, Any], ...] = (
 )
 MIN_EPOCHS = 35.0  # passes over the data the chosen encoder must still get in the budget
 SIZING_SHARE = 0.9  # of the budget, what the steps get (kNN checks, checkpoints take the rest)
+SIZING_MOST = 0.05  # of the budget, the most the sizing's timings may take: no rung is timed after
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -182,7 +184,8 @@ def time_step(cfg: Config, x_all: Images, mean: list[float], std: list[float],
         for _ in range(WINDOW):
             t0 = time.perf_counter()
             start = len(times) * local % max(1, len(x_all) - local)
-            method.step(x_all[start:start + local], 1e-6, gen)
+            rows = slice(start, start + local)
+            method.step(x_all[rows], 1e-6, gen, shape=shapes_of(x_all, rows))
             sync(device)
             times.append(time.perf_counter() - t0)
         if len(times) < 3 * WINDOW:
@@ -212,11 +215,17 @@ def choose_size(cfg: Config, x_all: Images, mean: list[float], std: list[float],
     rows: list[dict[str, Any]] = []
     chosen: Config | None = None
     torch_state = torch.random.get_rng_state()
+    t0 = time.perf_counter()
     for rung in LADDER:
         view = max(1, round(rung["view_size"] * side / 32))
         c = dataclasses.replace(cfg, model=rung["model"], width=rung["width"], view_size=view)
         if not _fits(c, side, x_all.device):
             continue
+        if chosen is not None and dist.any_true(time.perf_counter() - t0 >= SIZING_MOST * budget_s):
+            rows.append(dict(size=describe_size(c), step_s=0.0, epochs=0.0,
+                             untimed=f"not timed: the sizing had taken its "
+                                     f"{SIZING_MOST:.0%} of the budget"))
+            break
         step_s = float(dist.broadcast_object(time_step(c, x_all, mean, std, amp_dtype, batch)))
         epochs = SIZING_SHARE * budget_s / step_s / steps_per_epoch
         rows.append(dict(size=describe_size(c), step_s=step_s, epochs=epochs))
@@ -228,9 +237,57 @@ def choose_size(cfg: Config, x_all: Images, mean: list[float], std: list[float],
     if chosen is None:
         return cfg, dict(rows=rows, chosen="")
     if main:
-        lines = "\n".join(f"  {r['size']}: {1000 * r['step_s']:.0f} ms per step, "
-                          f"{r['epochs']:.0f} epochs" for r in rows)
+        lines = "\n".join(f"  {r['size']}: " + (r.get("untimed") or
+                                                 f"{1000 * r['step_s']:.0f} ms per step, "
+                                                 f"{r['epochs']:.0f} epochs") for r in rows)
         print(f"encoder for a {cfg.budget} budget on this machine (the largest with at least "
               f"{MIN_EPOCHS:.0f} epochs):\n{lines}\n  chosen: {describe_size(chosen)}; "
               f"--model, --width or --view-size choose it yourself", flush=True)
     return chosen, dict(rows=rows, chosen=describe_size(chosen))
+
+
+PHOTO_SIDES = (32, 48, 64, 96, 128, 160, 192, 224)  # the sides a folder of photos may be read at
+PHOTO_SIDE_UNTIMED = {"cpu": 64}  # without a budget to fit (or under torchrun); others: 128
+
+
+def photo_side(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
+               ) -> Callable[[int, int], tuple[int, str]]:
+    """The rule a folder of photos (images larger than ``data.AUTO_OWN_MOST``) is read by:
+    ``(median shorter side, images) -> (side, why)``.
+
+    With a budget: the ladder's cheapest rung is timed once at 32 px (on random images: the
+    time does not depend on what they show), a step at side s is taken to cost (s / 32)^2 of
+    that (its pixels), and the side is the largest (at most the images' own) at which the
+    budget still buys ``MIN_EPOCHS`` passes over the images: the encoder is then sized at that
+    side. Without a budget, or under torchrun (every process must read the same side, and the
+    processes have not met yet), ``PHOTO_SIDE_UNTIMED`` by device."""
+
+    def rule(median: int, n: int) -> tuple[int, str]:
+        sides = [s for s in PHOTO_SIDES if s <= median] or [PHOTO_SIDES[0]]
+        if not cfg.budget or cfg.steps or dist.launched():
+            side = PHOTO_SIDE_UNTIMED.get(device.type, 128)
+            side = max(s for s in sides if s <= side) if min(sides) <= side else sides[0]
+            why = "under torchrun" if dist.launched() else "no --budget to fit"
+            return side, f"{why}: {side} px on {device.type}"
+        rung = LADDER[0]
+        c = dataclasses.replace(cfg, model=rung["model"], width=rung["width"],
+                                view_size=rung["view_size"])
+        batch = max(2, cfg.batch_size)
+        x = torch.randint(0, 256, (batch + 1, 3, 32, 32), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        torch_state = torch.random.get_rng_state()
+        step_s = time_step(c, x, [0.5] * 3, [0.25] * 3, amp_dtype, batch)
+        torch.random.set_rng_state(torch_state)
+        budget_s = SIZING_SHARE * parse_duration(cfg.budget)
+        steps_per_epoch = max(1, n // batch)
+
+        def epochs(s: int) -> float:
+            return budget_s / (step_s * (s / 32) ** 2 * steps_per_epoch)
+
+        side = max([s for s in sides if epochs(s) >= MIN_EPOCHS] or [sides[0]])
+        why = (f"the largest side at which a {cfg.budget} budget buys {MIN_EPOCHS:.0f} epochs of "
+               f"{n} images: {epochs(side):.0f} at {side} px, from a "
+               f"{1000 * step_s:.0f} ms step at 32 px")
+        return side, why
+
+    return rule

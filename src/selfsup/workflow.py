@@ -41,7 +41,7 @@ from selfsup.finetune import (
     settings_from,
 )
 from selfsup.finetune import label_efficiency as measure_label_efficiency
-from selfsup.hardware import machine_info, select_device
+from selfsup.hardware import machine_info, select_device, select_precision
 from selfsup.inference import load_classifier, load_encoder
 from selfsup.logs import check_tensorboard
 from selfsup.methods import METHODS
@@ -55,7 +55,7 @@ from selfsup.runfolder import (
     run_folder,
     update_metrics,
 )
-from selfsup.sizing import check_model_input, check_model_size
+from selfsup.sizing import check_model_input, check_model_size, photo_side
 from selfsup.train import pretrain
 
 SUMMARY_ROWS = (("linear_probe", "linear probe"), ("knn", "kNN"))
@@ -102,6 +102,23 @@ def resolve(overrides: dict[str, Any], preset: str | None = None, resume: str | 
 def _load_data(cfg: Config, pretraining: bool = False) -> Any:
     """The run's data; STL-10's unlabeled images only where pretraining uses them."""
     return load_for(cfg, pretraining)
+
+
+def _load_to_train(cfg: Config, device: Any) -> tuple[Config, Any]:
+    """The data a new run trains on, photos at the side the machine and budget choose
+    (``sizing.photo_side``); that side is written into the config (``image_size``), so that
+    a resume, ``evaluate`` and ``embed`` read the images as this run did."""
+    chosen: list[int] = []
+
+    def side_for(median: int, n: int) -> tuple[int, str]:
+        side, why = photo_side(cfg, device, select_precision(cfg.precision, device)[0])(median, n)
+        chosen.append(side)
+        return side, why
+
+    data = load_for(cfg, pretraining=True, side_for=side_for)
+    if chosen:
+        cfg = config_from_dict({**cfg.to_dict(), "image_size": chosen[0]})
+    return cfg, data
 
 
 def _label_free_summary(metrics: dict[str, Any]) -> None:
@@ -203,7 +220,7 @@ def _train(resume: bool, everything: bool, start: float, cfg: Config, run_dir: P
     if cfg.view_size:
         check_model_input(cfg, cfg.view_size, device)
     t0 = time.perf_counter()
-    data = _load_data(cfg, pretraining=True)
+    cfg, data = _load_to_train(cfg, device)
     load_s = time.perf_counter() - t0
     if main:
         extra = data.pretrain_size - len(data.train_x)

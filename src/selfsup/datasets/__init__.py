@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.config import PLUGINS, Config, Plugin, declare
-from selfsup.data import ImageData
+from selfsup.data import ImageData, SideRule
 from selfsup.errors import DataError
 
 
@@ -31,6 +31,9 @@ class DataRequest:
     download: bool = True  # fetch the data when absent
     bad_images: str = "skip"  # image folders: skip unreadable files (counted), or fail
     pretraining: bool = True  # the images only pretraining uses (STL-10's unlabeled) too
+    # photos (images larger than data.AUTO_OWN_MOST) with no image_size: (median side, images)
+    # -> (side, why); the workflow's rule from the machine and the budget (sizing.photo_side)
+    side_for: SideRule | None = None
 
 
 Loader = Callable[[DataRequest, Any], ImageData]
@@ -62,8 +65,8 @@ def register_dataset(name: str, settings: type | None = None,
 
 
 def load_dataset(name: str, data_dir: str | Path, image_size: int = 0, download: bool = True,
-                 bad_images: str = "skip", *, pretraining: bool = True, **settings: Any
-                 ) -> ImageData:
+                 bad_images: str = "skip", *, pretraining: bool = True,
+                 side_for: SideRule | None = None, **settings: Any) -> ImageData:
     """Load a data set by name (``DATASETS``) with its own ``settings`` by name (their
     defaults where not given; e.g. ``cifar100_labels="coarse"``, ``stl10_fold=2``).
 
@@ -81,7 +84,8 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0, download:
     chosen = own(**settings) if own is not None else None
     if own is None and settings:
         raise TypeError(f"dataset {name} has no settings; got {', '.join(settings)}")
-    request = DataRequest(Path(data_dir), image_size, download, bad_images, pretraining)
+    request = DataRequest(Path(data_dir), image_size, download, bad_images, pretraining,
+                          side_for)
     try:
         return DATASETS[name](request, chosen)
     except OSError as e:
@@ -90,13 +94,15 @@ def load_dataset(name: str, data_dir: str | Path, image_size: int = 0, download:
                         f"{e.strerror or type(e).__name__}") from None
 
 
-def load_for(cfg: Config, pretraining: bool = False) -> ImageData:
+def load_for(cfg: Config, pretraining: bool = False, side_for: SideRule | None = None
+             ) -> ImageData:
     """The data set a config names, with its settings; the images only pretraining uses
-    (STL-10's unlabeled) only when ``pretraining``."""
+    (STL-10's unlabeled) only when ``pretraining``; photos at ``side_for``'s side when the
+    config names none."""
     own = PLUGINS["dataset"][cfg.dataset].settings
     settings = {} if own is None else dataclasses.asdict(cfg.of(own))
     return load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download,
-                        cfg.bad_images, pretraining=pretraining, **settings)
+                        cfg.bad_images, pretraining=pretraining, side_for=side_for, **settings)
 
 
 # Each module registers its data sets when imported: selfsup's own first, then any other.

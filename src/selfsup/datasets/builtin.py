@@ -49,4 +49,4 @@ def digits(req: DataRequest, settings: None) -> ImageData:
 
 @register_dataset("folder")
 def folder(req: DataRequest, settings: None) -> ImageData:
-    return load_image_folder(req.data_dir, req.image_size, req.bad_images)
+    return load_image_folder(req.data_dir, req.image_size, req.bad_images, req.side_for)

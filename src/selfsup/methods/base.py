@@ -186,19 +186,24 @@ class Method:
         named.update((k, m) for k, m in self.nets.items() if k != "online")
         return named
 
-    def views(self, x: torch.Tensor, gen: torch.Generator) -> Any:
+    def views(self, x: torch.Tensor, gen: torch.Generator, shape: torch.Tensor | None = None
+              ) -> Any:
         """A step's views of a uint8 batch (B, 3, H, W), normalised, on the device; whatever
         ``loss`` takes (the loop passes them on unopened). By default (2B, 3, S, S): two views
         of each image, rows k and k+B pairing up. A multi-crop method returns, e.g., a list of
-        batches of several sizes, and says so in ``view_sizes`` and ``pair_views``."""
-        v = augment(x, self.aug, gen, views=2)  # (2B, 3, S, S) in [0, 1]
+        batches of several sizes, and says so in ``view_sizes`` and ``pair_views``.
+
+        ``shape`` (B, 2): for photos of many shapes, each image's own height and width at the
+        top-left of its frame (``selfsup.data.Framed``); pass it to ``augment``, whose crops are
+        then drawn on each image's own shape. None: every image fills its (B, 3, H, W) row."""
+        v = augment(x, self.aug, gen, views=2, shape=shape)  # (2B, 3, S, S) in [0, 1]
         return normalize_into(v, self.mean, self.std, self.mem)
 
-    def pair_views(self, x: torch.Tensor, gen: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_views(self, x: torch.Tensor, gen: torch.Generator,
+                   shape: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views of each image, both (B, 3, S, S) and normalised: what the label-free
         monitor compares and the augmentation grid shows. By default the halves of ``views``."""
-        v = self.views(x, gen)
+        v = self.views(x, gen, shape)
         return v[:len(x)], v[len(x):]
 
     def update(self, v: Any, lr: float, progress: float = 0.0) -> torch.Tensor:
@@ -218,11 +223,11 @@ class Method:
         self.after_step(progress)
         return loss.detach()
 
-    def step(self, x: torch.Tensor, lr: float, gen: torch.Generator, progress: float = 0.0
-             ) -> torch.Tensor:
-        """Make the views of a uint8 batch (B, 3, H, W) and take one step; returns the
-        detached loss."""
-        return self.update(self.views(x, gen), lr, progress)
+    def step(self, x: torch.Tensor, lr: float, gen: torch.Generator, progress: float = 0.0,
+             shape: torch.Tensor | None = None) -> torch.Tensor:
+        """Make the views of a uint8 batch (B, 3, H, W) (of images of ``shape``, as ``views``)
+        and take one step; returns the detached loss."""
+        return self.update(self.views(x, gen, shape), lr, progress)
 
     def train(self, mode: bool = True) -> None:
         self.nets.train(mode)

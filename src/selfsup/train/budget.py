@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 from selfsup import dist
 from selfsup.checkpoint import global_rng_state, set_global_rng_state
-from selfsup.config import RANGES, Config, parse_duration, parse_replans
+from selfsup.config import MIN_STEPS, RANGES, Config, parse_duration, parse_replans
 from selfsup.errors import ConfigError
 from selfsup.files import save_json, save_torch
 from selfsup.methods import Method
@@ -29,6 +31,7 @@ BUDGET_MARGIN = 0.97  # of the time left, what the planned steps may take
 REPLAN_SHARES = (0.5, 0.8, 0.95)  # a budgeted run replans at these shares of its budget...
 REPLAN_TARGET = 0.99  # ... fitting its steps left to this share of the time left
 TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's first steps...
+TIMING_SHARE = 0.05  # ... or this share of the budget, when that is less...
 TIMING_MAX_STEPS = 200  # ... and at most this many
 TIMING_MIN_STEPS = 11  # ... and at least this many; the mean is over the second half
 
@@ -46,6 +49,16 @@ def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
     """
     per_step = step_s + checkpoint_s / max(1, steps_per_epoch)
     return max(1, int(BUDGET_MARGIN * budget_s / per_step))
+
+
+def too_short(budget: str, steps: int, step_s: float, spent_s: float) -> str:
+    """The warning for a budget that buys fewer than ``MIN_STEPS`` steps, with the budget
+    that would buy them (the time already spent, plus the steps, plus this module's margin)."""
+    need = spent_s + MIN_STEPS * step_s / BUDGET_MARGIN / (1 - MONITOR_SHARE)
+    return (f"warning: a {budget} budget buys {steps} steps at {1000 * step_s:.0f} ms each, "
+            f"after {spent_s:.0f} s of sizing and timing; a run needs at least {MIN_STEPS} for "
+            f"its figures to say much: --budget {math.ceil(need / 60)}m or more, or a smaller "
+            f"--image-size or --width")
 
 
 def timed_mean(times: list[float]) -> float:
@@ -80,9 +93,10 @@ def monitored_steps(left: float, step_s: float, ckpt_s: float, steps_per_epoch: 
     return steps, knn_every, checks
 
 
-def _time_first_steps(take_step: StepFn, window: int, warmup: int) -> list[float]:
-    """Take and time up to ``window`` steps (fewer once ``TIMING_SECONDS`` have passed, at
-    least ``TIMING_MIN_STEPS``); every process takes the same number."""
+def _time_first_steps(take_step: StepFn, window: int, warmup: int, seconds: float
+                      ) -> list[float]:
+    """Take and time up to ``window`` steps (fewer once ``seconds`` have passed, at least
+    ``TIMING_MIN_STEPS``); every process takes the same number."""
     times: list[float] = []
     step = 0
     while step < window:  # the total is not known yet: no step here depends on it
@@ -90,7 +104,7 @@ def _time_first_steps(take_step: StepFn, window: int, warmup: int) -> list[float
         take_step(step, 2**62, warmup)
         times.append(time.perf_counter() - t0)
         step += 1
-        enough = step >= TIMING_MIN_STEPS and sum(times) >= TIMING_SECONDS
+        enough = step >= TIMING_MIN_STEPS and sum(times) >= seconds
         if dist.any_true(enough):
             break
     return times
@@ -132,7 +146,8 @@ def fit_budget(cfg: Config, method: Method, take_step: StepFn, gen: torch.Genera
     snapshot = (copy.deepcopy(method.state_dict()), gen.get_state(), global_rng_state())
     if main:
         print(f"budget {cfg.budget}: timing the run's first steps", flush=True)
-    times = _time_first_steps(take_step, window if keep else TIMING_MIN_STEPS, warmup_full)
+    times = _time_first_steps(take_step, window if keep else TIMING_MIN_STEPS, warmup_full,
+                              min(TIMING_SECONDS, TIMING_SHARE * budget_s))
     step, step_s = len(times), timed_mean(times)
     ckpt_s = _checkpoint_seconds(method, cfg, run_dir, main)
 
@@ -161,6 +176,9 @@ def fit_budget(cfg: Config, method: Method, take_step: StepFn, gen: torch.Genera
               f"{len(times)} steps ({'kept' if keep else 'undone'}), so {total} steps "
               f"({total / steps_per_epoch:.1f} epochs), replanned from the run's own speed at "
               f"{', '.join(f'{x:.0%}' for x in REPLAN_SHARES)} of the budget", flush=True)
+        if total < MIN_STEPS:
+            print(too_short(cfg.budget, total, step_s, time.perf_counter() - t_start),
+                  file=sys.stderr, flush=True)
     return cfg, step, dict(budget_s=budget_s, timed_steps=len(times), step_s=step_s,
                            check_s=check_s, checks=checks, checkpoint_s=ckpt_s,
                            timed_steps_kept=keep, steps=total, planned_steps=total,

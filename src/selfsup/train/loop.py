@@ -112,6 +112,7 @@ class Trainer:
                                f"negatives are the others)")
         # (N, 3, H, W) uint8, resident: the training images, then any unlabeled ones
         self.x_all = data.pretrain_images().to(self.device)
+        self.eval_images = len(data.train_x) + (0 if data.test_x is None else len(data.test_x))
         cfg = _global_batch(cfg, len(self.x_all), self.world, self.main)
         self.batch = cfg.batch_size  # the global batch, over all processes
         self.steps_per_epoch = len(self.x_all) // self.batch
@@ -230,12 +231,24 @@ class Trainer:
                 self.steps_per_epoch, self.run_dir, self.main)
             self.log_steps(self.step)  # the timed steps the run kept (none when undone)
             self.train_time = self.budget["kept_seconds"]
+            if self.main:
+                self.say_evaluation(self.budget["step_s"])
         self.total = self.cfg.steps or self.cfg.epochs * self.steps_per_epoch
         self.warmup = min(self.total, round(self.cfg.warmup_epochs * self.steps_per_epoch))
         if self.resume and self.main:
             self.say_resumed()
         if self.main and not self.resume:
             save_json(self.cfg.to_dict(), self.run_dir / "config.json")
+
+    def say_evaluation(self, step_s: float) -> None:
+        """What evaluation after the budget will take, estimated from the step: a forward pass
+        is about a third of a training step's work per view, and scales with the pixels."""
+        n, side = self.eval_images, int(self.x_all.shape[-1])
+        view = self.cfg.view_size or side
+        per_image = step_s / (2 * self.batch) / 3 * (side / view) ** 2
+        print(f"after the budget, evaluation embeds {n} images of {side} px with the trained and "
+              f"the untrained encoder: about {2 * n * per_image / 60:.1f} min of it (estimated "
+              f"from the step), then the probes and figures", flush=True)
 
     def say_resumed(self) -> None:
         step, total, old_total = self.step, self.total, self.old_total

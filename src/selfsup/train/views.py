@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.data import Images
+from selfsup.data import Framed, Images, shapes_of
 from selfsup.methods import Method
 
 # Draw the next step's views before reading back this step's loss (None: on GPUs, where the
@@ -57,7 +57,7 @@ class Views:
             if self.device.type == "cuda" else []
         if marks:
             marks[0].record()
-        v = self.method.views(self.x_all[idx], self.gen)  # (2B, 3, S, S)
+        v = self.method.views(self.x_all[idx], self.gen, shapes_of(self.x_all, idx))
         if marks:
             marks[1].record()
         return v, marks, time.perf_counter() - t0
@@ -91,12 +91,15 @@ def views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndarr
     """(H, W, 3) image in [0, 1]: ``n`` training images (top row) and two views of each
     (``method.pair_views``), drawn with their own generator (the run's streams are not
     touched)."""
-    x = x_all[torch.linspace(0, len(x_all) - 1, n).long().to(x_all.device)]  # (n, 3, H, W)
+    pick = torch.linspace(0, len(x_all) - 1, n).long().to(x_all.device)
+    x = x_all[pick]  # (n, 3, H, W)
     g = torch.Generator(device=method.device).manual_seed(seed + 37)
     mean, std = method.mean.view(1, 3, 1, 1), method.std.view(1, 3, 1, 1)
-    a, b = (v.float() * std + mean for v in method.pair_views(x.to(method.device), g))
+    a, b = (v.float() * std + mean
+            for v in method.pair_views(x.to(method.device), g, shapes_of(x_all, pick)))
     side = a.shape[-1]
-    orig = torch.nn.functional.interpolate(x.float().cpu() / 255, size=(side, side),
+    shown = x_all.centre[pick] if isinstance(x_all, Framed) else x  # the images as evaluated
+    orig = torch.nn.functional.interpolate(shown.float().cpu() / 255, size=(side, side),
                                            mode="bilinear", antialias=True, align_corners=False)
     rows = [torch.cat(list(r.cpu()), dim=2) for r in (orig, a, b)]  # (3, S, n*S) each
     return torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy()  # (3S, nS, 3)
