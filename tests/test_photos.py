@@ -84,7 +84,7 @@ def test_decoding_for_embed_and_predict_keeps_the_shape(tmp_path):
                     turned=0)
     paths = sorted(tmp_path.glob("*.png"))
     x, kept = data.decode_images(paths, 24)
-    ref = torch.stack([torch.from_numpy(data.centre_crop(Image.open(p).convert("RGB"), 24))
+    ref = torch.stack([torch.from_numpy(data.centre_crop(Image.open(p).convert("RGB"), 24).copy())
                        for p in paths])
     assert kept == list(range(len(paths))) and torch.equal(x, ref)
     chunks = list(data.decoded_chunks(paths, 24))

@@ -117,8 +117,7 @@ class ImageData:
             return None if t is None else t.to(device)
 
         train_x = self.train_x.to(device)
-        frames = None if self.frames is None else Framed(
-            self.frames.frames.to(device), self.frames.shapes.to(device), train_x)
+        frames = None if self.frames is None else self.frames.to(device)
         return ImageData(train_x, move(self.train_y), move(self.test_x),  # type: ignore[arg-type]
                          move(self.test_y), self.classes, self.name,
                          tuple(u.to(device) for u in self.unlabeled_x), self.files, frames)
@@ -192,14 +191,19 @@ class Framed:
     ``shape``), so the photos keep their aspect ratio. ``centre`` holds the same images as
     evaluation sees them: (N, 3, S, S), the shorter side resized to S and centre-cropped.
 
-    It stands for images of side S: ``shape`` is (N, 3, S, S); indexing gives the frames.
+    It stands for images of side S: ``shape`` is (N, 3, S, S); indexing gives the frames, on
+    ``device``. Frames too large for a GPU's memory (``DEVICE_SHARE`` of it) stay in the host's
+    (the store's mapping) and each batch is copied over as it is drawn.
     """
 
-    def __init__(self, frames: torch.Tensor, shapes: torch.Tensor, centre: torch.Tensor) -> None:
+    DEVICE_SHARE = 0.5
+
+    def __init__(self, frames: torch.Tensor, shapes: torch.Tensor, centre: torch.Tensor,
+                 device: torch.device | None = None) -> None:
         if not len(frames) == len(shapes) == len(centre):
             raise ValueError("frames, shapes and centre crops of different lengths")
         self.frames, self.shapes, self.centre = frames, shapes, centre
-        self.device, self.dtype = frames.device, frames.dtype
+        self.device, self.dtype = device or frames.device, frames.dtype
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -209,10 +213,17 @@ class Framed:
         return torch.Size((len(self), *self.centre.shape[1:]))
 
     def to(self, device: torch.device | str) -> Framed:
+        device = torch.device(device)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            if self.frames.numel() > self.DEVICE_SHARE * total:  # they stay on the host
+                return Framed(self.frames, self.shapes.to(device), self.centre, device)
         return Framed(self.frames.to(device), self.shapes.to(device), self.centre.to(device))
 
     def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
-        return self.frames[idx]
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(self.frames.device)
+        return self.frames[idx].to(self.device, non_blocking=True)
 
 
 Images = torch.Tensor | ImageStack | Framed  # what pretraining indexes
@@ -221,7 +232,9 @@ Images = torch.Tensor | ImageStack | Framed  # what pretraining indexes
 def shapes_of(x: Images, idx: torch.Tensor | slice) -> torch.Tensor | None:
     """The (B, 2) shapes of the images at ``idx`` when ``x`` holds framed images of many
     shapes (``Framed``); None when each image fills its row."""
-    return x.shapes[idx] if isinstance(x, Framed) else None
+    if not isinstance(x, Framed):
+        return None
+    return x.shapes[idx.to(x.shapes.device) if isinstance(idx, torch.Tensor) else idx]
 
 
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -934,6 +947,11 @@ AUTO_OWN_MOST = 64  # folders whose median shorter side is at most this keep the
 SideRule = Callable[[int, int], tuple[int, str]]  # (median side, images) -> (side, why)
 
 
+def _first_process() -> bool:
+    """Not one of torchrun's other processes (which read the same folder: one says so)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _sample(paths: Sequence[Path]) -> tuple[int, bool, bool]:
     """The median shorter side of the first ``AUTO_SIDE_SAMPLE`` images that open (0: none
     does), whether all of them are square, and whether all are of one size."""
@@ -972,7 +990,7 @@ def _side(paths: list[Path], image_size: int, side_for: SideRule | None) -> tupl
     else:
         side, why = min(median, PHOTO_SIDE), "the default for photos"
     frame = 0 if square else 2 * side
-    if not (square and one_size and median == side):
+    if not (square and one_size and median == side) and _first_process():
         kept = "shapes kept: crops drawn on each image's own shape, evaluation on the centred " \
                "square of its shorter side" if frame else "images of other sizes resized to it"
         print(f"images: median shorter side {median} px, read at {side} px ({why}); {kept}",
@@ -986,7 +1004,7 @@ def _stored(paths: list[Path], root: Path, split: str, side: int, frame: int, ba
     framed whole images (or None), and the indices of the files that decoded."""
     from selfsup.store import open_store
 
-    st = open_store(paths, root, split, side, frame, _decode)
+    st = open_store(paths, root, split, side, frame, _decode, show=_first_process())
     if not st.kept:
         raise DataError(f"none of the {len(paths)} files could be read as an image: "
                         f"{', '.join(st.bad[:3])}")

@@ -85,7 +85,8 @@ class QualityMonitor:
         self.x = x_all[pick.to(x_all.device)]  # what the views are drawn from
         self.shape = shapes_of(x_all, pick.to(x_all.device))
         # what the features are of: the images as evaluation sees them
-        self.plain = x_all.centre[pick.to(x_all.device)] if isinstance(x_all, Framed) else self.x
+        self.plain = x_all.centre[pick.to(x_all.centre.device)] if isinstance(x_all, Framed) \
+            else self.x
         self.seed, self.batch_size = seed, batch_size
 
     @torch.no_grad()

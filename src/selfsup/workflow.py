@@ -477,6 +477,9 @@ def _compare(methods: list[str], fraction: float, subsets: int, overrides: dict[
             code = 0
         if code:
             return code
+        side = int(finished_config(str(run_dir), None).image_size)
+        if side and not overrides.get("image_size"):  # photos: every method at the first's side
+            overrides = {**overrides, "image_size": side}
     rows = [method_row(folder / m, fraction, subsets) for m in methods]
     first = read_metrics(folder / methods[0])
     shown = ([f"--preset {preset}"] if preset else []) + [

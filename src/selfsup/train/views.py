@@ -98,7 +98,7 @@ def views_grid(x_all: Images, method: Method, seed: int, n: int = 8) -> np.ndarr
     a, b = (v.float() * std + mean
             for v in method.pair_views(x.to(method.device), g, shapes_of(x_all, pick)))
     side = a.shape[-1]
-    shown = x_all.centre[pick] if isinstance(x_all, Framed) else x  # the images as evaluated
+    shown = x_all.centre[pick.to(x_all.centre.device)] if isinstance(x_all, Framed) else x
     orig = torch.nn.functional.interpolate(shown.float().cpu() / 255, size=(side, side),
                                            mode="bilinear", antialias=True, align_corners=False)
     rows = [torch.cat(list(r.cpu()), dim=2) for r in (orig, a, b)]  # (3, S, n*S) each
