@@ -72,7 +72,8 @@ def _key(paths: list[Path], root: Path, side: int, frame: int) -> str:
     h = hashlib.sha256(f"{VERSION} {side} {frame}\n".encode())
     for p in paths:
         st = os.stat(p)
-        h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(os.path.relpath(p, root)))  # any name the system allows
+        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -149,7 +150,8 @@ def _build(paths: list[Path], folder: Path, side: int, frame: int, key: str, sta
                 if a is not None:
                     a.flush()
             if reasons:
-                with open(folder / "bad.txt", "a") as f:
+                with open(folder / "bad.txt", "a", encoding="utf-8",
+                          errors="surrogateescape") as f:
                     f.write("".join(r.replace("\n", " ") + "\n" for r in reasons))
             atomic_write_text(json.dumps(dict(key=key, count=n, side=side, frame=frame,
                                               done=hi)), folder / "index.json")
@@ -213,7 +215,8 @@ def open_store(paths: list[Path], root: Path, split: str, side: int, frame: int,
     rows = int(_read_index(folder)["rows"])  # type: ignore[call-overload]
     centre, frames, shapes, _ = _maps(folder, rows, side, frame, "c")
     bad_file = folder / "bad.txt"
-    bad = bad_file.read_text().splitlines() if bad_file.exists() else []
+    bad = bad_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines() \
+        if bad_file.exists() else []
     return Stored(torch.from_numpy(centre), None if frames is None else torch.from_numpy(frames),
                   None if shapes is None else torch.from_numpy(np.asarray(shapes, np.int64)),
                   np.load(folder / "kept.npy").tolist(), bad, folder, built)
