@@ -40,6 +40,9 @@ from selfsup.train.resume import extension, load_resumable, restore
 from selfsup.train.views import Views, views_grid
 
 
+EMBED_PER_VIEW = 0.8  # embedding an image, against a step's time per view at the same side
+
+
 @dataclass
 class PretrainResult:
     encoder: Encoder
@@ -241,11 +244,12 @@ class Trainer:
             save_json(self.cfg.to_dict(), self.run_dir / "config.json")
 
     def say_evaluation(self, step_s: float) -> None:
-        """What evaluation after the budget will take, estimated from the step: a forward pass
-        is about a third of a training step's work per view, and scales with the pixels."""
+        """What evaluation after the budget will take, estimated from the step: embedding an
+        image at the image side costs about ``EMBED_PER_VIEW`` of a training step's share per
+        view, scaled by the pixels (BENCHMARKS.md, "Your own photos")."""
         n, side = self.eval_images, int(self.x_all.shape[-1])
         view = self.cfg.view_size or side
-        per_image = step_s / (2 * self.batch) / 3 * (side / view) ** 2
+        per_image = step_s / (2 * self.batch) * EMBED_PER_VIEW * (side / view) ** 2
         print(f"after the budget, evaluation embeds {n} images of {side} px with the trained and "
               f"the untrained encoder: about {2 * n * per_image / 60:.1f} min of it (estimated "
               f"from the step), then the probes and figures", flush=True)
