@@ -15,7 +15,8 @@ tag (as phones store them). Labels are CIFAR-10's (``--train``/``--test`` per cl
 
 ``watch`` runs a command and samples its memory every 0.2 s (the process and its children, from
 /proc): peak anonymous memory (RssAnon: what the process itself holds) and peak resident memory
-(RssAnon + RssFile + RssShmem: mapped files included), and the wall time.
+(RssAnon + RssFile + RssShmem: mapped files included), and the wall time; with
+``WATCH_TRACE=FILE``, every sample.
 """
 
 from __future__ import annotations
@@ -111,14 +112,21 @@ def _children(pid: int) -> list[int]:
 
 
 def watch(command: list[str]) -> None:
+    """Run ``command``; print its peaks; write every sample (seconds, anonymous and resident
+    bytes) to ``$WATCH_TRACE`` when set."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(command)
     anon = total = 0
+    trace = open(os.environ["WATCH_TRACE"], "w") if os.environ.get("WATCH_TRACE") else None
     while proc.poll() is None:
         now = [_status(p) for p in (proc.pid, *_children(proc.pid))]
-        anon = max(anon, sum(s.get("RssAnon", 0) for s in now))
-        total = max(total, sum(sum(s.values()) for s in now))
+        a, t = sum(s.get("RssAnon", 0) for s in now), sum(sum(s.values()) for s in now)
+        anon, total = max(anon, a), max(total, t)
+        if trace is not None:
+            trace.write(f"{time.perf_counter() - t0:.1f} {a} {t}\n")
         time.sleep(0.2)
+    if trace is not None:
+        trace.close()
     print(f"watch: exit {proc.returncode}, {time.perf_counter() - t0:.1f} s, peak anonymous "
           f"{anon / 2**30:.2f} GiB, peak resident {total / 2**30:.2f} GiB", flush=True)
     sys.exit(proc.returncode)

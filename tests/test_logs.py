@@ -32,6 +32,7 @@ def _check_log(run, total, checks):
     for e in entries:
         if "loss" in e:
             assert e["images_per_s"] > 0 and 0 <= e["views_share"] <= 1 and e["lr"] >= 0
+            assert 0 <= e["read_share"] <= e["views_share"]
             assert e["epoch"] == pytest.approx(e["step"] / 11)
         else:
             assert 0 <= e["knn"] <= 1 and e["rankme"] >= 1

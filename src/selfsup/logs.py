@@ -109,11 +109,12 @@ class RunLog:
                     self.writer.add_scalar(f"pretrain/{key}", value, step)
 
     def step(self, step: int, epoch: float, lr: float, loss: float, images_per_s: float,
-             views_share: float) -> None:
-        """One optimiser step (``step`` counts from 1: the steps done)."""
+             views_share: float, read_share: float = 0.0) -> None:
+        """One optimiser step (``step`` counts from 1: the steps done); ``read_share``: of the
+        step, the part of ``views_share`` spent reading the images (the data's wait)."""
         if self.enabled:
             self._write(dict(step=step, epoch=epoch, lr=lr, loss=loss, images_per_s=images_per_s,
-                             views_share=views_share))
+                             views_share=views_share, read_share=read_share))
 
     def check(self, step: int, epoch: float, values: dict[str, float]) -> None:
         """The monitors' values after ``step`` steps (0: the untrained networks)."""

@@ -285,9 +285,12 @@ def photo_side(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
             return budget_s / (step_s * (s / 32) ** 2 * steps_per_epoch)
 
         side = max([s for s in sides if epochs(s) >= MIN_EPOCHS] or [sides[0]])
-        why = (f"the largest side at which a {cfg.budget} budget buys {MIN_EPOCHS:.0f} epochs of "
-               f"{n} images: {epochs(side):.0f} at {side} px, from a "
-               f"{1000 * step_s:.0f} ms step at 32 px")
-        return side, why
+        timed = f"from a {1000 * step_s:.0f} ms step at 32 px"
+        if epochs(side) < MIN_EPOCHS:
+            return side, (f"the smallest side: a {cfg.budget} budget buys {epochs(side):.1f} "
+                          f"epochs of {n} images at {side} px, {timed}")
+        return side, (f"the largest side at which a {cfg.budget} budget buys "
+                      f"{MIN_EPOCHS:.0f} epochs of {n} images: {epochs(side):.0f} at {side} px, "
+                      f"{timed}")
 
     return rule

@@ -39,7 +39,6 @@ from selfsup.train.progress import Progress, StopOnSignal
 from selfsup.train.resume import extension, load_resumable, restore
 from selfsup.train.views import Views, views_grid
 
-
 EMBED_PER_VIEW = 0.8  # embedding an image, against a step's time per view at the same side
 
 
@@ -140,9 +139,11 @@ class Trainer:
         self.total = self.warmup = self.old_total = 0
         self.seconds_per_step = 0.0  # a resumed run's, from its checkpoint
         self.budget: dict[str, Any] = {}
-        # Steps taken and not yet logged: (steps done, lr, loss, seconds, seconds making views).
-        self.pending: list[tuple[int, float, float, float, float]] = []
+        # Steps taken and not yet logged: (steps done, lr, loss, seconds, seconds making views,
+        # seconds of those reading the images).
+        self.pending: list[tuple[int, float, float, float, float, float]] = []
         self.views_time = 0.0  # of the steps logged in this invocation: seconds making views
+        self.read_time = 0.0  # ... and of those, reading the images
         self.train_time = 0.0  # seconds of the training steps of this invocation
         self.log: RunLog
 
@@ -177,7 +178,8 @@ class Trainer:
                     self.log_steps(self.step)
                     progress.update(self.step, self.losses[-1], lr,
                                     images / max(self.train_time, 1e-9),
-                                    self.views_time / max(self.train_time, 1e-9))
+                                    self.views_time / max(self.train_time, 1e-9),
+                                    self.read_time / max(self.train_time, 1e-9))
                     self.check_and_save(stop, gen_state)
                     if replans.due(self.step, self.total):
                         self.cfg = replans.replan(self.cfg, self.step, self.total,
@@ -277,7 +279,7 @@ class Trainer:
         where, plan = schedule_step(at, total, parse_replans(self.cfg.replans))
         lr = lr_at(where, plan, warmup, self.peak_lr)
         t0 = time.perf_counter()
-        v, marks, views_s = self.views.take(at)
+        v, marks, views_s, read_s = self.views.take(at)
         loss = self.method.update(v, lr, where / plan)
         del v
         self.views.draw_next(at + 1, total)
@@ -285,7 +287,7 @@ class Trainer:
         loss_value = dist.all_mean(float(loss))
         if marks:  # the device's own time for the views (the host's is only their launch)
             views_s = marks[0].elapsed_time(marks[1]) / 1000
-        self.pending.append((at + 1, lr, loss_value, time.perf_counter() - t0, views_s))
+        self.pending.append((at + 1, lr, loss_value, time.perf_counter() - t0, views_s, read_s))
         if not math.isfinite(loss_value):
             raise SelfsupError(
                 f"loss became {loss_value} at step {at + 1}; the last good checkpoint "
@@ -296,11 +298,13 @@ class Trainer:
     def log_steps(self, upto: int) -> None:
         """Write the pending steps up to ``upto`` steps done to the log; drop the rest (the
         budget's timed steps, when it undoes them)."""
-        for done, lr, loss, seconds, views_s in self.pending:
+        for done, lr, loss, seconds, views_s, read_s in self.pending:
             if done <= upto:
                 self.views_time += views_s
+                self.read_time += read_s
                 self.log.step(done, done / self.steps_per_epoch, lr, loss,
-                              self.batch / max(seconds, 1e-9), views_s / max(seconds, 1e-9))
+                              self.batch / max(seconds, 1e-9), views_s / max(seconds, 1e-9),
+                              read_s / max(seconds, 1e-9))
         self.pending.clear()
 
     def check_monitors(self, at: int) -> None:

@@ -25,19 +25,22 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.t0, self.s0 = time.perf_counter(), initial
 
-    def update(self, step: int, loss: float, lr: float, ips: float, views: float) -> None:
-        """``views``: the share of step time spent making the views (the augmentation): near 1,
-        the CPU's augmentation is the bottleneck; near 0, the model is."""
+    def update(self, step: int, loss: float, lr: float, ips: float, views: float,
+               read: float = 0.0) -> None:
+        """``views``: the share of step time spent making the views (reading the images, then
+        the augmentation): near 1, the CPU's augmentation is the bottleneck; near 0, the model
+        is. ``read``: of it, reading the images (the step's wait for data)."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}",
-                                 views=f"{views:.0%}")
+                                 views=f"{views:.0%}", data=f"{read:.0%}")
         elif step % self.every == 0 or step == self.total:
             left = (self.total - step) * (time.perf_counter() - self.t0) / max(1, step - self.s0)
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  {ips:.0f} img/s  "
-                  f"views {views:.0%} of step time  {left / 60:.1f} min left", file=sys.stderr,
+                  f"views {views:.0%} of step time (data {read:.0%})  {left / 60:.1f} min left",
+                  file=sys.stderr,
                   flush=True)
 
     def set_total(self, total: int) -> None:

@@ -44,8 +44,9 @@ class Views:
         self.order: dict[int, torch.Tensor] = {}
         self.ahead: dict[str, Any] = {}
 
-    def draw(self, at: int) -> tuple[torch.Tensor, list[Any], float]:
-        """Step ``at``'s views; the CUDA events around them (none elsewhere); host seconds."""
+    def draw(self, at: int) -> tuple[torch.Tensor, list[Any], float, float]:
+        """Step ``at``'s views; the CUDA events around them (none elsewhere); host seconds, of
+        all of it and of reading the images (a memory-mapped store's pages included)."""
         epoch, i = divmod(at, self.steps_per_epoch)
         if epoch not in self.order:  # one permutation per epoch, a function of (seed, epoch)
             self.order.clear()
@@ -57,12 +58,14 @@ class Views:
             if self.device.type == "cuda" else []
         if marks:
             marks[0].record()
-        v = self.method.views(self.x_all[idx], self.gen, shapes_of(self.x_all, idx))
+        x, shape = self.x_all[idx], shapes_of(self.x_all, idx)
+        read_s = time.perf_counter() - t0
+        v = self.method.views(x, self.gen, shape)
         if marks:
             marks[1].record()
-        return v, marks, time.perf_counter() - t0
+        return v, marks, time.perf_counter() - t0, read_s
 
-    def take(self, at: int) -> tuple[torch.Tensor, list[Any], float]:
+    def take(self, at: int) -> tuple[torch.Tensor, list[Any], float, float]:
         """Step ``at``'s views: those drawn ahead when they are still current, else drawn now."""
         if self.ahead.get("step") == at and self.ahead_is_current():
             drawn = self.ahead["views"]
