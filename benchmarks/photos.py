@@ -5,6 +5,7 @@
     python benchmarks/photos.py make --source /work/data/cifar10-jpg --out /work/data/photos100k \
         --flat 100000
     python benchmarks/photos.py watch -- selfsup run --dataset folder --data-dir ...
+    python benchmarks/photos.py frames /work/data/photos23k/.selfsup/train-32
 
 ``make`` turns each CIFAR-10 image (the JPEG copy, 32 px) into a photo: its centre cut to one of
 the shapes 4:3, 3:4, 16:9, 1:1 and 3:2, scaled up to 480-1024 px on the long side; JPEG, with
@@ -132,6 +133,43 @@ def watch(command: list[str]) -> None:
     sys.exit(proc.returncode)
 
 
+def frames(store: Path, batch: int, view: int, rounds: int = 40) -> None:
+    """Time a step's reading of ``batch`` random images from an image store (frames and shapes,
+    as pretraining gathers them), and the augmentation of two views of them at ``view`` px
+    from frames of the store's side, of the image side (a square set) and in between."""
+    import json
+
+    import torch
+
+    from selfsup.augment import AugmentParams, augment
+
+    index = json.loads((store / "index.json").read_text())
+    n, f, s = index["rows"], index["frame"], index["side"]
+    fr = torch.from_numpy(np.memmap(store / "frames.u8", np.uint8, "c", shape=(n, 3, f, f)))
+    sh = torch.from_numpy(np.memmap(store / "shapes.i16", np.int16, "c", shape=(n, 2))
+                          .astype(np.int64))
+    g = torch.Generator().manual_seed(0)
+
+    def mean_ms(fn: object) -> float:
+        ts = []
+        for _ in range(rounds):
+            idx = torch.randperm(n, generator=g)[:batch]
+            t0 = time.perf_counter()
+            fn(idx)  # type: ignore[operator]
+            ts.append(time.perf_counter() - t0)
+        return 1000 * sum(ts[rounds // 4:]) / len(ts[rounds // 4:])
+
+    print(f"{torch.get_num_threads()} threads; store {store}: {n} images, side {s}, frames {f}")
+    print(f"read {batch} frames and shapes: {mean_ms(lambda i: (fr[i], sh[i])):.1f} ms")
+    p = AugmentParams(out_size=view, scale=(0.2, 1.0))
+    for side in sorted({s, (s + f) // 2, f}):
+        x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
+        shapes = sh.clamp(max=side) if side > s else None
+        ms = mean_ms(lambda i, x=x, shapes=shapes: augment(
+            x[i], p, g, views=2, shape=None if shapes is None else shapes[i]))
+        print(f"augment 2 views of {batch} at {view} px from {side} px frames: {ms:.1f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,9 +181,15 @@ def main() -> None:
     m.add_argument("--flat", type=int, default=0, help="this many unlabeled photos instead")
     w = sub.add_parser("watch")
     w.add_argument("command", nargs=argparse.REMAINDER)
+    f = sub.add_parser("frames")
+    f.add_argument("store", type=Path)
+    f.add_argument("--batch", type=int, default=512)
+    f.add_argument("--view", type=int, default=20)
     a = p.parse_args()
     if a.cmd == "make":
         make(a.source, a.out, a.train, a.test, a.flat)
+    elif a.cmd == "frames":
+        frames(a.store, a.batch, a.view)
     else:
         watch([c for c in a.command if c != "--"] if a.command[:1] == ["--"] else a.command)
 
