@@ -23,6 +23,15 @@ from tests.helpers import (
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Image stores of folders the tests cannot write go to a cache of the tests' own, never
+    the user's (``selfsup.store.location``); subprocesses inherit it."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def cifar_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A data folder holding a generated cifar-10-batches-py/, with the MD5 table set to match."""

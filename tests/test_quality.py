@@ -99,3 +99,18 @@ def test_monitor_history_survives_a_resume(digits, tmp_path):
     more = train.pretrain(_cfg(epochs=2), digits, tmp_path / "r", resume=True)
     assert [e["step"] for e in first.quality_history] == [0, 11]
     assert [e["step"] for e in more.quality_history] == [0, 11, 22]
+
+
+def test_projections_on_one_line_are_a_collapse_whatever_the_features_rank():
+    """The features keep their rank, the projections have fallen to one direction: collapsed.
+    Untrained (step 0) or with projections of rank 2 or more: no warning from this rule."""
+    h = _history([30, 31, 32])
+    for e, z in zip(h, (12.0, 6.0, 1.1), strict=True):
+        e["projection_rankme"] = z
+    assert "effective rank (RankMe) of 1.10" in quality.collapse_warning(h)
+    h[-1]["projection_rankme"] = 2.5
+    assert quality.collapse_warning(h) is None
+    h = _history([30, 31])
+    h[-1]["step"] = 0.0
+    h[-1]["projection_rankme"] = 1.0
+    assert quality.collapse_warning(h) is None

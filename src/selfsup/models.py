@@ -346,12 +346,18 @@ def vit_micro(width: int) -> Encoder:
 
 
 class ProjectionHead(nn.Module):
-    """g(h) = W2 ReLU(BN(W1 h)): the 2-layer MLP of SimCLR, (B, in_dim) -> (B, out_dim)."""
+    """g(h) = W2 ReLU(BN(W1 h)): the 2-layer MLP of SimCLR, (B, in_dim) -> (B, out_dim); with
+    ``layers`` > 2, that many linear layers, each but the last followed by batch norm and ReLU
+    (the 3-layer projectors of Barlow Twins and VICReg)."""
 
-    def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128) -> None:
+    def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128, layers: int = 2
+                 ) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        blocks: list[nn.Module] = []
+        for k in range(layers - 1):
+            blocks += [nn.Linear(in_dim if k == 0 else hidden, hidden, bias=False),
+                       nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*blocks, nn.Linear(hidden if layers > 1 else in_dim, out_dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)

@@ -32,14 +32,17 @@ if TYPE_CHECKING:
     from selfsup.methods import Method
 
 RANKME_EPS = 1e-7  # the paper's epsilon inside the entropy
-SIGNALS = ("rankme", "feature_dim", "alignment", "uniformity")  # what ``measure`` returns
+# what ``measure`` returns (``projection_rankme``: RankMe of the projections z of the views)
+SIGNALS = ("rankme", "feature_dim", "alignment", "uniformity", "projection_rankme")
 MONITOR_IMAGES = 2048  # the fixed subset: more rows than any encoder here has feature columns
+POINT_RANK = 1.5  # projections of effective rank under this after training: collapsed
 COLLAPSE_FRACTION = 0.05  # effective rank under this share of the feature width: collapsed
 FALLING_CHECKS = 3  # RankMe falling this many checks in a row, by 20 % in all: collapsing
 FALLING_BY = 0.8
 COLLAPSE_CAUSES = ("a learning rate too high for the batch, a temperature too low, too weak "
-                   "augmentation, or for BYOL a target momentum or predictor that lets the two "
-                   "networks agree on a constant")
+                   "augmentation, for BYOL a target momentum or predictor that lets the two "
+                   "networks agree on a constant, or for VICReg or Barlow Twins a variance, "
+                   "covariance or redundancy term set too low")
 
 
 def rankme(features: torch.Tensor | np.ndarray) -> float:
@@ -114,7 +117,8 @@ class QualityMonitor:
         z1, z2 = torch.cat(z1s), torch.cat(z2s)
         return dict(rankme=rankme(h), feature_dim=float(h.shape[1]),
                     alignment=alignment(z1, z2),
-                    uniformity=(uniformity(z1) + uniformity(z2)) / 2)
+                    uniformity=(uniformity(z1) + uniformity(z2)) / 2,
+                    projection_rankme=rankme(torch.cat([z1, z2])))
 
 
 def collapse_warning(history: list[dict[str, Any]]) -> str | None:
@@ -122,10 +126,19 @@ def collapse_warning(history: list[dict[str, Any]]) -> str | None:
 
     Collapsed: the last effective rank is under ``COLLAPSE_FRACTION`` of the feature width.
     Collapsing: it fell at each of the last ``FALLING_CHECKS`` checks, by 20 % or more in all.
+    Also collapsed, whatever the rank of the features: the projections z of the views have
+    an effective rank under ``POINT_RANK`` after training (one point, or two opposite ones):
+    the loss is then met by a constant, as when nothing in a non-contrastive loss holds the
+    images apart; the encoder's features may keep their rank for a while after it.
     """
     ranks = [float(e["rankme"]) for e in history if "rankme" in e]
     if len(ranks) < 2:
         return None
+    last_z = history[-1].get("projection_rankme")
+    if last_z is not None and float(history[-1].get("step", 0)) > 0 and last_z < POINT_RANK:
+        return (f"the representation has collapsed: the projections of different images have "
+                f"an effective rank (RankMe) of {float(last_z):.2f}, all on one line. Usual "
+                f"causes: {COLLAPSE_CAUSES}.")
     width = float(history[-1].get("feature_dim", 0)) or None
     last = ranks[-1]
     if width and last < COLLAPSE_FRACTION * width:

@@ -42,10 +42,10 @@ def build_method(cfg: Config, device: torch.device, image_size: int, mean: list[
     return METHODS[cfg.method](cfg, device, image_size, mean, std, peak_lr, amp_dtype, batch)
 
 
-def init_head(cfg: Config, feature_dim: int) -> ProjectionHead:
+def init_head(cfg: Config, feature_dim: int, layers: int = 2) -> ProjectionHead:
     """The projection head g at its initial weights (seeded apart from the encoder)."""
     torch.manual_seed(cfg.seed + 1)
-    return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
+    return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim, layers)
 
 
 def use_channels_last(encoder: nn.Module, requested: bool, device: torch.device,
@@ -101,6 +101,7 @@ class Method:
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
     loss_name: ClassVar[str] = "loss"  # the loss as its paper names it, for figures
+    head_layers: ClassVar[int] = 2  # linear layers of the projection head g
 
     @classmethod
     def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
@@ -122,7 +123,8 @@ class Method:
         self.nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=dist.is_main())
         predictor = self.predictor(cfg)
         online = Online(prepare(encoder, device, self.nhwc),
-                        prepare(init_head(cfg, encoder.feature_dim), device, False),
+                        prepare(init_head(cfg, encoder.feature_dim, self.head_layers), device,
+                                False),
                         None if predictor is None else predictor.to(device))
         nets = nn.ModuleDict(dict(online=online, **self.build(online)))
         if dist.world_size() > 1 and cfg.sync_bn:

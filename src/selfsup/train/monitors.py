@@ -55,7 +55,8 @@ class Monitors:
     def quality_history(self) -> list[dict[str, float]]:
         from selfsup.quality import SIGNALS
 
-        return [dict(step=float(r["step"]), epoch=r["epoch"], **{k: r[k] for k in SIGNALS})
+        return [dict(step=float(r["step"]), epoch=r["epoch"],
+                     **{k: r[k] for k in SIGNALS if k in r})
                 for r in self.history if "rankme" in r]
 
     def restore(self, knn_history: list[dict[str, float]],
