@@ -1,0 +1,78 @@
+"""VICReg (Bardes, Ponce and LeCun, ICLR 2022): the embeddings of two views of an image are
+pulled together (invariance), each dimension is kept spread over the batch (variance) and the
+dimensions apart from each other (covariance); no negatives, no momentum network, no predictor.
+The encoder f is saved and evaluated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from selfsup import dist
+from selfsup.config import Range, setting
+from selfsup.losses import fp32_loss
+from selfsup.methods.base import Method, register_method
+
+
+@dataclass(frozen=True)
+class VICRegSettings:
+    sim_coeff: float = setting(25.0, "VICReg: weight of the invariance term (the paper: 25)",
+                               Range(0, 1e4))
+    std_coeff: float = setting(25.0, "VICReg: weight of the variance term (the paper: 25)",
+                               Range(0, 1e4))
+    cov_coeff: float = setting(1.0, "VICReg: weight of the covariance term (the paper: 1)",
+                               Range(0, 1e4))
+
+
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+@fp32_loss
+def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim: float = 25.0, std: float = 25.0,
+                cov: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """The VICReg loss of two (N, D) batches of embeddings, row k of each from image k (the
+    paper's section 3 and its code): ``sim`` times the mean squared distance of the pairs,
+    ``std`` times the mean hinge max(0, 1 - sqrt(Var + eps)) of each dimension over the batch,
+    averaged over the two branches, and ``cov`` times the sum of the squared off-diagonal
+    covariances divided by D, summed over the two branches."""
+    n, d = za.shape
+    invariance = F.mse_loss(za, zb)
+    za, zb = za - za.mean(dim=0), zb - zb.mean(dim=0)
+    std_a = torch.sqrt(za.var(dim=0) + eps)
+    std_b = torch.sqrt(zb.var(dim=0) + eps)
+    variance = F.relu(1 - std_a).mean() / 2 + F.relu(1 - std_b).mean() / 2
+    cov_a = za.T @ za / (n - 1)
+    cov_b = zb.T @ zb / (n - 1)
+    covariance = _off_diagonal(cov_a).pow(2).sum() / d + _off_diagonal(cov_b).pow(2).sum() / d
+    return sim * invariance + std * variance + cov * covariance
+
+
+@register_method("vicreg")
+class VICReg(Method):
+    """Encoder f and a 3-layer expander g (each layer but the last with batch norm and ReLU, as
+    the paper's), trained by ``vicreg_loss`` with the paper's coefficients 25 / 25 / 1. The
+    expander is 2048-2048-2048 (solo-learn's CIFAR setting; the paper's ImageNet one is
+    8192 wide, which a CPU cannot afford). Under torchrun the loss sees every process's
+    embeddings (``dist.gather_with_grad``), as the paper's code gathers them, so the variance
+    and covariance are those of the global batch."""
+
+    title = "VICReg"
+    loss_name = "VICReg: 25 invariance + 25 variance + 1 covariance"
+    Settings = VICRegSettings
+    settings: VICRegSettings
+    head_layers = 3
+    defaults = dict(proj_hidden=2048, proj_dim=2048)
+    progress_free = True
+    evaluated = "the encoder f (the expander g is dropped, as in the paper)"
+
+    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
+        b = v.shape[0] // 2
+        z = self.net(v)  # (2B, proj_dim)
+        za, zb = dist.gather_with_grad(z[:b]), dist.gather_with_grad(z[b:])
+        s = self.settings
+        return vicreg_loss(za, zb, s.sim_coeff, s.std_coeff, s.cov_coeff)
