@@ -1,0 +1,67 @@
+"""Barlow Twins (Zbontar, Jing, Misra, LeCun and Deny, ICML 2021): the cross-correlation
+matrix of the two views' embeddings, each dimension standardised over the batch, is pushed to
+the identity: equal on the diagonal (invariance), zero off it (redundancy reduction); no
+negatives, no momentum network. The encoder f is saved and evaluated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from selfsup import dist
+from selfsup.config import Range, setting
+from selfsup.losses import fp32_loss
+from selfsup.methods.base import Method, register_method
+
+
+@dataclass(frozen=True)
+class BarlowSettings:
+    barlow_lambda: float = setting(0.0051, "Barlow Twins: weight of the off-diagonal terms "
+                                           "(the paper: 5e-3; solo-learn's CIFAR: 0.0051)",
+                                   Range(0, 10))
+    barlow_scale: float = setting(0.1, "Barlow Twins: the loss's scale (solo-learn's CIFAR "
+                                       "setting; the paper: 1)", Range(1e-6, 100))
+
+
+@fp32_loss
+def barlow_loss(za: torch.Tensor, zb: torch.Tensor, lam: float = 0.0051, eps: float = 1e-5
+                ) -> torch.Tensor:
+    """The Barlow Twins loss of two (N, D) batches of embeddings, row k of each from image k
+    (the paper's equation 1): C = za_n^T zb_n / N with each dimension standardised over the
+    batch (batch norm without its affine part, biased variance + ``eps``);
+    sum_i (1 - C_ii)^2 + lam * sum_{i != j} C_ij^2."""
+    n = za.shape[0]
+
+    def standardise(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+
+    c = standardise(za).T @ standardise(zb) / n  # (D, D)
+    on = (torch.diagonal(c) - 1).pow(2).sum()
+    off = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on + lam * off
+
+
+@register_method("barlow")
+class BarlowTwins(Method):
+    """Encoder f and a 3-layer projector g (each layer but the last with batch norm and ReLU,
+    as the paper's), trained by ``barlow_lambda`` = 0.0051 and the loss scaled by 0.1
+    (solo-learn's CIFAR setting); the projector is 2048-2048-2048 (solo-learn's CIFAR; the
+    paper's ImageNet one is 8192 wide, which a CPU cannot afford). Under torchrun the embeddings
+    of every process are gathered before the batch statistics and C are taken (with their
+    gradients: an all-reduce of C, as the paper's code does, would have no backward)."""
+
+    title = "Barlow Twins"
+    loss_name = "Barlow Twins: invariance + lambda redundancy (scaled)"
+    Settings = BarlowSettings
+    settings: BarlowSettings
+    head_layers = 3
+    defaults = dict(proj_hidden=2048, proj_dim=2048)
+    progress_free = True
+    evaluated = "the encoder f (the projector g is dropped, as in the paper)"
+
+    def loss(self, v: torch.Tensor, progress: float) -> torch.Tensor:
+        b = v.shape[0] // 2
+        z = self.net(v)  # (2B, proj_dim)
+        za, zb = dist.gather_with_grad(z[:b]), dist.gather_with_grad(z[b:])
+        return self.settings.barlow_scale * barlow_loss(za, zb, self.settings.barlow_lambda)
