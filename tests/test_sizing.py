@@ -130,7 +130,7 @@ class _SlowStart:
     def train(self) -> None:
         pass
 
-    def step(self, x, lr, gen, progress=0.0) -> None:
+    def step(self, x, lr, gen, progress=0.0, shape=None) -> None:
         self.calls += 1
         time.sleep(self.slow_s if self.calls <= self.slow else self.steady_s)
 
