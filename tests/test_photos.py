@@ -201,14 +201,13 @@ for i in range(0, len(x), 64):  # every image as pretraining and evaluation read
 print(anon())
 """
     anon = {}
-    for n in (100, 1000):
-        for _ in range(2):  # the first run builds the store, the second maps it
-            # glibc's heap keeps up to twice its moving mmap threshold of freed blocks (a
-            # batch's floats): a fixed threshold returns them, so that RssAnon is what lives
-            out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"n{n}")],
-                                 check=True, capture_output=True, text=True,
-                                 env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
-            anon[n] = int(out.split()[-1])
+    for n in (100, 1000):  # each builds its store (a chunk at a time), then reads it all
+        # glibc's heap keeps up to twice its moving mmap threshold of freed blocks (a batch's
+        # floats): a fixed threshold returns them, so that RssAnon is what lives
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"n{n}")],
+                             check=True, capture_output=True, text=True,
+                             env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
+        anon[n] = int(out.split()[-1])
     grown = anon[1000] - anon[100]
     # the 900 more images hold 25 MB at 96 px (and their frames 100 MB): none of it is the
     # process's own
