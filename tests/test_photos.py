@@ -266,3 +266,15 @@ def test_a_short_budget_on_photos_says_what_it_buys_before_it_starts(tmp_path):
                     "--images", str(root / "train"), "--out", str(tmp_path / "e.npy")],
                    check=True, capture_output=True)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), run_emb, rtol=1e-3, atol=1e-3)
+
+
+def test_a_folder_whose_files_all_fail_to_decode_is_a_clear_error(tmp_path):
+    """Headers that open, pixels that do not (truncated JPEGs): the store holds no row, and
+    the error names the files."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        path = tmp_path / "p" / f"{i}.jpg"
+        write_photo(path, photo_pixels(i, 160, 120, rng))
+        path.write_bytes(path.read_bytes()[:-2000])  # the header whole, the pixels cut
+    with pytest.raises(DataError, match="none of the 3 files could be read"):
+        data.load_image_folder(tmp_path / "p", image_size=16)

@@ -213,10 +213,13 @@ def open_store(paths: list[Path], root: Path, split: str, side: int, frame: int,
         raise DataError(f"cannot write the image store at {folder}: "
                         f"{e.strerror or e}") from None
     rows = int(_read_index(folder)["rows"])  # type: ignore[call-overload]
-    centre, frames, shapes, _ = _maps(folder, rows, side, frame, "c")
     bad_file = folder / "bad.txt"
     bad = bad_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines() \
         if bad_file.exists() else []
+    if not rows:  # not one file decoded: nothing to map
+        return Stored(torch.empty((0, 3, side, side), dtype=torch.uint8), None, None, [], bad,
+                      folder, built)
+    centre, frames, shapes, _ = _maps(folder, rows, side, frame, "c")
     return Stored(torch.from_numpy(centre), None if frames is None else torch.from_numpy(frames),
                   None if shapes is None else torch.from_numpy(np.asarray(shapes, np.int64)),
                   np.load(folder / "kept.npy").tolist(), bad, folder, built)
