@@ -22,7 +22,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -783,22 +783,6 @@ def _check_memory(n: int, size: int) -> None:
 AUTO_SIDE_SAMPLE = 64  # images whose shorter sides choose the side when none is given
 
 
-def _first_size(paths: Iterable[Path]) -> int:
-    """The side to resize to when none is given: the median shorter side of the first
-    ``AUTO_SIDE_SAMPLE`` images that open within the pixel limit (0: none does). One odd image
-    (a 10000x1 strip first in the folder) does not set the side of every other."""
-    sides: list[int] = []
-    for p in paths:
-        try:
-            with _open_checked(p) as im:
-                sides.append(int(min(im.size)))
-        except Exception:  # noqa: BLE001 - a bad file: try the next
-            continue
-        if len(sides) == AUTO_SIDE_SAMPLE:
-            break
-    return int(np.median(sides)) if sides else 0
-
-
 DECODE_CHUNK = 1024  # files decoded at a time where images stream (embed, predict)
 
 
@@ -854,7 +838,7 @@ def decode_images(paths: list[Path], image_size: int = 0, bad_images: str = "ski
     Raises:
         DataError: no readable image, or ``fail`` and an unreadable one.
     """
-    size = image_size or _first_size(paths)
+    size = image_size or _sample(paths)[0]
     if size == 0:
         why = [f"{p} ({_decode(p, 1).why})" for p in paths[:3]]
         raise DataError(f"none of the {len(paths)} files could be read as an image: "
@@ -953,8 +937,9 @@ def _first_process() -> bool:
 
 
 def _sample(paths: Sequence[Path]) -> tuple[int, bool, bool]:
-    """The median shorter side of the first ``AUTO_SIDE_SAMPLE`` images that open (0: none
-    does), whether all of them are square, and whether all are of one size."""
+    """The median shorter side of the first ``AUTO_SIDE_SAMPLE`` images that open within the
+    pixel limit (0: none does; one odd image, a 10000x1 strip first in the folder, does not set
+    the side of every other), whether all of them are square, and whether all are of one size."""
     sizes: list[tuple[int, int]] = []
     for p in paths:
         try:
