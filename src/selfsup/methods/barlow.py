@@ -30,16 +30,21 @@ def barlow_loss(za: torch.Tensor, zb: torch.Tensor, lam: float = 0.0051, eps: fl
     """The Barlow Twins loss of two (N, D) batches of embeddings, row k of each from image k
     (the paper's equation 1): C = za_n^T zb_n / N with each dimension standardised over the
     batch (batch norm without its affine part, biased variance + ``eps``);
-    sum_i (1 - C_ii)^2 + lam * sum_{i != j} C_ij^2."""
-    n = za.shape[0]
+    sum_i (1 - C_ii)^2 + lam * sum_{i != j} C_ij^2. For N < D the sum of all C_ij^2 comes from
+    the two N x N Gram matrices (trace(C^T C) = trace(a a^T b b^T) / N^2), at 2N/D of the cost
+    of C itself."""
+    n, d = za.shape
 
     def standardise(z: torch.Tensor) -> torch.Tensor:
         return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
 
-    c = standardise(za).T @ standardise(zb) / n  # (D, D)
-    on = (torch.diagonal(c) - 1).pow(2).sum()
-    off = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-    return on + lam * off
+    a, b = standardise(za), standardise(zb)
+    diagonal = (a * b).sum(dim=0) / n  # C_ii
+    if n < d:  # sum_ij C_ij^2 = sum((a a^T) * (b b^T)) / N^2: two N x N products, not N x D x D
+        squares = ((a @ a.T) * (b @ b.T)).sum() / n ** 2
+    else:
+        squares = (a.T @ b / n).pow(2).sum()  # C: (D, D)
+    return (diagonal - 1).pow(2).sum() + lam * (squares - diagonal.pow(2).sum())
 
 
 @register_method("barlow")
