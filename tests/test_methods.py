@@ -118,8 +118,8 @@ def test_moco_loss_is_infonce_against_the_queue_and_the_queue_takes_the_keys():
     assert int(m.queue.ptr) == 0
 
 
-def test_moco_symmetric_loss_averages_both_directions():
-    m = _method("moco", symmetric=True)
+def test_moco_symmetric_loss_averages_both_directions_and_enqueues_both_views_keys():
+    m = _method("moco", symmetric=True, queue_size=32)
     m.train()
     v = _views()
     ref = copy.deepcopy(m)
@@ -130,6 +130,26 @@ def test_moco_symmetric_loss_averages_both_directions():
     queue = ref.queue.keys
     one_way = (info_nce(q[:8], k[:8], queue, 0.2) + info_nce(q[8:], k[8:], queue, 0.2)) / 2
     assert float(loss) == pytest.approx(float(one_way.detach()), rel=1e-5)
+    # 16 keys a step: the second views' (rows 0-7), then the first views' (rows 8-15)
+    torch.testing.assert_close(m.queue.keys[:16], F.normalize(k, dim=1), rtol=0, atol=1e-6)
+    assert torch.equal(m.queue.keys[16:], queue[16:]) and int(m.queue.ptr) == 16
+    m.update(v, 0.0)
+    assert int(m.queue.ptr) == 0  # 32 keys = 2 steps: the pointer wraps to the start
+    with pytest.raises(ConfigError, match="twice --batch-size"):
+        _cfg("moco", symmetric=True, queue_size=24)  # 24 keys: a multiple of 8, not of 16
+
+
+def test_moco_paper_head_is_linear_relu_linear_as_wide_as_the_features():
+    for paper in (False, True):
+        m = _method("moco", paper_head=paper)
+        for head in (m.online.head, m.target.head):
+            has_bn = any(isinstance(x, torch.nn.BatchNorm1d) for x in head.modules())
+            widths = [x.weight.shape for x in head.modules() if isinstance(x, torch.nn.Linear)]
+            assert has_bn is not paper
+            f = m.encoder.feature_dim
+            assert widths == ([(f, f), (8, f)] if paper else [(16, f), (8, 16)])
+        m.train()
+        assert torch.isfinite(m.update(_views(), 0.1))
 
 
 def test_moco_queue_is_rounded_to_a_clipped_batch(capsys):

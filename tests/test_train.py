@@ -116,9 +116,10 @@ def test_ctrl_c_saves_after_step_then_resume_matches(digits, tmp_path, monkeypat
     assert resumed.losses == full.losses
     # Every network and buffer of the method (target networks, MoCo's queue and its pointer).
     a, b = (checkpoint.load_checkpoint(tmp_path / r / "checkpoint.pt") for r in ("full", "cut"))
-    nets = [k for k in ("encoder", "head", "predictor", "target_encoder", "target_head", "queue")
-            if k in a]
-    assert len(nets) == {"simclr": 2, "moco": 5, "byol": 5, "vicreg": 2, "barlow": 2}[method]
+    nets = [k for k in ("encoder", "head", "predictor", "target_encoder", "target_head", "queue",
+                        "student_encoder", "student_head", "centre") if k in a]
+    assert len(nets) == {"simclr": 2, "moco": 5, "byol": 5, "vicreg": 2, "barlow": 2,
+                         "dino": 5}[method]
     assert all(_same_weights(a[k], b[k]) for k in nets)
 
 

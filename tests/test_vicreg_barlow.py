@@ -104,12 +104,18 @@ def test_the_losses_run_in_float32_under_autocast_and_have_gradients():
 
 
 def test_both_are_registered_with_their_papers_settings():
-    from selfsup.config import make_config
+    from selfsup.config import PRESETS, make_config
 
     for name, title in (("vicreg", "VICReg"), ("barlow", "Barlow Twins")):
         cfg = make_config(None, {"method": name})
         assert METHODS[name].title == title and METHODS[name].head_layers == 3
-        assert (cfg.proj_hidden, cfg.proj_dim) == (2048, 2048)
+        assert (cfg.proj_hidden, cfg.proj_dim, cfg.optimizer, cfg.lr) == (2048, 2048, "lars",
+                                                                          0.2)
+        # scaled for the cpu preset: its own optimiser and learning rate, a narrower head
+        cpu = make_config("cpu", {"method": name})
+        assert (cpu.proj_hidden, cpu.optimizer, cpu.lr) == (1024, "sgd", PRESETS["cpu"]["lr"])
+        assert make_config("cpu", {"method": name, "proj_hidden": 512}).proj_hidden == 512
+        assert make_config("gpu", {"method": name}).proj_hidden == 2048
     from selfsup.methods.barlow import BarlowSettings
     from selfsup.methods.vicreg import VICRegSettings
 

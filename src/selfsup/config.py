@@ -203,7 +203,9 @@ class Plugin:
 
     ``settings``: a dataclass of ``setting`` fields, its own options; ``defaults``: values of
     other fields it prefers (applied over the preset, under the user's options, for methods;
-    under the preset for data sets); ``check``: raises ConfigError for settings it cannot run.
+    under the preset for data sets); ``check``: raises ConfigError for settings it cannot run;
+    ``preset_defaults``: for methods, values over ``defaults`` under a named preset (a paper's
+    setting scaled to the preset's machine, e.g. a narrower head for ``cpu``).
     """
 
     kind: str
@@ -211,6 +213,7 @@ class Plugin:
     settings: type | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     check: Callable[[Config], None] | None = None
+    preset_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 KINDS = ("method", "dataset", "model")
@@ -399,7 +402,8 @@ def check_run_name(name: str) -> None:
 def make_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Build and validate a config: defaults (a selected plugin's own for its settings), the
     data set's preferred values, the preset, the method's preferred values (e.g. MoCo's
-    temperature), the overrides.
+    temperature) and its values for this preset (VICReg's narrower head on ``cpu``), the
+    overrides.
 
     Args:
         preset: name in ``PRESETS`` or None/"" for plain defaults.
@@ -419,8 +423,9 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | None = No
     values.update(preset_values)
     if preset:
         values["preset"] = preset
-    method = overrides.get("method", values.get("method", Config.method))
-    values.update(_plugin("method", method).defaults)
+    method = _plugin("method", overrides.get("method", values.get("method", Config.method)))
+    values.update(method.defaults)
+    values.update(method.preset_defaults.get(preset or "", {}))
     if "auto_size" not in overrides and any(k in overrides for k in SIZE_KEYS):
         values["auto_size"] = False  # the user named a size: theirs wins over the sizing
     values.update(overrides)

@@ -21,7 +21,8 @@ out, name, gather, bn = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 cfg = config_from_dict(dict(method=name, model="small_cnn", width=8, proj_hidden=32, proj_dim=16,
                             batch_size=16, queue_size=32, seed=0, sync_bn=bn == "sync",
-                            target_momentum=0.9))
+                            target_momentum=0.9, prototypes=64, local_crops=3,
+                            teacher_momentum=0.9))
 device = dist.setup(torch.device("cpu"))
 if gather == "local" and name == "simclr":  # the known bug: NT-Xent over the own batch only
     simclr.nt_xent = lambda z1, z2, t, *a: losses.nt_xent(z1, z2, t)  # type: ignore
@@ -33,6 +34,9 @@ v1, v2 = torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, gen
 w, r = dist.world_size(), dist.rank()
 n = 16 // w
 mine = torch.cat((v1[r * n:(r + 1) * n], v2[r * n:(r + 1) * n]))
+if name == "dino":  # multi-crop: the global views and 3 local views of 8 px, view-major rows
+    local = torch.randn(3, 16, 3, 8, 8, generator=g)
+    mine = [mine, torch.cat([v[r * n:(r + 1) * n] for v in local])]  # type: ignore[assignment]
 method.train()
 loss = dist.all_mean(float(method.update(mine, 0.5, 0.0)))
 loss2 = dist.all_mean(float(method.update(mine, 0.5, 0.5)))  # a second step sees the first's

@@ -29,7 +29,8 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         cls.name = name
         cls.title = cls.__dict__.get("title") or name
         METHODS[name] = cls
-        declare(Plugin("method", name, cls.Settings, dict(cls.defaults), cls.check_config))
+        declare(Plugin("method", name, cls.Settings, dict(cls.defaults), cls.check_config,
+                       {k: dict(v) for k, v in cls.preset_defaults.items()}))
         return cls
 
     return deco
@@ -77,8 +78,13 @@ class Online(nn.Module):
         super().__init__()
         self.encoder, self.head, self.predictor = encoder, head, predictor
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.encoder(v))  # h: (B, feature_dim) -> z: (B, proj_dim)
+    def forward(self, v: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``v``: (B, 3, S, S), or a list of such batches of several sides (multi-crop): the
+        encoder sees each apart and the head their features concatenated, in one call (so that
+        DDP's backward finds each parameter used once)."""
+        h = (self.encoder(v) if isinstance(v, torch.Tensor)
+             else torch.cat([self.encoder(x) for x in v]))  # (B, feature_dim)
+        z = self.head(h)  # (B, proj_dim)
         return z if self.predictor is None else self.predictor(z)  # type: ignore[no-any-return]
 
 
@@ -88,8 +94,9 @@ class Method:
     Subclasses declare their own hyper-parameters in ``Settings`` (a dataclass of
     ``config.setting`` fields; read as ``self.settings``), set ``defaults`` (values of the
     run's other fields the method's paper uses, applied over the preset and under the user's
-    options), build their extra networks in ``build`` and compute the loss in ``loss``;
-    ``after_step`` runs after every optimiser step (moving averages, queues).
+    options) and ``preset_defaults`` (those values scaled to a preset's machine), build their
+    extra networks in ``build`` and compute the loss in ``loss``; ``after_step`` runs after
+    every optimiser step (moving averages, queues).
     In several processes (torchrun) the online networks are wrapped in DistributedDataParallel and
     every batch norm, extra networks' included, is global (``sync_bn``).
     """
@@ -98,6 +105,9 @@ class Method:
     title: ClassVar[str] = ""  # as the paper writes it, for reports
     Settings: ClassVar[type | None] = None  # the method's own settings (a dataclass)
     defaults: ClassVar[dict[str, Any]] = {}
+    # values over ``defaults`` under a named preset: the paper's setting scaled to that
+    # preset's machine (say why, with the measurement, where it is set)
+    preset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     evaluated: ClassVar[str] = "the encoder f"  # which network is saved and evaluated
     target_copies: ClassVar[int] = 0  # copies of f and g kept besides the online ones
     loss_name: ClassVar[str] = "loss"  # the loss as its paper names it, for figures
@@ -123,8 +133,7 @@ class Method:
         self.nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=dist.is_main())
         predictor = self.predictor(cfg)
         online = Online(prepare(encoder, device, self.nhwc),
-                        prepare(init_head(cfg, encoder.feature_dim, self.head_layers), device,
-                                False),
+                        self.make_head(cfg, encoder.feature_dim).to(device),
                         None if predictor is None else predictor.to(device))
         nets = nn.ModuleDict(dict(online=online, **self.build(online)))
         if dist.world_size() > 1 and cfg.sync_bn:
@@ -140,6 +149,11 @@ class Method:
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise ConfigError for settings this method cannot run with (nothing by default)."""
+
+    def make_head(self, cfg: Config, feature_dim: int) -> nn.Module:
+        """The head g on the encoder's features, at its initial weights: by default the shared
+        ``ProjectionHead`` of ``head_layers`` layers, ``proj_hidden`` and ``proj_dim`` wide."""
+        return init_head(cfg, feature_dim, self.head_layers)
 
     def predictor(self, cfg: Config) -> nn.Module | None:
         """The online network's predictor after the head, if the method has one."""

@@ -26,9 +26,12 @@ class MoCoSettings:
     target_momentum: float = setting(0.99, "the target network's moving-average momentum "
                                            "(moco: constant; byol: rises from it to 1)",
                                      Range(0, 1))
-    queue_size: int = setting(4096, "negative keys kept, a multiple of batch_size",
-                              Range(1, 1_048_576))
-    symmetric: bool = setting(False, "also the loss with the views swapped")
+    queue_size: int = setting(4096, "negative keys kept, a multiple of batch_size (of twice "
+                                    "batch_size with --symmetric)", Range(1, 1_048_576))
+    symmetric: bool = setting(False, "also the loss with the views swapped; both views' keys "
+                                     "join the queue")
+    paper_head: bool = setting(False, "MoCo v2's own head: Linear-ReLU-Linear without batch "
+                                      "norm, the hidden layer as wide as the features")
 
 
 class KeyQueue(nn.Module):
@@ -59,8 +62,9 @@ class KeyQueue(nn.Module):
 class MoCo(MomentumMethod):
     """Query network f_q, g_q (trained) and key network f_k, g_k (the moving average, no
     gradient), InfoNCE with temperature 0.2 against a queue of ``queue_size`` keys. The heads
-    are the shared projection head (batch norm, ``proj_hidden`` wide), not MoCo v2's code's
-    Linear-ReLU-Linear without batch norm and as wide as the features.
+    are the shared projection head (batch norm, ``proj_hidden`` wide); ``paper_head`` gives
+    MoCo v2's code's instead, Linear-ReLU-Linear without batch norm and as wide as the
+    features.
 
     Momentum: ``target_momentum`` (0.99 by default). The papers' 0.999 is for ImageNet, where
     200 epochs are 250,000 steps; a 20-minute CPU run takes a few thousand, over which a key
@@ -70,8 +74,9 @@ class MoCo(MomentumMethod):
     Batch norm: the query and key batches are separate forward passes, each normalised over the
     whole global batch (global batch norm under torchrun, as for SimCLR; in one process, the plain
     batch); no process normalises a sub-batch of its own, so nothing leaks between the views.
-    ``symmetric`` adds the loss with the views swapped (MoCo v2+); the queue always receives the
-    keys of the second views, gathered from every process.
+    ``symmetric`` adds the loss with the views swapped (MoCo v2+) and enqueues the keys of both
+    views, as MoCo's CIFAR demo does (2B keys a step: the queue is a multiple of twice the
+    batch); one-way, the keys of the second views. Either way gathered from every process.
     """
 
     defaults = dict(temperature=0.2)
@@ -89,21 +94,31 @@ class MoCo(MomentumMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        queue_size = cfg.of(MoCoSettings).queue_size
-        if queue_size % cfg.batch_size:
-            near = max(1, round(queue_size / cfg.batch_size)) * cfg.batch_size
-            raise ConfigError(f"--queue-size ({queue_size}) must be a multiple of "
-                              f"--batch-size ({cfg.batch_size}): the queue takes a "
-                              f"whole global batch of keys per step; e.g. {near}")
+        s = cfg.of(MoCoSettings)
+        per_step = cfg.batch_size * (2 if s.symmetric else 1)
+        if s.queue_size % per_step:
+            near = max(1, round(s.queue_size / per_step)) * per_step
+            what = ("twice --batch-size" if s.symmetric else "--batch-size")
+            raise ConfigError(f"--queue-size ({s.queue_size}) must be a multiple of {what} "
+                              f"({per_step}): the queue takes the keys of a whole global batch"
+                              f"{' (both views)' if s.symmetric else ''} per step; e.g. {near}")
+
+    def make_head(self, cfg: Config, feature_dim: int) -> nn.Module:
+        if not cfg.of(MoCoSettings).paper_head:
+            return super().make_head(cfg, feature_dim)
+        torch.manual_seed(cfg.seed + 1)
+        return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True),
+                             nn.Linear(feature_dim, cfg.proj_dim))
 
     def build(self, online: Online) -> dict[str, nn.Module]:
         nets = super().build(online)
-        length = self.settings.queue_size
-        if length % self.batch:  # the batch was clipped to a small data set
-            length = max(1, length // self.batch) * self.batch
+        length, per_step = self.settings.queue_size, self.batch * (2 if self.settings.symmetric
+                                                                 else 1)
+        if length % per_step:  # the batch was clipped to a small data set
+            length = max(1, length // per_step) * per_step
             if dist.is_main():
-                print(f"note: queue of {length} keys (a multiple of the batch of {self.batch})",
-                      flush=True)
+                print(f"note: queue of {length} keys (a multiple of the {per_step} keys a "
+                      f"step enqueues)", flush=True)
         nets["queue"] = KeyQueue(length, self.cfg.proj_dim, self.cfg.seed + 3).to(self.device)
         return nets
 
@@ -121,7 +136,7 @@ class MoCo(MomentumMethod):
             q = self.net(v[:b])  # (B, D) queries of the first views
             with torch.no_grad():
                 k = self.target(v[b:])  # (B, D) keys of the second views
-        self._new_keys = k[:b].detach()
+        self._new_keys = k.detach()  # the keys of the second views, then (symmetric) the first
         return info_nce(q, k, self.queue.keys, self.settings.temperature)
 
     def after_step(self, progress: float) -> None:
