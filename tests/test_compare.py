@@ -43,15 +43,15 @@ def test_the_pick_follows_the_validation_split_not_the_test_set():
 
 @pytest.mark.slow
 def test_compare_runs_each_method_writes_one_page_and_resumes(tmp_path, capsys):
-    args = ["compare", "--methods", "simclr,moco", *TINY, "--out-dir", str(tmp_path),
-            "--name", "c", "--queue-size", "512"]
+    args = ["compare", "--methods", "simclr,moco,dino", *TINY, "--out-dir", str(tmp_path),
+            "--name", "c", "--queue-size", "512", "--prototypes", "32", "--local-crops", "2"]
     assert main(args) == 0
     folder = tmp_path / "c"
-    for m in ("simclr", "moco"):
+    for m in ("simclr", "moco", "dino"):  # dino: multi-crop views, the teacher evaluated
         assert (folder / m / "encoder.pt").is_file() and (folder / m / "report.html").is_file()
         assert json.loads((folder / m / "metrics.json").read_text())["config"]["method"] == m
     data = json.loads((folder / "compare.json").read_text())
-    assert [r["method"] for r in data["methods"]] == ["simclr", "moco"]
+    assert [r["method"] for r in data["methods"]] == ["simclr", "moco", "dino"]
     for r in data["methods"]:  # the same options, the method's own settings
         assert r["steps"] == 1437 // 256 and len(r["few_labels"]) == 3
         assert 0 < r["linear"] <= 1 and 0 < r["few_labels_untrained"] <= 1
@@ -60,7 +60,7 @@ def test_compare_runs_each_method_writes_one_page_and_resumes(tmp_path, capsys):
     for r in data["methods"]:  # the figures the pick used: held-out training images
         assert 0 < r["linear_validation"] <= 1 and 0 < r["few_labels_validation"] <= 1
     page = (folder / "compare.html").read_text()
-    assert "MoCo v2" in page and "SimCLR" in page and "Which to pick" in page
+    assert "MoCo v2" in page and "SimCLR" in page and "DINO" in page and "Which to pick" in page
     assert (folder / "compare.png").is_file()
     capsys.readouterr()
 
