@@ -77,7 +77,10 @@ def test_multi_crop_views_and_the_settings_of_the_paper():
     s = cfg.of(DINOSettings)
     assert (cfg.proj_hidden, cfg.proj_dim, cfg.crop_scale_min) == (2048, 256, 0.14)
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("sgd", 0.03, 1e-4)
-    assert make_config("cpu", {"method": "dino"}).lr == 0.03  # the method's over the preset's
+    cpu = make_config("cpu", {"method": "dino"})
+    assert cpu.lr == 0.03  # the method's over the preset's
+    assert (cpu.proj_hidden, cpu.proj_dim) == (512, 64)  # scaled for the cpu preset
+    assert (cpu.of(DINOSettings).local_crops, cpu.of(DINOSettings).head_bn) == (4, True)
     assert (s.local_crops, s.local_scale_min, s.student_temp) == (8, 0.05, 0.1)
     assert (s.warmup_teacher_temp, s.teacher_temp, s.center_momentum) == (0.04, 0.07, 0.9)
     assert [local_side(224, 0), local_side(32, 0), local_side(16, 0), local_side(32, 12)] == \
