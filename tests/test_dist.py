@@ -101,9 +101,11 @@ def test_two_processes_equal_one_process_with_the_double_batch(tmp_path, method)
     assert two[0]["world"] == 2 and one["world"] == 1
     # Same loss at both steps and the same state: weights, BN statistics, target networks and
     # MoCo's queue (float tolerance: sums in another order).
-    assert one["loss"] == pytest.approx(two[0]["loss"], abs=1e-5)
+    assert one["loss"] == pytest.approx(two[0]["loss"], rel=5e-6, abs=1e-5)  # VICReg's ~23
     assert one["state"].keys() == two[0]["state"].keys()
-    assert _max_diff(one["state"], two[0]["state"]) < 1e-4
+    # weights up to ~4 after two LARS steps (VICReg, Barlow Twins): the difference relative
+    assert max(((one["state"][k].float() - two[0]["state"][k].float()).abs()
+                / (1 + one["state"][k].float().abs())).max().item() for k in one["state"]) < 1e-4
     # Every process holds the same state, bit for bit: moving averages and queue included.
     assert all(torch.equal(two[0]["state"][k], two[1]["state"][k]) for k in one["state"])
     if method in ("moco", "byol"):

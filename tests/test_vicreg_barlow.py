@@ -137,7 +137,7 @@ def test_vicreg_with_nothing_holding_it_apart_collapses_and_is_caught(digits, tm
 
     base = dict(dataset="digits", method="vicreg", width=8, proj_hidden=64, proj_dim=64,
                 batch_size=128, epochs=6, view_size=12, progress=False, knn_every=1,
-                warmup_epochs=0.5, lr=0.5)
+                warmup_epochs=0.5, lr=0.5, optimizer="sgd", weight_decay=5e-4)
     kept = train.pretrain(make_config(None, base), digits, tmp_path / "kept")
     cut = train.pretrain(make_config(None, {**base, "std_coeff": 0.0, "cov_coeff": 0.0}),
                          digits, tmp_path / "cut")

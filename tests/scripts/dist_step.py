@@ -19,6 +19,10 @@ from selfsup.methods import build_method, simclr
 
 out, name, gather, bn = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
+# float64 networks: sums taken in another order differ by float noise, which the sharp softmax
+# of DINO and the trust ratios of LARS magnify to 1e-3 in float32; a real difference (a batch
+# statistic or a loss over one process's rows) stays 1e-2 or more. The losses are float32.
+torch.set_default_dtype(torch.float64)
 cfg = config_from_dict(dict(method=name, model="small_cnn", width=8, proj_hidden=32, proj_dim=16,
                             batch_size=16, queue_size=32, seed=0, sync_bn=bn == "sync",
                             target_momentum=0.9, prototypes=64, local_crops=3,
