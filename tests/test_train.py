@@ -293,6 +293,28 @@ def test_steps_for_budget_counts_checkpoints():
     assert train.steps_for_budget(0.01, 1.0, 10, 0.0) == 1
 
 
+def test_a_replan_charges_the_monitor_checks_its_longer_run_crosses():
+    """Issue 20's failure seen in CI: a replan from step 21 that lengthened a run of 29 steps
+    to 33 crossed the check at step 32 it had not charged, and the run took 104 % of its
+    budget. The checks a new total crosses are charged, and the total stays in the time."""
+    from selfsup.train.budget import checks_between, replanned_steps
+
+    assert checks_between(0, 29, 32) == 1  # the last step's
+    assert checks_between(0, 33, 32) == 2 and checks_between(0, 64, 32) == 2
+    assert checks_between(21, 33, 32) == 2 and checks_between(32, 33, 32) == 1
+    assert checks_between(33, 33, 32) == 0
+    per_step, check_s = 0.07, 0.2
+    total, checks = replanned_steps(21, 1.05, per_step, check_s, 32, 1)
+    assert (total, checks) == (30, 1)  # 33 before: 12 steps in 1.05 - 0.2 s, crossing step 32
+    assert (total - 21) * per_step + checks * check_s <= 1.05
+    total, checks = replanned_steps(21, 2.0, per_step, check_s, 32, 2)
+    assert checks == 2 and (total - 21) * per_step + checks * check_s <= 2.0 and total > 32
+    # the checks the budget's share allows: the run stops at the last one it may take
+    assert replanned_steps(21, 2.0, per_step, check_s, 32, 1) == (32, 1)
+    total, checks = replanned_steps(21, 1.05, per_step, 0.0, 32, 1)
+    assert (total, checks) == (35, 0)  # no monitor: nothing charged
+
+
 @pytest.mark.parametrize("method,batch,kept,ahead", [
     ("simclr", 64, True, False),  # 22 steps per epoch: the timed warm-up steps are the run's own
     ("simclr", 128, False, False),  # 11 per epoch: too few to time inside the first epoch; undone

@@ -85,12 +85,44 @@ def monitored_steps(left: float, step_s: float, ckpt_s: float, steps_per_epoch: 
         return steps, knn_every, 0
     while True:
         every = steps_per_epoch * knn_every
-        checks = steps // every + (steps % every > 0)
+        checks = checks_between(0, steps, every)
         if checks * check_s <= MONITOR_SHARE * left or every >= steps:
             break
         knn_every *= 2
     steps = steps_for_budget(left - checks * check_s, step_s, steps_per_epoch, ckpt_s)
     return steps, knn_every, checks
+
+
+def checks_between(after: int, total: int, every: int) -> int:
+    """The monitor checks of a run of ``total`` steps that fall after step ``after``: one every
+    ``every`` steps and one at the last step (``Monitors.due``)."""
+    if total <= after:
+        return 0
+    return total // every - after // every + (total % every > 0)
+
+
+def replanned_steps(step: int, left_s: float, per_step: float, check_s: float,
+                    every: int, max_checks: int) -> tuple[int, int]:
+    """The total that fills ``left_s`` seconds from ``step`` at ``per_step`` seconds a step,
+    with the monitor checks (``check_s`` each, one every ``every`` steps and one at the end)
+    that fall among the steps charged to it: a longer run crosses more checks, so a total that
+    would cross one more than it was charged is refitted with them all charged (and may then
+    stop short of it). It crosses at most ``max_checks`` (at least 1: the last step's), so
+    that a replan keeps the checks within the share the budget thinned them to.
+
+    Returns:
+        The total and the checks after ``step`` it runs.
+    """
+    def fit(checks: int) -> int:
+        return step + max(1, int(REPLAN_TARGET * (left_s - checks * check_s) / per_step))
+
+    if not check_s:
+        return fit(0), 0
+    total = fit(1)  # the last step's check
+    if (crossed := checks_between(step, total, every)) > 1:
+        total = fit(crossed)
+    total = min(total, (step // every + max(1, max_checks)) * every)
+    return total, checks_between(step, total, every)
 
 
 def _time_first_steps(take_step: StepFn, window: int, warmup: int, seconds: float
@@ -196,8 +228,10 @@ class Replans:
     total, so that ``--steps N --replans ...`` repeats the run exactly.
     """
 
-    def __init__(self, budget: dict[str, Any], t_start: float, step: int, warmup: int) -> None:
+    def __init__(self, budget: dict[str, Any], t_start: float, step: int, warmup: int,
+                 steps_per_epoch: int) -> None:
         self.budget, self.t_start, self.warmup = budget, t_start, warmup
+        self.steps_per_epoch = steps_per_epoch
         self.t_fit, self.fit_step = time.perf_counter(), step
 
     def due(self, at: int, total: int) -> bool:
@@ -216,13 +250,20 @@ class Replans:
         replan added to ``replans``; ``budget["replans"]`` gets the record."""
         now = time.perf_counter()
         per_step = (now - self.t_fit) / (step - self.fit_step)
-        left_s = self.budget["budget_s"] - (now - self.t_start) - self.budget["check_s"]
+        left_s = self.budget["budget_s"] - (now - self.t_start)
         self.t_fit, self.fit_step = now, step
-        new_total = step + max(1, int(REPLAN_TARGET * left_s / per_step))
+        every = self.steps_per_epoch * cfg.knn_every if cfg.knn_every else 2**62
+        check_s = self.budget["check_s"]
+        allowed = int(MONITOR_SHARE * self.budget["budget_s"] / check_s) if check_s else 1
+        new_total, _ = replanned_steps(step, left_s, per_step, check_s, every,
+                                       max(self.budget["checks"], allowed)
+                                       - checks_between(0, step, every))
         new_total = int(dist.broadcast_object(new_total))  # rank 0's decides for all
         self.budget.setdefault("replans", []).append(dict(at_step=step, planned_steps=total,
                                                           steps=new_total, step_s=per_step))
         self.budget["steps"] = new_total
+        if self.budget["check_s"]:  # the checks the run now takes, the done ones included
+            self.budget["checks"] = checks_between(0, new_total, every)
         if new_total == total:
             return cfg
         knots = f"{cfg.replans + ',' if cfg.replans else ''}{step}:{total}"

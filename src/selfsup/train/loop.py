@@ -164,7 +164,8 @@ class Trainer:
                             every=max(1, self.total // 50))
         self.method.train()
         images = (self.step - self.start_step) * self.batch
-        replans = Replans(self.budget, self.t_start, self.step, self.warmup)
+        replans = Replans(self.budget, self.t_start, self.step, self.warmup,
+                           self.steps_per_epoch)
         with StopOnSignal(announce=self.main) as stop:
             try:
                 while self.step < self.total:
