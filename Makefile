@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?= --dataset digits
 TORCH_REQ ?= requirements/cpu.txt
 
-.PHONY: install run test test-fast lint clean
+.PHONY: install run test test-fast lint peer-losses clean
 
 $(BIN)/selfsup: pyproject.toml $(TORCH_REQ)
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: install
 
 test: install
 	./scripts/ensure-browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The unit tests alone (under 2 minutes on 2 cores): the tests marked slow (whole runs,
 # several processes, the browser) are left out.
@@ -32,5 +32,17 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src
 
+# selfsup's losses against lightly's, in an environment of their own (.peer-venv: the pinned
+# CPU torch and lightly without its dependencies; nothing of it reaches selfsup's own).
+PEER := .peer-venv
+$(PEER)/bin/python: $(TORCH_REQ)
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q -r $(TORCH_REQ) numpy
+	$(PEER)/bin/pip install -q --no-deps lightly
+	touch $(PEER)/bin/python
+
+peer-losses: $(PEER)/bin/python
+	PYTHONPATH=src $(PEER)/bin/python benchmarks/peer_losses.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEER) runs .pytest_cache

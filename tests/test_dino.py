@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from selfsup.config import make_config
+from selfsup.config import PRESETS, make_config
 from selfsup.methods import METHODS, build_method
 from selfsup.methods.dino import DINOSettings, dino_loss, local_side
 
@@ -78,9 +78,11 @@ def test_multi_crop_views_and_the_settings_of_the_paper():
     assert (cfg.proj_hidden, cfg.proj_dim, cfg.crop_scale_min) == (2048, 256, 0.14)
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("sgd", 0.03, 1e-4)
     cpu = make_config("cpu", {"method": "dino"})
-    assert cpu.lr == 0.03  # the method's over the preset's
-    assert (cpu.proj_hidden, cpu.proj_dim) == (512, 64)  # scaled for the cpu preset
-    assert (cpu.of(DINOSettings).local_crops, cpu.of(DINOSettings).head_bn) == (4, True)
+    assert make_config(None, {"method": "dino"}).lr == 0.03  # the method's over the default
+    # the cpu preset's own learning rate, the two global views alone, a shorter teacher horizon
+    c = cpu.of(DINOSettings)
+    assert (cpu.lr, c.local_crops, c.teacher_momentum) == (PRESETS["cpu"]["lr"], 0, 0.99)
+    assert (cpu.proj_hidden, cpu.proj_dim, c.head_bn) == (512, 64, True)  # scaled for the cpu
     assert (s.local_crops, s.local_scale_min, s.student_temp) == (8, 0.05, 0.1)
     assert (s.warmup_teacher_temp, s.teacher_temp, s.center_momentum) == (0.04, 0.07, 0.9)
     assert [local_side(224, 0), local_side(32, 0), local_side(16, 0), local_side(32, 12)] == \

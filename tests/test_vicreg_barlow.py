@@ -114,6 +114,7 @@ def test_both_are_registered_with_their_papers_settings():
         # scaled for the cpu preset: its own optimiser and learning rate, a narrower head
         cpu = make_config("cpu", {"method": name})
         assert (cpu.proj_hidden, cpu.optimizer, cpu.lr) == (1024, "sgd", PRESETS["cpu"]["lr"])
+        assert cpu.weight_decay == make_config(None, {}).weight_decay  # the plain default's
         assert make_config("cpu", {"method": name, "proj_hidden": 512}).proj_hidden == 512
         assert make_config("gpu", {"method": name}).proj_hidden == 2048
     from selfsup.methods.barlow import BarlowSettings

@@ -197,6 +197,9 @@ class Option:
     owners: tuple[str, ...]  # "method moco", ...
 
 
+PRESET = "<the preset's>"  # in a method's preset_defaults: the preset's own value wins
+
+
 @dataclass(frozen=True)
 class Plugin:
     """A method, data set or encoder by name (``kind``: the config field that selects it).
@@ -205,7 +208,9 @@ class Plugin:
     other fields it prefers (applied over the preset, under the user's options, for methods;
     under the preset for data sets); ``check``: raises ConfigError for settings it cannot run;
     ``preset_defaults``: for methods, values over ``defaults`` under a named preset (a paper's
-    setting scaled to the preset's machine, e.g. a narrower head for ``cpu``).
+    setting scaled to the preset's machine, e.g. a narrower head for ``cpu``); a value
+    ``PRESET`` there gives the field back to the preset (its value, or the plain default:
+    what it would be without the method's ``defaults``).
     """
 
     kind: str
@@ -424,8 +429,15 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | None = No
     if preset:
         values["preset"] = preset
     method = _plugin("method", overrides.get("method", values.get("method", Config.method)))
+    before = dict(values)  # the data set's and the preset's
     values.update(method.defaults)
-    values.update(method.preset_defaults.get(preset or "", {}))
+    for key, value in method.preset_defaults.get(preset or "", {}).items():
+        if value != PRESET:
+            values[key] = value
+        elif key in before:
+            values[key] = before[key]
+        else:
+            values.pop(key, None)  # the plain default
     if "auto_size" not in overrides and any(k in overrides for k in SIZE_KEYS):
         values["auto_size"] = False  # the user named a size: theirs wins over the sizing
     values.update(overrides)

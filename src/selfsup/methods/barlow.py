@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from selfsup import dist
-from selfsup.config import Range, setting
+from selfsup.config import PRESET, Range, setting
 from selfsup.losses import fp32_loss
 from selfsup.methods.base import Method, register_method
 
@@ -68,8 +68,8 @@ class BarlowTwins(Method):
                     weight_decay=1.5e-6)
     # VICReg's measurement on 2 CPU cores (its module) carried over: the same 3-layer head
     # and the same optimiser question.
-    preset_defaults = {"cpu": dict(proj_hidden=1024, proj_dim=1024, optimizer="sgd", lr=0.12,
-                                   weight_decay=5e-4)}
+    preset_defaults = {"cpu": dict(proj_hidden=1024, proj_dim=1024, optimizer=PRESET, lr=PRESET,
+                                   weight_decay=PRESET)}  # the preset's SGD
     progress_free = True
     evaluated = "the encoder f (the projector g is dropped, as in the paper)"
 

@@ -44,8 +44,8 @@ def build_method(cfg: Config, device: torch.device, image_size: int, mean: list[
 
 
 def init_head(cfg: Config, feature_dim: int, layers: int = 2) -> ProjectionHead:
-    """The projection head g at its initial weights (seeded apart from the encoder)."""
-    torch.manual_seed(cfg.seed + 1)
+    """The projection head g, ``proj_hidden`` and ``proj_dim`` wide (drawn from the global
+    random stream: ``Method.__init__`` seeds it before it asks for the head)."""
     return ProjectionHead(feature_dim, cfg.proj_hidden, cfg.proj_dim, layers)
 
 
@@ -132,8 +132,9 @@ class Method:
         encoder = init_encoder(cfg)
         self.nhwc = use_channels_last(encoder, cfg.channels_last, device, verbose=dist.is_main())
         predictor = self.predictor(cfg)
-        online = Online(prepare(encoder, device, self.nhwc),
-                        self.make_head(cfg, encoder.feature_dim).to(device),
+        torch.manual_seed(cfg.seed + 1)  # the head's weights seeded apart from the encoder's
+        head = self.make_head(cfg, encoder.feature_dim)
+        online = Online(prepare(encoder, device, self.nhwc), head.to(device),
                         None if predictor is None else predictor.to(device))
         nets = nn.ModuleDict(dict(online=online, **self.build(online)))
         if dist.world_size() > 1 and cfg.sync_bn:
@@ -151,8 +152,9 @@ class Method:
         """Raise ConfigError for settings this method cannot run with (nothing by default)."""
 
     def make_head(self, cfg: Config, feature_dim: int) -> nn.Module:
-        """The head g on the encoder's features, at its initial weights: by default the shared
-        ``ProjectionHead`` of ``head_layers`` layers, ``proj_hidden`` and ``proj_dim`` wide."""
+        """The head g on the encoder's features, at its initial weights (the random stream is
+        seeded for it): by default the shared ``ProjectionHead`` of ``head_layers`` layers,
+        ``proj_hidden`` and ``proj_dim`` wide."""
         return init_head(cfg, feature_dim, self.head_layers)
 
     def predictor(self, cfg: Config) -> nn.Module | None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from selfsup import dist
 from selfsup.augment import AugmentParams, augment, normalize_into
-from selfsup.config import Config, Range, setting
+from selfsup.config import PRESET, Config, Range, setting
 from selfsup.losses import fp32_loss
 from selfsup.methods.base import MomentumMethod, Online, cosine_momentum, register_method
 
@@ -139,7 +139,8 @@ class DINO(MomentumMethod):
     colour jitter, grey and blur for every view; the paper blurs its views with different
     probabilities and solarises one), the run's optimiser without gradient clipping, and the
     last layer is not held fixed in the first epoch. Under the ``cpu`` preset: a smaller head
-    with batch norm and 4 local views (``preset_defaults``).
+    with batch norm, the two global views alone, a teacher at momentum 0.99 and the preset's
+    learning rate (``preset_defaults``), measured better in a few CPU minutes.
     """
 
     title = "DINO"
@@ -154,8 +155,12 @@ class DINO(MomentumMethod):
     # size. The CIFAR setups' head (512-512-64, 2,048 prototypes) and 4 local views: about
     # 0.3 s. Batch norm in the head: 46.3 against 44.0 % linear (validation, 4 minutes), and
     # the projections of the head without it had nearly collapsed (uniformity -0.04 vs -1.4).
+    # In 4 minutes, that head's teacher hardly left its start (momentum 0.996): with 0.99 and
+    # the preset's lr 0.12, 48.9 %, and without the local views (a step 0.14 s rather than
+    # 0.24) 59.2 % against 46.5 % (validation, one run each).
     preset_defaults = {"cpu": dict(proj_hidden=512, proj_dim=64, prototypes=2048,
-                                   local_crops=4, head_bn=True)}
+                                   local_crops=0, head_bn=True, teacher_momentum=0.99,
+                                   lr=PRESET)}
 
     @classmethod
     def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
@@ -169,7 +174,6 @@ class DINO(MomentumMethod):
                               if s.local_crops else [])
 
     def make_head(self, cfg: Config, feature_dim: int) -> nn.Module:
-        torch.manual_seed(cfg.seed + 1)
         s = cfg.of(DINOSettings)
         return DINOHead(feature_dim, cfg.proj_hidden, cfg.proj_dim, s.prototypes, s.head_bn)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import dist
-from selfsup.config import Range, setting
+from selfsup.config import PRESET, Range, setting
 from selfsup.losses import fp32_loss
 from selfsup.methods.base import Method, register_method
 
@@ -77,8 +77,8 @@ class VICReg(Method):
     # preset's SGD at lr 0.12 gave 63.4 % linear against 56.0-56.1 % for the paper's LARS at
     # 0.2 (expander 2048 or 1024 alike). At 2048, SGD at 0.12 turned the loss to NaN at step
     # 15; 1024 ran, and costs 272 against 318 ms a step.
-    preset_defaults = {"cpu": dict(proj_hidden=1024, proj_dim=1024, optimizer="sgd", lr=0.12,
-                                   weight_decay=5e-4)}
+    preset_defaults = {"cpu": dict(proj_hidden=1024, proj_dim=1024, optimizer=PRESET, lr=PRESET,
+                                   weight_decay=PRESET)}  # the preset's SGD
     progress_free = True
     evaluated = "the encoder f (the expander g is dropped, as in the paper)"
 
