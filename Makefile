@@ -35,13 +35,13 @@ lint: install
 # selfsup's losses against lightly's, in an environment of their own (.peer-venv: the pinned
 # CPU torch and lightly without its dependencies; nothing of it reaches selfsup's own).
 PEER := .peer-venv
-$(PEER)/bin/python: $(TORCH_REQ)
+$(PEER)/installed: $(TORCH_REQ)
 	$(PYTHON) -m venv $(PEER)
 	$(PEER)/bin/pip install -q -r $(TORCH_REQ) numpy
 	$(PEER)/bin/pip install -q --no-deps lightly
-	touch $(PEER)/bin/python
+	touch $(PEER)/installed
 
-peer-losses: $(PEER)/bin/python
+peer-losses: $(PEER)/installed
 	PYTHONPATH=src $(PEER)/bin/python benchmarks/peer_losses.py
 
 clean:

@@ -102,41 +102,41 @@ def main() -> int:
         results[name] = max(results.get(name, 0.0), worst)
 
     def check(n: int, d: int) -> None:
-            za, zb = rand(n, d), rand(n, d)
-            record("NT-Xent (SimCLR) vs NTXentLoss",
-                   compare("nt_xent", lambda x, y: nt_xent(x, y, 0.2),
-                           NTXentLoss(temperature=0.2), za, zb))
-            queue = F.normalize(rand(4 * n, d), dim=1)
-            theirs = NTXentLoss(temperature=0.2, memory_bank_size=(4 * n, d))
-            theirs.memory_bank.bank = queue.clone()  # (K, D); lightly reads it transposed
-            record("InfoNCE with a queue (MoCo) vs NTXentLoss(memory_bank_size)",
-                   compare("info_nce", lambda q, k: info_nce(q, k.detach(), queue, 0.2),
-                           lambda q, k: theirs(q, k.detach()), za, zb))
-            # BYOL's 2 - 2 cos against lightly's -cos: the same up to 2 + 2 x (theirs)
-            neg_cos = NegativeCosineSimilarity()
-            record("BYOL vs 2 + 2 NegativeCosineSimilarity",
-                   compare("byol", byol_loss, lambda p, z: 2 + 2 * neg_cos(p, z), za, zb))
-            record("VICReg vs VICRegLoss",
-                   compare("vicreg", vicreg_loss, VICRegLoss(), za, zb))
-            record("Barlow Twins vs BarlowTwinsLoss (lambda 0.0051)",
-                   compare("barlow", lambda x, y: barlow_loss(x, y, 0.0051),
-                           BarlowTwinsLoss(lambda_param=0.0051), za, zb))
-            controls.append(compare("control", lambda x, y: barlow_loss(x, y, 0.005),
-                                    BarlowTwinsLoss(lambda_param=0.0051), za, zb))
-            controls.append(compare("control", lambda x, y: nt_xent(x, y, 0.21),
-                                    NTXentLoss(temperature=0.2), za, zb))
-            views, k = 6, d  # 2 global + 4 local views of n images, K = d prototypes
-            student, teacher = rand(views * n, k), rand(2 * n, k)
-            centre = 0.1 * rand(k)
-            peer = DINOLoss(output_dim=k, teacher_temp=0.04, student_temp=0.1)
-            peer.center.data = centre.view(1, 1, k).clone()
+        za, zb = rand(n, d), rand(n, d)
+        record("NT-Xent (SimCLR) vs NTXentLoss",
+               compare("nt_xent", lambda x, y: nt_xent(x, y, 0.2),
+                       NTXentLoss(temperature=0.2), za, zb))
+        queue = F.normalize(rand(4 * n, d), dim=1)
+        theirs = NTXentLoss(temperature=0.2, memory_bank_size=(4 * n, d))
+        theirs.memory_bank.bank = queue.clone()  # (K, D); lightly reads it transposed
+        record("InfoNCE with a queue (MoCo) vs NTXentLoss(memory_bank_size)",
+               compare("info_nce", lambda q, k: info_nce(q, k.detach(), queue, 0.2),
+                       lambda q, k: theirs(q, k.detach()), za, zb))
+        # BYOL's 2 - 2 cos against lightly's -cos: the same up to 2 + 2 x (theirs)
+        neg_cos = NegativeCosineSimilarity()
+        record("BYOL vs 2 + 2 NegativeCosineSimilarity",
+               compare("byol", byol_loss, lambda p, z: 2 + 2 * neg_cos(p, z), za, zb))
+        record("VICReg vs VICRegLoss",
+               compare("vicreg", vicreg_loss, VICRegLoss(), za, zb))
+        record("Barlow Twins vs BarlowTwinsLoss (lambda 0.0051)",
+               compare("barlow", lambda x, y: barlow_loss(x, y, 0.0051),
+                       BarlowTwinsLoss(lambda_param=0.0051), za, zb))
+        controls.append(compare("control", lambda x, y: barlow_loss(x, y, 0.005),
+                                BarlowTwinsLoss(lambda_param=0.0051), za, zb))
+        controls.append(compare("control", lambda x, y: nt_xent(x, y, 0.21),
+                                NTXentLoss(temperature=0.2), za, zb))
+        views, k = 6, d  # 2 global + 4 local views of n images, K = d prototypes
+        student, teacher = rand(views * n, k), rand(2 * n, k)
+        centre = 0.1 * rand(k)
+        peer = DINOLoss(output_dim=k, teacher_temp=0.04, student_temp=0.1)
+        peer.center.data = centre.view(1, 1, k).clone()
 
-            def lightly_dino(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return peer(list(t.detach().chunk(2)), list(s.chunk(views)), teacher_temp=0.04)
+        def lightly_dino(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return peer(list(t.detach().chunk(2)), list(s.chunk(views)), teacher_temp=0.04)
 
-            record("DINO vs DINOLoss (2 global + 4 local views)",
-                   compare("dino", lambda s, t: dino_loss(s, t.detach(), centre, 0.1, 0.04),
-                           lightly_dino, student, teacher))
+        record("DINO vs DINOLoss (2 global + 4 local views)",
+               compare("dino", lambda s, t: dino_loss(s, t.detach(), centre, 0.1, 0.04),
+                       lightly_dino, student, teacher))
 
     for n, d in SHAPES:
         check(n, d)

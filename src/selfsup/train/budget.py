@@ -262,7 +262,7 @@ class Replans:
         self.budget.setdefault("replans", []).append(dict(at_step=step, planned_steps=total,
                                                           steps=new_total, step_s=per_step))
         self.budget["steps"] = new_total
-        if self.budget["check_s"]:  # the checks the run now takes, the done ones included
+        if check_s:  # the checks the run now takes, the done ones included
             self.budget["checks"] = checks_between(0, new_total, every)
         if new_total == total:
             return cfg
