@@ -77,15 +77,29 @@ def test_nt_xent_rank_slices_match_the_global_loss():
 # --- two real processes --------------------------------------------------------------------
 
 
-def _step(tmp_path, procs, method="simclr", gather="global", bn="sync"):
-    """Every rank's result of tests/scripts/dist_step.py."""
-    out = tmp_path / f"{method}-{procs}-{gather}-{bn}.pt"
+METHODS = ["simclr", "moco", "byol", "vicreg", "barlow", "dino"]
+# the known bugs, two processes only: a loss or a queue over each process's own rows, per-process
+# batch norm
+BROKEN = ["simclr:local", "simclr:global:nosync", "moco:local"]
+
+
+def _steps(out, procs, cases):
+    """Every case's results of tests/scripts/dist_step.py, every rank's, from one launch."""
     cmd = [sys.executable] if procs == 1 else torchrun() + ["--standalone",
                                                             f"--nproc_per_node={procs}"]
-    p = subprocess.run(cmd + [str(SCRIPTS / "dist_step.py"), str(out), method, gather, bn],
-                       env=SRC_ENV, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd + [str(SCRIPTS / "dist_step.py"), str(out), *cases], env=SRC_ENV,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(procs)]
+    return {c: [torch.load(f"{out}.{c.replace(':', '-')}.rank{r}", weights_only=True)
+                for r in range(procs)] for c in cases}
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """Two steps of each method in one process and in two (one launch each), and of the
+    broken variants in two."""
+    tmp = tmp_path_factory.mktemp("dist")
+    return {1: _steps(tmp / "one", 1, METHODS), 2: _steps(tmp / "two", 2, METHODS + BROKEN)}
 
 
 def _max_diff(a, b, prefix=""):
@@ -94,10 +108,9 @@ def _max_diff(a, b, prefix=""):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "vicreg", "barlow", "dino"])
-def test_two_processes_equal_one_process_with_the_double_batch(tmp_path, method):
-    [one] = _step(tmp_path, 1, method)
-    two = _step(tmp_path, 2, method)
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_equal_one_process_with_the_double_batch(steps, method):
+    [one], two = steps[1][method], steps[2][method]
     assert two[0]["world"] == 2 and one["world"] == 1
     # Same loss at both steps and the same state: weights, BN statistics, target networks and
     # MoCo's queue (float tolerance: sums in another order).
@@ -115,17 +128,15 @@ def test_two_processes_equal_one_process_with_the_double_batch(tmp_path, method)
 
 
 @pytest.mark.slow
-def test_two_process_equivalence_can_fail(tmp_path):
+def test_two_process_equivalence_can_fail(steps):
     """NT-Xent over each process's own batch, per-process batch norm, or a MoCo queue fed only
     this process's keys give another loss and other weights or queue."""
-    [one] = _step(tmp_path, 1)
-    [local] = _step(tmp_path, 2, gather="local")[:1]
+    [one], [local, _] = steps[1]["simclr"], steps[2]["simclr:local"]
     assert abs(local["loss"][0] - one["loss"][0]) > 0.1
     assert _max_diff(one["state"], local["state"]) > 1e-2
-    [per_process_bn] = _step(tmp_path, 2, bn="nosync")[:1]
+    per_process_bn = steps[2]["simclr:global:nosync"][0]
     assert _max_diff(one["state"], per_process_bn["state"]) > 1e-2
-    [moco] = _step(tmp_path, 1, "moco")
-    [moco_local] = _step(tmp_path, 2, "moco", gather="local")[:1]
+    [moco], moco_local = steps[1]["moco"], steps[2]["moco:local"][0]
     assert _max_diff(moco["state"], moco_local["state"], "queue.keys") > 1e-2
 
 
@@ -134,9 +145,12 @@ def _outputs(run):
 
 
 @pytest.mark.slow
-def test_readme_torchrun_command_matches_one_process_run(tmp_path, digits_demo):
+def test_readme_torchrun_command_runs_the_whole_job_once(tmp_path, digits_demo):
+    """The README's torchrun line, shortened to 3 epochs (a step of two processes is checked
+    against one process's, for every method, above): one run folder with the outputs of the
+    one-process demo, the global batch's steps, and one report, from rank 0."""
     cmd = torchrun() + ["--standalone", "--nproc_per_node", "2", "-m", "selfsup", "run",
-                         "--dataset", "digits"]
+                        "--dataset", "digits", "--epochs", "3", "--tsne-points", "200"]
     p = subprocess.run(cmd, cwd=tmp_path, env=SRC_ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
@@ -146,9 +160,8 @@ def test_readme_torchrun_command_matches_one_process_run(tmp_path, digits_demo):
     two = json.loads((run / "metrics.json").read_text())
     one = json.loads((digits_demo / "metrics.json").read_text())
     assert two["machine"]["world_size"] == 2 and one["machine"]["world_size"] == 1
-    assert two["pretrain"]["steps"] == one["pretrain"]["steps"]  # same global batch
-    assert abs(two["linear_probe"]["trained"] - one["linear_probe"]["trained"]) < 0.03
-    assert abs(two["knn"]["trained"] - one["knn"]["trained"]) < 0.05
+    assert two["pretrain"]["steps"] == 3 * (1437 // 256)  # the global batch's steps
+    assert 0.5 < two["linear_probe"]["trained"] <= 1
     assert p.stdout.count("linear probe") == 1  # rank 0 alone reports
 
 
@@ -158,7 +171,8 @@ def test_two_torchrun_nodes_on_one_machine(tmp_path):
     common = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "selfsup-test", "-m",
               "selfsup", "run", "--dataset", "digits", "--epochs", "3", "--out-dir",
-              str(tmp_path / "runs"), "--name", "mn", "--no-progress", "--tsne-points", "200"]
+              str(tmp_path / "runs"), "--name", "mn", "--no-progress", "--tsne-points", "200",
+              "--threads", "1"]  # two "machines" on one machine's 2 cores: 1 thread each
     nodes = [subprocess.Popen(torchrun() + common, env=SRC_ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [n.communicate(timeout=600)[0] for n in nodes]
