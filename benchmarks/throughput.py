@@ -9,11 +9,13 @@ ratio (c)/(a): how much of the model's speed the whole pipeline keeps. Random ui
 the data set's size stand in for the data (speed does not depend on pixel values).
 
     python benchmarks/throughput.py --preset cpu
+    python benchmarks/throughput.py --preset cpu --method dino --set prototypes=2048
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -60,6 +62,9 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="steps per repeat")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other run setting, a method's own included (repeatable), e.g. "
+                         "--set local_crops=0")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="CUDA: let cuDNN time its convolution algorithms for these shapes")
     args = ap.parse_args()
@@ -68,6 +73,14 @@ def main() -> None:
                               ("method", args.method),
                               ("precision", args.precision), ("device", args.device))
             if v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item}: expected KEY=VALUE")
+        try:
+            over[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            over[key.replace("-", "_")] = value  # a word: sgd, resnet18
     cfg = make_config(args.preset, over)
     keep_freed_memory()
     device = select_device(cfg.device)
