@@ -114,3 +114,38 @@ def test_projections_on_one_line_are_a_collapse_whatever_the_features_rank():
     h[-1]["step"] = 0.0
     h[-1]["projection_rankme"] = 1.0
     assert quality.collapse_warning(h) is None
+
+
+def test_projections_near_one_point_are_a_collapse_whatever_their_rank():
+    """Projections that stay within a few degrees of one another after training (uniformity
+    near 0, each spread a little in its own direction, so their rank is no help): collapsed.
+    Spread ones, or a run too short to have spread them, get no warning from this rule."""
+    h = _history([30, 31, 32])
+    for e, u, z in zip(h, (-0.03, -0.02, -0.05), (1.4, 2.0, 3.3), strict=True):
+        e.update(uniformity=u, projection_rankme=z)
+    h[-1]["step"] = 66.0
+    assert "close to one point (uniformity -0.05, at step 0 -0.03" in quality.collapse_warning(h)
+    h[-1]["uniformity"] = -1.4
+    assert quality.collapse_warning(h) is None
+    h[-1].update(uniformity=-0.05, step=float(quality.POINT_STEPS - 1))
+    assert quality.collapse_warning(h) is None
+
+
+@pytest.mark.slow
+def test_byol_without_its_predictor_collapses_and_is_caught(digits, tmp_path, monkeypatch):
+    """BYOL's known collapse (its paper: no predictor, no learning): the projections gather
+    near one point while their rank and the features' stay; the warning says so. With its
+    predictor the same run spreads them and gets none."""
+    from selfsup.methods.byol import BYOL
+
+    cfg = make_config(None, dict(dataset="digits", method="byol", width=8, proj_hidden=64,
+                                 proj_dim=64, batch_size=128, epochs=6, view_size=12,
+                                 progress=False, knn_every=2, warmup_epochs=0.5, lr=0.5,
+                                 optimizer="sgd", weight_decay=5e-4))
+    kept = train.pretrain(cfg, digits, tmp_path / "kept")
+    monkeypatch.setattr(BYOL, "predictor", lambda self, cfg: None)
+    cut = train.pretrain(cfg, digits, tmp_path / "cut")
+    assert "close to one point" in quality.collapse_warning(cut.quality_history)
+    assert quality.collapse_warning(kept.quality_history) is None, kept.quality_history
+    assert cut.quality_history[-1]["uniformity"] > -0.3 > kept.quality_history[-1]["uniformity"]
+    assert cut.quality_history[-1]["projection_rankme"] > quality.POINT_RANK  # rank: no help

@@ -36,6 +36,12 @@ RANKME_EPS = 1e-7  # the paper's epsilon inside the entropy
 SIGNALS = ("rankme", "feature_dim", "alignment", "uniformity", "projection_rankme")
 MONITOR_IMAGES = 2048  # the fixed subset: more rows than any encoder here has feature columns
 POINT_RANK = 1.5  # projections of effective rank under this after training: collapsed
+# Projections whose uniformity stays above this after POINT_STEPS steps lie close to one point
+# (within about 30 degrees of one another): collapsed, whatever their rank. An untrained network
+# starts there (-0.35 to 0 here); runs that learned ended at -1.4 to -3.7, collapsed ones at
+# -0.12 to 0 (BENCHMARKS.md).
+POINT_UNIFORMITY = -0.5
+POINT_STEPS = 50  # before this many steps a network may not have spread its projections yet
 COLLAPSE_FRACTION = 0.05  # effective rank under this share of the feature width: collapsed
 FALLING_CHECKS = 3  # RankMe falling this many checks in a row, by 20 % in all: collapsing
 FALLING_BY = 0.8
@@ -129,7 +135,10 @@ def collapse_warning(history: list[dict[str, Any]]) -> str | None:
     Also collapsed, whatever the rank of the features: the projections z of the views have
     an effective rank under ``POINT_RANK`` after training (one point, or two opposite ones):
     the loss is then met by a constant, as when nothing in a non-contrastive loss holds the
-    images apart; the encoder's features may keep their rank for a while after it.
+    images apart; the encoder's features may keep their rank for a while after it. Or, after
+    ``POINT_STEPS`` steps, their uniformity is still above ``POINT_UNIFORMITY``: they lie close
+    to one point, each spread a little in its own direction (their rank says nothing then), as
+    BYOL's are without its predictor.
     """
     ranks = [float(e["rankme"]) for e in history if "rankme" in e]
     if len(ranks) < 2:
@@ -139,6 +148,13 @@ def collapse_warning(history: list[dict[str, Any]]) -> str | None:
         return (f"the representation has collapsed: the projections of different images have "
                 f"an effective rank (RankMe) of {float(last_z):.2f}, all on one line. Usual "
                 f"causes: {COLLAPSE_CAUSES}.")
+    last_u = history[-1].get("uniformity")
+    if last_u is not None and float(history[-1].get("step", 0)) >= POINT_STEPS \
+            and last_u > POINT_UNIFORMITY:
+        return (f"the representation has collapsed: the projections of different images lie "
+                f"close to one point (uniformity {float(last_u):.2f}, at step 0 "
+                f"{float(history[0].get('uniformity', 0)):.2f}; networks that tell images apart "
+                f"reach -1 or lower). Usual causes: {COLLAPSE_CAUSES}.")
     width = float(history[-1].get("feature_dim", 0)) or None
     last = ranks[-1]
     if width and last < COLLAPSE_FRACTION * width:
