@@ -143,14 +143,14 @@ def collapse_warning(history: list[dict[str, Any]]) -> str | None:
     ranks = [float(e["rankme"]) for e in history if "rankme" in e]
     if len(ranks) < 2:
         return None
+    step = float(history[-1].get("step", 0))  # of the last check
     last_z = history[-1].get("projection_rankme")
-    if last_z is not None and float(history[-1].get("step", 0)) > 0 and last_z < POINT_RANK:
+    if last_z is not None and step > 0 and last_z < POINT_RANK:
         return (f"the representation has collapsed: the projections of different images have "
                 f"an effective rank (RankMe) of {float(last_z):.2f}, all on one line. Usual "
                 f"causes: {COLLAPSE_CAUSES}.")
     last_u = history[-1].get("uniformity")
-    if last_u is not None and float(history[-1].get("step", 0)) >= POINT_STEPS \
-            and last_u > POINT_UNIFORMITY:
+    if last_u is not None and step >= POINT_STEPS and last_u > POINT_UNIFORMITY:
         return (f"the representation has collapsed: the projections of different images lie "
                 f"close to one point (uniformity {float(last_u):.2f}, at step 0 "
                 f"{float(history[0].get('uniformity', 0)):.2f}; networks that tell images apart "

@@ -26,6 +26,8 @@ torch.set_num_threads(1)
 # statistic or a loss over one process's rows) stays 1e-2 or more. The losses are float32.
 torch.set_default_dtype(torch.float64)
 device = dist.setup(torch.device("cpu"))
+w, r = dist.world_size(), dist.rank()
+n = 16 // w  # this process's share of the batch
 real_nt_xent, real_gather = simclr.nt_xent, dist.gather_with_grad
 for case in cases:
     parts = case.split(":")
@@ -41,8 +43,6 @@ for case in cases:
     method = build_method(cfg, device, 16, [0.5] * 3, [0.25] * 3, 0.5, None, 16)
     g = torch.Generator().manual_seed(123)
     v1, v2 = torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, generator=g)
-    w, r = dist.world_size(), dist.rank()
-    n = 16 // w
     mine = torch.cat((v1[r * n:(r + 1) * n], v2[r * n:(r + 1) * n]))
     if name == "dino":  # multi-crop: the global views and 3 local views of 8 px, view-major rows
         local = torch.randn(3, 16, 3, 8, 8, generator=g)
