@@ -224,7 +224,7 @@ def test_the_side_of_photos_comes_from_the_machine_and_the_budget(monkeypatch):
     side, why = rule(600, 20_000)
     per_epoch = 20_000 // cfg.batch_size
     expect = max(s for s in sizing.PHOTO_SIDES
-                 if 0.9 * 600 / (0.1 * (s / 32) ** 2 * per_epoch) >= sizing.MIN_EPOCHS)
+                 if 0.9 * 600 / (0.1 * (s / 32) ** 2 * per_epoch) >= sizing.SIDE_MIN_EPOCHS)
     assert side == expect == 48 and "35 epochs" in why
     assert rule(40, 20_000)[0] == 32  # never above the images' own side
     assert rule(600, 1_000_000)[0] == 32  # a million photos: the smallest side
