@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfsup.config import make_config
-from selfsup.hardware import describe_machine, select_device, select_precision
+from selfsup.hardware import describe_machine, keep_freed_memory, select_device, select_precision
 from selfsup.methods import build_method
 
 
@@ -34,6 +34,7 @@ def main() -> None:
                                                          ("width", args.width),
                                                          ("view_size", args.view_size)) if v})
     cfg = make_config(args.preset, over)
+    keep_freed_memory()  # as a run does: freed activations kept, not faulted in again
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
