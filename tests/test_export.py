@@ -177,3 +177,22 @@ def test_float_images_above_one_are_refused(digits, tmp_path):
                                fx(x).detach().numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"float images must be in \[0, 1\], got values up to"):
         fx(x.float())  # 0-255 floats: wrong features, said, not silent
+
+
+def test_a_widened_encoder_loads_back_at_its_width(tmp_path, digits):
+    """feature_mult is read back from the run's config: the loaded encoder has 16 w features
+    and computes what was saved."""
+    cfg = make_config(None, {"model": "fast_cnn", "width": 4, "dataset": "digits",
+                             "feature_mult": 16})
+    enc = init_encoder(cfg).eval()
+    run = tmp_path / "wide"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    save_encoder(run / "encoder.pt", enc, cfg, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3], 16)
+    from selfsup.evaluate import embed
+
+    x = digits.test_x[:3]  # uint8
+    got = load_encoder(run).embed(x)
+    assert got.shape == (3, 64)
+    np.testing.assert_allclose(got, embed(enc, x, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]),
+                               rtol=1e-5, atol=1e-5)

@@ -168,3 +168,22 @@ def test_vit_positions_are_in_image_coordinates():
     x = torch.rand(2, 3, 32, 32)
     plain = init_encoder(make_config(None, {"model": "vit_micro", "view_size": 0}))
     assert plain.grid == 0 and not torch.allclose(plain(x), enc(x))  # the encoder uses them
+
+
+def test_feature_mult_widens_the_last_convolution_only():
+    """--feature-mult m: small_cnn and fast_cnn end in m w channels (m w features); the first
+    three stages, and the default (8), stay as they were."""
+    from selfsup.config import make_config
+    from selfsup.models import init_encoder
+
+    for name in ("small_cnn", "fast_cnn"):
+        plain = init_encoder(make_config(None, {"model": name, "width": 8}))
+        wide = init_encoder(make_config(None, {"model": name, "width": 8, "feature_mult": 16}))
+        assert (plain.feature_dim, wide.feature_dim) == (64, 128)
+        assert wide(torch.randn(2, 3, 20, 20)).shape == (2, 128)
+        ps, ws = plain.state_dict(), wide.state_dict()
+        assert ps.keys() == ws.keys()
+        differ = {k for k in ps if ps[k].shape != ws[k].shape}
+        last = [k for k in ps if ps[k].dim() == 4][-1].rsplit(".", 1)[0]  # the last conv
+        assert differ and all(k.startswith(last) or ws[k].shape[0] == 128 for k in differ)
+        assert ws[f"{last}.weight"].shape == (128, 32, 3, 3)

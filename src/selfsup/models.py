@@ -8,12 +8,13 @@ in this module or in one of your own (``SELFSUP_PLUGINS``, see ``selfsup.plugins
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfsup.config import PLUGINS, Config, Plugin, declare, settings_from
+from selfsup.config import PLUGINS, Config, Plugin, Range, declare, setting, settings_from
 
 # name -> constructor: f(width) -> Encoder, or f(width, settings) for an encoder that declares
 # settings of its own (``register(name, settings=...)``)
@@ -131,25 +132,27 @@ def _conv_bn_relu(cin: int, cout: int, pool: bool, pool_first: bool) -> list[nn.
 
 
 class SmallCNN(Encoder):
-    """A fast 4-stage CNN: conv-BN-ReLU at widths w, 2w, 4w, 8w, max-pool after the first three.
+    """A fast 4-stage CNN: conv-BN-ReLU at widths w, 2w, 4w, m w, max-pool after the first
+    three; m = ``feature_mult`` (8 by default) sets the features' dimension m w.
 
-    With w=32 it has 0.39 M parameters and 256-d features; it is the default model.
+    With w=32 and m=8 it has 0.39 M parameters and 256-d features; it is the default model.
     ``pool_first`` (the ``fast_cnn`` model, the ``cpu`` preset's) max-pools each of the first
     three convolutions' outputs before its batch norm and ReLU, so these run on a quarter of the
     values: the same parameters, a different function, and a faster training step on a CPU.
     """
 
-    def __init__(self, width: int = 32, pool_first: bool = False) -> None:
+    def __init__(self, width: int = 32, pool_first: bool = False, feature_mult: int = 8
+                 ) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
             *_conv_bn_relu(3, w, True, pool_first),
             *_conv_bn_relu(w, 2 * w, True, pool_first),
             *_conv_bn_relu(2 * w, 4 * w, True, pool_first),
-            *_conv_bn_relu(4 * w, 8 * w, False, pool_first),
+            *_conv_bn_relu(4 * w, feature_mult * w, False, pool_first),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.feature_dim = 8 * w
+        self.feature_dim = feature_mult * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)  # (B, 8w)
@@ -220,14 +223,20 @@ class CifarResNet(Encoder):
         return self.pool(self.stages(self.stem(x)))  # (B, feature_dim)
 
 
-@register("small_cnn")
-def small_cnn(width: int) -> Encoder:
-    return SmallCNN(width)
+@dataclass(frozen=True)
+class SmallCNNSettings:
+    feature_mult: int = setting(8, "the last convolution's width as a multiple of --width (the "
+                                "features' dimension)", Range(1, 64))
 
 
-@register("fast_cnn")
-def fast_cnn(width: int) -> Encoder:
-    return SmallCNN(width, pool_first=True)
+@register("small_cnn", settings=SmallCNNSettings)
+def small_cnn(width: int, s: SmallCNNSettings) -> Encoder:
+    return SmallCNN(width, feature_mult=s.feature_mult)
+
+
+@register("fast_cnn", settings=SmallCNNSettings)
+def fast_cnn(width: int, s: SmallCNNSettings) -> Encoder:
+    return SmallCNN(width, pool_first=True, feature_mult=s.feature_mult)
 
 
 @register("resnet18")
