@@ -155,7 +155,7 @@ class SmallCNN(Encoder):
         self.feature_dim = feature_mult * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # (B, 8w)
+        return self.features(x)  # (B, feature_mult * w)
 
 
 class BasicBlock(nn.Module):
