@@ -16,13 +16,15 @@ from selfsup.checkpoint import save_encoder
 from selfsup.cli import main
 from selfsup.config import make_config
 from selfsup.errors import CheckpointError
-from selfsup.models import ENCODERS, init_encoder
+from selfsup.evaluate import embed
+from selfsup.models import ENCODERS, SmallCNN, init_encoder
 from tests.helpers import PHOTO_SHAPES, write_photo
 
 
-def _run_with(tmp_path, model, digits):
-    """A run folder holding an encoder.pt of ``model`` whose batch norms have seen data."""
-    cfg = make_config(None, {"model": model, "width": 4, "dataset": "digits"})
+def _run_with(tmp_path, model, digits, **options):
+    """A run folder holding an encoder.pt of ``model`` (with ``options``, e.g. feature_mult)
+    whose batch norms have seen data."""
+    cfg = make_config(None, {"model": model, "width": 4, "dataset": "digits", **options})
     enc = init_encoder(cfg)
     enc.train()
     with torch.no_grad():  # running statistics away from their initial 0 / 1
@@ -182,17 +184,12 @@ def test_float_images_above_one_are_refused(digits, tmp_path):
 def test_a_widened_encoder_loads_back_at_its_width(tmp_path, digits):
     """feature_mult is read back from the run's config: the loaded encoder has 16 w features
     and computes what was saved."""
-    cfg = make_config(None, {"model": "fast_cnn", "width": 4, "dataset": "digits",
-                             "feature_mult": 16})
-    enc = init_encoder(cfg).eval()
-    run = tmp_path / "wide"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    save_encoder(run / "encoder.pt", enc, cfg, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3], 16)
-    from selfsup.evaluate import embed
-
+    run = _run_with(tmp_path, "fast_cnn", digits, feature_mult=16)
+    saved = torch.load(run / "encoder.pt", weights_only=False)
+    enc = SmallCNN(4, pool_first=True, feature_mult=16)  # built apart from the config
+    enc.load_state_dict(saved["state_dict"])
     x = digits.test_x[:3]  # uint8
     got = load_encoder(run).embed(x)
     assert got.shape == (3, 64)
-    np.testing.assert_allclose(got, embed(enc, x, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]),
+    np.testing.assert_allclose(got, embed(enc.eval(), x, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]),
                                rtol=1e-5, atol=1e-5)
