@@ -45,6 +45,26 @@ def test_largest_rung_with_enough_epochs(fake_timing, budget_s, chosen, timed):
     assert record["chosen"] == sizing.describe_size(out)
 
 
+@pytest.mark.parametrize("given,mult", [({}, 16), ({"feature_mult": 8}, 8)])
+def test_the_cpu_preset_times_and_trains_its_wide_last_convolution(monkeypatch, given, mult):
+    """The cpu preset's encoder has 16 w features (--feature-mult 16) in every rung the sizing
+    times and in the one it returns; a --feature-mult the user gives wins."""
+    from selfsup.models import init_encoder
+
+    dims = []
+
+    def time_step(cfg, *args, **kw):
+        dims.append((cfg.width, init_encoder(cfg).feature_dim))
+        return STEP_S[cfg.width]
+
+    monkeypatch.setattr(sizing, "time_step", time_step)
+    cfg = make_config("cpu", {"budget": "20m", **given})
+    x = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)
+    out, _ = sizing.choose_size(cfg, x, [0.5] * 3, [0.25] * 3, None, 10, 20.0, False)
+    assert dims == [(w, mult * w) for w in (32, 48, 64, 80)]
+    assert init_encoder(out).feature_dim == mult * 64
+
+
 def test_view_sides_scale_with_the_image_and_rungs_that_do_not_fit_are_skipped(fake_timing):
     cfg = make_config("cpu", {"budget": "20m"})
     big = torch.zeros(100, 3, 64, 64, dtype=torch.uint8)
