@@ -129,8 +129,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # every 5 epochs: checked at every epoch they took a noticeable share of the budget
     # (BENCHMARKS.md, "Figures that were code comments"). The last convolution 16 w wide
     # (feature_mult; 512-d features at width 32): in 20 minutes it beat 8 w on the linear probe
-    # on an AVX2 and an AMX host, kNN and the 1 % probe level (BENCHMARKS.md, "A wider last
-    # convolution"); the sizing times its rungs with it.
+    # on an AVX2 host (kNN and the 1 % probe level, two seeds each) and an AMX host (kNN and the
+    # 1 % probe 0.6-1.1 points under, one run) (BENCHMARKS.md, "A wider last convolution", "On
+    # a 2-core AVX2 host"); the sizing times its rungs with it.
     "cpu": dict(model="fast_cnn", width=32, view_size=16, feature_mult=16, batch_size=512,
                 budget="20m", lr=0.12, temperature=0.2, warmup_epochs=1.0, crop_scale_min=0.2,
                 knn_every=5),
