@@ -126,6 +126,18 @@ def test_every_command_has_help(capsys):
         assert "usage: selfsup " + cmd in capsys.readouterr().out
 
 
+def test_help_gives_each_method_s_own_default_of_a_shared_setting(capsys):
+    """A setting several plugins declare shows the default run's value and each plugin's own
+    where it differs: `--temperature` is 0.5 for SimCLR and 0.2 for MoCo v2."""
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(NT-Xent; MoCo's InfoNCE) (default 0.5; moco: 0.2)" in text
+    assert "besides the 2 global ones (default 0; dino: 8)" in text
+    assert "moving-average momentum (moco: constant; byol: rises from it to 1) (default 0.99)" \
+        in text  # the same default for both: shown once
+
+
 @pytest.mark.slow
 def test_unlabeled_folder_run(tmp_path, capsys):
     from tests.helpers import write_images

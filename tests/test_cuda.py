@@ -110,9 +110,10 @@ def test_a_training_step_on_the_gpu_equals_the_cpu_step(method, strict_fp32):
     bf16 = build_method(cfg, CUDA, 16, mean, std, 0.1, torch.bfloat16, 128)
     for m in (cpu, gpu, bf16):
         m.train()
-    v = cpu.views(x, torch.Generator().manual_seed(0))
-    losses = [float(cpu.update(v, 0.1)), float(gpu.update(v.to(CUDA), 0.1)),
-              float(bf16.update(v.to(CUDA), 0.1))]
+    v = cpu.views(x, torch.Generator().manual_seed(0))  # a batch, or a list (multi-crop)
+    on_gpu = [t.to(CUDA) for t in v] if isinstance(v, list) else v.to(CUDA)
+    losses = [float(cpu.update(v, 0.1)), float(gpu.update(on_gpu, 0.1)),
+              float(bf16.update(on_gpu, 0.1))]
     assert abs(losses[1] - losses[0]) < 1e-4 * abs(losses[0])
     assert abs(losses[2] - losses[0]) < 3e-2 * abs(losses[0])
     for name, net in cpu.networks().items():

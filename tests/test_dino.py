@@ -11,7 +11,8 @@ import torch
 
 from selfsup.config import PRESETS, make_config
 from selfsup.methods import METHODS, build_method
-from selfsup.methods.dino import DINOSettings, dino_loss, local_side
+from selfsup.methods.base import local_side
+from selfsup.methods.dino import DINOSettings, dino_loss
 
 
 def naive_dino(student, teacher, centre, ts=0.1, tt=0.04):

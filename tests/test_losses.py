@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from selfsup.losses import nt_xent
+from selfsup.losses import nt_xent, nt_xent_views
 
 
 def naive_nt_xent(z1, z2, tau):
@@ -185,3 +185,57 @@ def test_byol_loss_bounds_scale_and_descent():
         byol_loss(p, z).backward()
         opt.step()
     assert float(byol_loss(p, z)) < first / 2
+
+
+def naive_nt_xent_views(z, views, tau):
+    """NT-Xent over V views (multi-crop), written as loops: for each anchor and each other view
+    of its image, -log of the positive's exp over itself plus every other image's views."""
+    z = z.double()
+    n = z.shape[0] // views
+    sim = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm()))  # noqa: E731
+    total, pairs = 0.0, 0
+    for i in range(views * n):
+        for p in range(views * n):
+            if p == i or p % n != i % n:
+                continue
+            neg = sum(math.exp(sim(z[i], z[j]) / tau) for j in range(views * n) if j % n != i % n)
+            pos = math.exp(sim(z[i], z[p]) / tau)
+            total += -math.log(pos / (pos + neg))
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("n,views,d,tau", [(3, 3, 4, 0.5), (5, 4, 8, 0.2), (2, 6, 3, 1.0)])
+def test_views_loss_matches_naive_loop(n, views, d, tau):
+    z = torch.randn(views * n, d, generator=torch.Generator().manual_seed(views))
+    assert float(nt_xent_views(z, views, tau)) == pytest.approx(
+        naive_nt_xent_views(z, views, tau), rel=1e-5)
+
+
+def test_views_loss_of_two_views_is_nt_xent():
+    z1, z2 = torch.randn(9, 6), torch.randn(9, 6)
+    assert float(nt_xent_views(torch.cat((z1, z2)), 2, 0.2)) == pytest.approx(
+        float(nt_xent(z1, z2, 0.2)), rel=1e-6)
+
+
+def test_views_loss_rank_slices_match_the_global_loss():
+    """Each of 2 'processes' passes its own images' rows (every view of them); the gather puts
+    them among the other's: the mean of the two losses is the loss of the whole batch."""
+    torch.manual_seed(0)
+    views, n = 3, 4
+    z = torch.randn(views, 2 * n, 5)  # (V, N, D) over both processes
+    full = nt_xent_views(z.reshape(-1, 5), views, 0.3)
+    whole = torch.nn.functional.normalize(z, dim=2)
+
+    def gather_for(r):
+        calls = iter(range(views))
+
+        def gather(t):
+            w = whole[next(calls)]
+            return torch.cat((w[:n * r], t, w[n * r + n:]))
+
+        return gather
+
+    parts = [nt_xent_views(z[:, n * r:n * r + n].reshape(-1, 5), views, 0.3, gather_for(r), r)
+             for r in range(2)]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, full)

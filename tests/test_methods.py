@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from selfsup import checkpoint, train
 from selfsup.config import make_config
 from selfsup.errors import ConfigError
-from selfsup.losses import byol_loss, info_nce
+from selfsup.losses import byol_loss, info_nce, nt_xent, nt_xent_views
 from selfsup.methods import (
     METHODS,
     build_method,
@@ -53,6 +53,44 @@ def test_every_method_steps_on_every_encoder_and_changes_its_online_networks():
             assert torch.isfinite(loss) and loss.ndim == 0, (name, model)
             after = m.encoder.state_dict()
             assert any(not torch.equal(before[k], after[k]) for k in before), (name, model)
+
+
+def test_simclr_multi_crop_views_and_its_loss_over_every_pair_of_an_image_s_views():
+    """``--local-crops L``: the two global views and L local ones of every image at the local
+    side, the monitor's pair the global views; the loss is NT-Xent over every pair of an image's
+    2 + L views, and with no local crops the plain NT-Xent of the pair, as before."""
+    import math
+
+    torch.manual_seed(0)
+    m = _method("simclr", local_crops=2, local_size=8, view_size=16, temperature=0.3)
+    m.train()
+    x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    glob, loc = m.views(x, torch.Generator().manual_seed(0))
+    assert glob.shape == (16, 3, 16, 16) and loc.shape == (16, 3, 8, 8)
+    assert m.local_aug.scale == (0.05, m.aug.scale[0]) and m.local_aug.out_size == 8
+    assert METHODS["simclr"].view_sizes(m.cfg, 16) == [(16, 2), (8, 2)]
+    a, b = m.pair_views(x, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([a, b]), glob)
+    with torch.no_grad():
+        z = m.online([glob, loc])  # (4 x 8, proj_dim): each view's 8 rows in turn
+        assert float(m.loss([glob, loc], 0.0)) == pytest.approx(
+            float(nt_xent_views(z, 4, 0.3)), rel=1e-6)
+    assert METHODS["simclr"].chance_loss(m.cfg, 8) == (math.log(1 + 4 * 7),
+                                                      "log(1+4(N-1)): chance level")
+    before = _state(m.encoder)
+    assert torch.isfinite(m.update([glob, loc], 0.1))
+    assert any(not torch.equal(before[k], v) for k, v in m.encoder.state_dict().items())
+
+    plain = _method("simclr", temperature=0.3)
+    plain.train()
+    v = plain.views(x, torch.Generator().manual_seed(0))
+    assert len(v) == 1 and v[0].shape == (16, 3, 8, 8)
+    with torch.no_grad():
+        z = plain.online(v[0])
+        want = float(nt_xent(z[:8], z[8:], 0.3))
+        assert float(plain.loss(v, 0.0)) == pytest.approx(want, rel=1e-6)
+        assert float(plain.loss(v[0], 0.0)) == pytest.approx(want, rel=1e-6)  # a bare batch
+    assert METHODS["simclr"].chance_loss(plain.cfg, 8) == (math.log(15), "log(2N-1): chance level")
 
 
 def test_registry_names_what_is_evaluated_and_refuses_unknown_methods():

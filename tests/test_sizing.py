@@ -60,9 +60,14 @@ def test_the_cpu_preset_times_and_trains_its_wide_last_convolution(monkeypatch, 
     monkeypatch.setattr(sizing, "time_step", time_step)
     cfg = make_config("cpu", {"budget": "20m", **given})
     x = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)
-    out, _ = sizing.choose_size(cfg, x, [0.5] * 3, [0.25] * 3, None, 10, 20.0, False)
+    out, record = sizing.choose_size(cfg, x, [0.5] * 3, [0.25] * 3, None, 10, 20.0, False)
     assert dims == [(w, mult * w) for w in (32, 48, 64, 80)]
     assert init_encoder(out).feature_dim == mult * 64
+    # the rungs as printed and recorded say so
+    assert [r["size"] for r in record["rows"]][:2] == [
+        f"fast_cnn width {w} ({mult * w}-d features), {v} px views"
+        for w, v in ((32, 16), (48, 20))]
+    assert record["chosen"] == f"fast_cnn width 64 ({mult * 64}-d features), 20 px views"
 
 
 def test_view_sides_scale_with_the_image_and_rungs_that_do_not_fit_are_skipped(fake_timing):

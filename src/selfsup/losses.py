@@ -103,6 +103,48 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
 
 
 @fp32_loss
+def nt_xent_views(z: torch.Tensor, views: int, temperature: float,
+                  gather: Callable[[torch.Tensor], torch.Tensor] = _identity, rank: int = 0
+                  ) -> torch.Tensor:
+    """NT-Xent over V >= 2 views of each image (multi-crop; the form of the SwAV authors'
+    library, which extends SimCLR's loss to every pair of an image's views).
+
+    For each anchor z_i, a view of image k, and each other view z_p of image k,
+
+        l(i, p) = -log exp(s_ip) / (exp(s_ip) + sum_{j of another image} exp(s_ij))
+
+    with s the cosine similarity over tau: the image's other views are neither positive nor
+    negative in that term. The loss is the mean of l over every (anchor, positive) pair of every
+    image. With V = 2 it is ``nt_xent`` (the denominator then holds the positive and the 2N-2
+    views of the other images). Across processes as ``nt_xent``: each passes its own n images'
+    rows, ``gather`` joins every process's rows view by view, ``rank`` places this process's.
+
+    Args:
+        z: (V n, D) projections, view v of image k in row v n + k (views of any sizes).
+        views: V.
+        temperature: tau > 0.
+
+    Returns:
+        Scalar loss, float32.
+    """
+    n = z.shape[0] // views
+    a = F.normalize(z, dim=1).view(views, n, -1)  # (V, n, D)
+    g = torch.stack([gather(a[v]) for v in range(views)])  # (V, N, D)
+    big_n = g.shape[1]
+    anchors = a if big_n == n else g[:, rank * n:(rank + 1) * n]  # (V, n, D)
+    logits = (anchors.reshape(views * n, -1) @ g.reshape(views * big_n, -1).T / temperature
+              ).view(views, n, views, big_n)
+    k, own = torch.arange(n, device=z.device), rank * n + torch.arange(n, device=z.device)
+    pos = logits[:, k, :, own]  # (n, V, V): [k, a, b] = s between views a and b of image k
+    others = logits.clone()
+    others[:, k, :, own] = float("-inf")  # the image's own views out of the negatives
+    neg = torch.logsumexp(others.reshape(views, n, -1), dim=2).T  # (n, V): per anchor
+    terms = torch.logaddexp(pos, neg[:, :, None]) - pos  # (n, V, V): l for anchor a, positive b
+    off = ~torch.eye(views, dtype=torch.bool, device=z.device)
+    return terms[:, off].mean()
+
+
+@fp32_loss
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
              ) -> torch.Tensor:
     """InfoNCE with a queue of negatives, the loss of MoCo (He et al. 2020, eq. 1).

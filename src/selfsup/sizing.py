@@ -148,7 +148,12 @@ def check_activations(cfg: Config, side: int, device: torch.device | None = None
 
 
 def describe_size(cfg: Config) -> str:
-    return f"{cfg.model} width {cfg.width}, {cfg.view_size or 'full-size'} px views"
+    """The encoder and views a config trains, e.g. "fast_cnn width 32 (512-d features), 16 px
+    views" (the dimension shows options such as ``--feature-mult``)."""
+    with torch.device("meta"):
+        dim = build_encoder(cfg.model, cfg.width, cfg.options).feature_dim
+    return f"{cfg.model} width {cfg.width} ({dim}-d features), {cfg.view_size or 'full-size'} " \
+        f"px views"
 
 
 def _fits(cfg: Config, image_size: int, device: torch.device) -> bool:

@@ -12,7 +12,8 @@ time budget, checkpoints and the kNN monitor, and knows no method by name. What 
 
 A method is a subclass of ``Method`` that declares its hyper-parameters in ``Settings``, builds
 its extra networks in ``build`` and computes its loss in ``loss``; moving-average targets come
-from ``MomentumMethod``. Register it with ``@register_method("name")`` in a module of this
+from ``MomentumMethod``, multi-crop views (two global views and small local ones) from
+``MultiCrop``. Register it with ``@register_method("name")`` in a module of this
 package (every module here is imported) or of your own (``SELFSUP_PLUGINS``, see
 ``selfsup.plugins``): one file, no other change.
 """
@@ -26,6 +27,7 @@ from selfsup.methods.base import (
     METHODS,
     Method,
     MomentumMethod,
+    MultiCrop,
     Online,
     build_method,
     cosine_momentum,
@@ -43,5 +45,5 @@ for _name in (*_FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} 
                                                                                   "base"})):
     importlib.import_module(f"selfsup.methods.{_name}")
 
-__all__ = ["METHODS", "Method", "MomentumMethod", "Online", "build_method", "cosine_momentum",
-           "init_head", "prepare", "register_method", "use_channels_last"]
+__all__ = ["METHODS", "Method", "MomentumMethod", "MultiCrop", "Online", "build_method",
+           "cosine_momentum", "init_head", "prepare", "register_method", "use_channels_last"]

@@ -4,6 +4,8 @@ networks, moving-average targets). See ``selfsup.methods`` for the interface in 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -258,6 +260,55 @@ class Method:
         for k, m in self.networks().items():
             m.load_state_dict(state[k])
         self.opt.load_state_dict(state["optimizer"])
+
+
+def local_side(global_side: int, local_size: int) -> int:
+    """The local views' side: ``local_size``, or 96/224 of the global side (DINO's and SwAV's
+    ratio) to a multiple of 8 (at least 8)."""
+    return local_size or max(8, 8 * round(global_side * 96 / 224 / 8))
+
+
+class MultiCrop(Method):
+    """A method that trains on multi-crop views (SwAV, Caron et al. 2020): the two global views
+    of every image and ``local_crops`` small local ones, crops of ``local_scale_min`` up to
+    ``crop_scale_min`` of the image at the side ``local_side`` gives. Its ``Settings`` declare
+    ``local_crops``, ``local_size`` and ``local_scale_min``. ``views`` returns a list: [the
+    global views (2B, 3, S, S)], then the local ones (L B, 3, s, s) when there are any; rows
+    v B + k are image k's in each. The label-free monitor compares the global views."""
+
+    @classmethod
+    def view_sizes(cls, cfg: Config, side: int) -> list[tuple[int, int]]:
+        s: Any = cfg.of(cls.Settings)  # type: ignore[arg-type]
+        return [(side, 2)] + ([(local_side(side, s.local_size), s.local_crops)]
+                              if s.local_crops else [])
+
+    @functools.cached_property
+    def local_aug(self) -> AugmentParams:
+        """The local views' augmentation: the run's, smaller crops at the local side."""
+        s = self.settings
+        return dataclasses.replace(
+            self.aug, out_size=local_side(self.aug.out_size, s.local_size),
+            scale=(min(s.local_scale_min, self.aug.scale[0]), self.aug.scale[0]))
+
+    def views(self, x: torch.Tensor, gen: torch.Generator, shape: torch.Tensor | None = None
+              ) -> list[torch.Tensor]:
+        out = [super().views(x, gen, shape)]
+        if self.settings.local_crops:
+            small = augment(x, self.local_aug, gen, views=self.settings.local_crops, shape=shape)
+            out.append(normalize_into(small, self.mean, self.std, self.mem))
+        return out
+
+    def pair_views(self, x: torch.Tensor, gen: torch.Generator,
+                   shape: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        v = super().views(x, gen, shape)  # the global views alone
+        return v[:len(x)], v[len(x):]
+
+
+LOCAL_CROPS_HELP = "multi-crop: small local views per image besides the 2 global ones"
+LOCAL_SIZE_HELP = ("multi-crop: side of the local views in px; 0 = 96/224 of the global views' "
+                   "side, to a multiple of 8")
+LOCAL_SCALE_HELP = ("multi-crop: smallest local crop, as a fraction of the image (the largest "
+                    "is --crop-scale-min)")
 
 
 class MomentumMethod(Method):

@@ -9,8 +9,6 @@ in the paper.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -19,23 +17,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup import dist
-from selfsup.augment import AugmentParams, augment, normalize_into
 from selfsup.config import PRESET, Config, Range, setting
 from selfsup.losses import fp32_loss
-from selfsup.methods.base import MomentumMethod, Online, cosine_momentum, register_method
+from selfsup.methods.base import (
+    LOCAL_CROPS_HELP,
+    LOCAL_SCALE_HELP,
+    LOCAL_SIZE_HELP,
+    MomentumMethod,
+    MultiCrop,
+    Online,
+    cosine_momentum,
+    register_method,
+)
 
 
 @dataclass(frozen=True)
 class DINOSettings:
     prototypes: int = setting(4096, "DINO: the head's output dimension K (the paper: 65536 on "
                                     "ImageNet; 4096 in CIFAR setups)", Range(2, 1_000_000))
-    local_crops: int = setting(8, "DINO: small local views per image besides the 2 global "
-                                  "ones (the paper's code: 8)", Range(0, 64))
-    local_size: int = setting(0, "DINO: side of the local views in px; 0 = 96/224 of the "
-                                 "global views' side, to a multiple of 8", Range(0, 4096))
-    local_scale_min: float = setting(0.05, "DINO: smallest local crop, as a fraction of the "
-                                           "image (the largest is --crop-scale-min)",
-                                     Range(0, 1, lo_open=True))
+    local_crops: int = setting(8, LOCAL_CROPS_HELP, Range(0, 64))  # the paper's code: 8
+    local_size: int = setting(0, LOCAL_SIZE_HELP, Range(0, 4096))
+    local_scale_min: float = setting(0.05, LOCAL_SCALE_HELP, Range(0, 1, lo_open=True))
     student_temp: float = setting(0.1, "DINO: the student's softmax temperature",
                                   Range(0.001, 100))
     teacher_temp: float = setting(0.07, "DINO: the teacher's temperature after its warm-up",
@@ -116,14 +118,8 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor
     return -(every - same) / (b * (2 * views - 2))
 
 
-def local_side(global_side: int, local_size: int) -> int:
-    """The local views' side: ``local_size``, or 96/224 of the global side (the paper's ratio)
-    to a multiple of 8 (at least 8)."""
-    return local_size or max(8, 8 * round(global_side * 96 / 224 / 8))
-
-
 @register_method("dino")
-class DINO(MomentumMethod):
+class DINO(MultiCrop, MomentumMethod):
     """Student f, g and a teacher f', g' that follows it as a moving average (momentum
     ``teacher_momentum`` = 0.996 rising to 1 on a cosine, the paper's), with the paper's head
     (``DINOHead``: MLP 2048-2048-256 without batch norm, K prototypes), ``dino_loss`` at student
@@ -167,12 +163,6 @@ class DINO(MomentumMethod):
         # teacher and student both uniform over the K prototypes
         return math.log(cfg.of(DINOSettings).prototypes), "log(K): uniform outputs"
 
-    @classmethod
-    def view_sizes(cls, cfg: Config, side: int) -> list[tuple[int, int]]:
-        s = cfg.of(DINOSettings)
-        return [(side, 2)] + ([(local_side(side, s.local_size), s.local_crops)]
-                              if s.local_crops else [])
-
     def make_head(self, cfg: Config, feature_dim: int) -> nn.Module:
         s = cfg.of(DINOSettings)
         return DINOHead(feature_dim, cfg.proj_hidden, cfg.proj_dim, s.prototypes, s.head_bn)
@@ -181,14 +171,6 @@ class DINO(MomentumMethod):
         nets = super().build(online)
         nets["centre"] = Centre(self.settings.prototypes).to(self.device)
         return nets
-
-    @functools.cached_property
-    def local_aug(self) -> AugmentParams:
-        """The local views' augmentation: the run's, smaller crops at the local side."""
-        s = self.settings
-        return dataclasses.replace(
-            self.aug, out_size=local_side(self.aug.out_size, s.local_size),
-            scale=(min(s.local_scale_min, self.aug.scale[0]), self.aug.scale[0]))
 
     def _adopt(self, nets: nn.ModuleDict) -> None:
         super()._adopt(nets)
@@ -211,21 +193,6 @@ class DINO(MomentumMethod):
         s = self.settings
         rise = min(1.0, progress / s.teacher_temp_warmup) if s.teacher_temp_warmup else 1.0
         return s.warmup_teacher_temp + rise * (s.teacher_temp - s.warmup_teacher_temp)
-
-    def views(self, x: torch.Tensor, gen: torch.Generator, shape: torch.Tensor | None = None
-              ) -> list[torch.Tensor]:
-        """[the global views (2B, 3, S, S), the local views (L B, 3, s, s)], normalised; rows
-        v B + k are image k's in each."""
-        out = [super().views(x, gen, shape)]
-        if self.settings.local_crops:
-            small = augment(x, self.local_aug, gen, views=self.settings.local_crops, shape=shape)
-            out.append(normalize_into(small, self.mean, self.std, self.mem))
-        return out
-
-    def pair_views(self, x: torch.Tensor, gen: torch.Generator,
-                   shape: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        v = self.views(x, gen, shape)[0]  # the global views
-        return v[:len(x)], v[len(x):]
 
     def loss(self, v: list[torch.Tensor], progress: float) -> torch.Tensor:
         s = self.net(v)  # (V B, K): the global views' rows first, then the local views'
