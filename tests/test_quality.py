@@ -77,6 +77,22 @@ def test_a_rank_that_settles_after_a_rise_is_no_collapse():
     assert quality.collapse_warning(_history([60.0, 20.0, 25.0, 24.0, 22.0, 20.0])) is None
 
 
+def test_projections_whose_rank_falls_while_the_features_keep_theirs_may_be_collapsing():
+    """VICReg on digits with its variance term at 2 (of 25), its first 6 epochs: the features'
+    rank rises, the projections' falls from 8.5 to 2.7 at each of the last 3 checks (it went
+    on to 2.5, uniformity -0.49). The healthy fp32 run's projections (12.2 to 8.0): none."""
+    h = _history([14.5, 3.7, 7.5, 13.5, 15.6, 15.7, 15.6])
+    for e, z in zip(h, (1.1, 3.9, 6.5, 8.5, 5.0, 2.9, 2.7), strict=True):
+        e["projection_rankme"] = z
+    warning = quality.collapse_warning(h)
+    assert warning and "the effective rank (RankMe) of its projections fell at each of the " \
+        "last 3 checks, to 2.7, under 50% of the 8.5" in warning
+    h = _history([14.5, 3.9, 7.9, 12.2, 11.0, 9.8, 9.5])
+    for e, z in zip(h, (1.1, 7.3, 12.2, 11.6, 9.6, 8.1, 8.0), strict=True):
+        e["projection_rankme"] = z
+    assert quality.collapse_warning(h) is None
+
+
 def _cfg(**kw):
     base = dict(dataset="digits", width=4, proj_hidden=16, proj_dim=8, batch_size=128, epochs=2,
                 view_size=8, progress=False, warmup_epochs=0.5)

@@ -43,11 +43,12 @@ POINT_RANK = 1.5  # projections of effective rank under this after training: col
 POINT_UNIFORMITY = -0.5
 POINT_STEPS = 50  # before this many steps a network may not have spread its projections yet
 COLLAPSE_FRACTION = 0.05  # effective rank under this share of the feature width: collapsed
-# RankMe falling at each of this many checks in a row, to under FALLING_BY of the highest it
-# reached since step 0: collapsing. A short healthy run's rank may rise and then settle by a
-# fifth or more (VICReg on digits in fp32: 12.2 to 9.5 over its last 3 checks, its projections'
-# 11.6 to 8.0, uniformity -1.1 at the end: BENCHMARKS.md, "The collapse warning"); a collapse
-# ends under COLLAPSE_FRACTION of the width.
+# RankMe (of the features or the projections) falling at each of this many checks in a row, to
+# under FALLING_BY of the highest it reached since step 0: collapsing. A short healthy run's
+# rank may rise and then settle by a fifth to a third (VICReg on digits in fp32: 12.2 to 9.5
+# over its last 3 checks, its projections' 11.6 to 8.0, uniformity -1.1 at the end); VICReg
+# with its variance term at 2 (of 25) took its projections' from 8.5 to 2.7 (BENCHMARKS.md,
+# "The collapse warning").
 FALLING_CHECKS = 3
 FALLING_BY = 0.5
 COLLAPSE_CAUSES = ("a learning rate too high for the batch, a temperature too low, too weak "
@@ -132,12 +133,25 @@ class QualityMonitor:
                     projection_rankme=rankme(torch.cat([z1, z2])))
 
 
+def _falling(checks: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    """(last, peak) when ``key`` fell at each of the last ``FALLING_CHECKS`` checks to under
+    ``FALLING_BY`` of its highest since step 0 (an untrained network's value is no peak)."""
+    values = [float(e[key]) for e in checks]
+    tail = values[-(FALLING_CHECKS + 1):]
+    peak = max((float(e[key]) for e in checks if e.get("step", 0) > 0), default=0.0)
+    falling = all(b < a for a, b in zip(tail[:-1], tail[1:], strict=True))
+    if len(tail) == FALLING_CHECKS + 1 and falling and tail[-1] < FALLING_BY * peak:
+        return tail[-1], peak
+    return None
+
+
 def collapse_warning(history: list[dict[str, Any]]) -> str | None:
     """A warning when RankMe says the representation collapsed or is collapsing, else None.
 
     Collapsed: the last effective rank is under ``COLLAPSE_FRACTION`` of the feature width.
-    Collapsing: it fell at each of the last ``FALLING_CHECKS`` checks, to under ``FALLING_BY``
-    of the highest it reached after step 0.
+    Collapsing: it, or the projections' rank, fell at each of the last ``FALLING_CHECKS``
+    checks, to under ``FALLING_BY`` of the highest it reached after step 0 (in runs made to
+    collapse slowly the projections' rank falls while the features' holds or rises).
     Also collapsed, whatever the rank of the features: the projections z of the views have
     an effective rank under ``POINT_RANK`` after training (one point, or two opposite ones):
     the loss is then met by a constant, as when nothing in a non-contrastive loss holds the
@@ -167,13 +181,11 @@ def collapse_warning(history: list[dict[str, Any]]) -> str | None:
         return (f"the representation has collapsed: its effective rank (RankMe) is {last:.1f} "
                 f"of {width:.0f} feature dimensions (it started at {ranks[0]:.1f}). Usual causes: "
                 f"{COLLAPSE_CAUSES}.")
-    tail = ranks[-(FALLING_CHECKS + 1):]
-    falling = all(b < a for a, b in zip(tail[:-1], tail[1:], strict=True))
-    trained = [float(e["rankme"]) for e in history if "rankme" in e and e.get("step", 0) > 0]
-    peak = max(trained, default=0.0)  # the highest since step 0 (untrained ranks say nothing)
-    if len(tail) == FALLING_CHECKS + 1 and falling and last < FALLING_BY * peak:
-        return (f"the representation may be collapsing: its effective rank (RankMe) fell at "
-                f"each of the last {FALLING_CHECKS} checks, to {last:.1f}, under "
-                f"{FALLING_BY:.0%} of the {peak:.1f} it reached. Usual causes: "
-                f"{COLLAPSE_CAUSES}.")
+    for key, what in (("rankme", "its effective rank (RankMe)"),
+                      ("projection_rankme", "the effective rank (RankMe) of its projections")):
+        fall = _falling([e for e in history if key in e], key)
+        if fall is not None:
+            return (f"the representation may be collapsing: {what} fell at each of the last "
+                    f"{FALLING_CHECKS} checks, to {fall[0]:.1f}, under {FALLING_BY:.0%} of the "
+                    f"{fall[1]:.1f} it reached. Usual causes: {COLLAPSE_CAUSES}.")
     return None
