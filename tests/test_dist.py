@@ -77,7 +77,7 @@ def test_nt_xent_rank_slices_match_the_global_loss():
 # --- two real processes --------------------------------------------------------------------
 
 
-METHODS = ["simclr", "moco", "byol", "vicreg", "barlow", "dino"]
+METHODS = ["simclr", "moco", "byol", "vicreg", "barlow", "dino", "simclr_mc"]  # _mc: multi-crop
 # the known bugs, two processes only: a loss or a queue over each process's own rows, per-process
 # batch norm
 BROKEN = ["simclr:local", "simclr:global:nosync", "moco:local"]

@@ -6,8 +6,9 @@ torchrun.
 
 The global batch is always the same 16 images; each of W processes takes its 16 / W. For each
 case in turn, every rank writes the global losses and its state (every network and buffer of the
-method) to OUT.<case>.rank<r> (``:`` in the case's name becoming ``-``). ``local`` replaces the
-gathering across processes by none: SimCLR's NT-Xent then sees each process's own batch only,
+method) to OUT.<case>.rank<r> (``:`` in the case's name becoming ``-``). ``simclr_mc`` is SimCLR
+with 3 local views (multi-crop). ``local`` replaces the gathering across processes by none:
+SimCLR's NT-Xent then sees each process's own batch only,
 MoCo's queue only each process's own keys; ``nosync`` keeps batch-norm statistics per process.
 """
 
@@ -32,7 +33,8 @@ real_nt_xent, real_gather = simclr.nt_xent, dist.gather_with_grad
 for case in cases:
     parts = case.split(":")
     name, gather, bn = (parts + ["global", "sync"][len(parts) - 1:])[:3]
-    cfg = config_from_dict(dict(method=name, model="small_cnn", width=8, proj_hidden=32,
+    cfg = config_from_dict(dict(method="simclr" if name == "simclr_mc" else name,
+                                model="small_cnn", width=8, proj_hidden=32,
                                 proj_dim=16, batch_size=16, queue_size=32, seed=0,
                                 sync_bn=bn == "sync", target_momentum=0.9, prototypes=64,
                                 local_crops=3, teacher_momentum=0.9))
@@ -44,7 +46,8 @@ for case in cases:
     g = torch.Generator().manual_seed(123)
     v1, v2 = torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, generator=g)
     mine = torch.cat((v1[r * n:(r + 1) * n], v2[r * n:(r + 1) * n]))
-    if name == "dino":  # multi-crop: the global views and 3 local views of 8 px, view-major rows
+    if name in ("dino", "simclr_mc"):  # multi-crop: the global views and 3 local views of 8 px,
+        # view-major rows
         local = torch.randn(3, 16, 3, 8, 8, generator=g)
         mine = [mine, torch.cat([v[r * n:(r + 1) * n] for v in local])]  # type: ignore
     method.train()
