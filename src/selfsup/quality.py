@@ -48,7 +48,7 @@ COLLAPSE_FRACTION = 0.05  # effective rank under this share of the feature width
 # rank may rise and then settle by a fifth to a third (VICReg on digits in fp32: 12.2 to 9.5
 # over its last 3 checks, its projections' 11.6 to 8.0, uniformity -1.1 at the end); VICReg
 # with its variance term at 2 (of 25) took its projections' from 8.5 to 2.7 (BENCHMARKS.md,
-# "The collapse warning").
+# "The falling-rank rule, against short fp32 runs and runs made to collapse slowly").
 FALLING_CHECKS = 3
 FALLING_BY = 0.5
 COLLAPSE_CAUSES = ("a learning rate too high for the batch, a temperature too low, too weak "
