@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,13 +14,13 @@ from typing import Any
 from selfsup import workflow
 from selfsup.config import (
     OPTIONS,
-    PLUGINS,
     PRESETS,
     Config,
     choices_of,
     config_from_dict,
     field_names,
     field_types,
+    option_defaults,
     shown,
 )
 from selfsup.errors import Interrupted, SelfsupError
@@ -46,7 +45,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if name in OPTIONS:  # a plugin's setting: whose, what it means, each one's default
             owners = [o.split(" ", 1) for o in OPTIONS[name].owners]
             about = f"{', '.join(p for _, p in owners)}: {OPTIONS[name].help} "
-            own = [(p, _setting_default(kind, p, name)) for kind, p in owners]
+            own = [(p, option_defaults({kind: p})[name]) for kind, p in owners]
             shown_default += "".join(f"; {p}: {d!r}" for p, d in own if d != default)
         if typ is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -56,13 +55,6 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=str, choices=choices, default=argparse.SUPPRESS,
                            metavar=None if choices else typ.__name__.upper(),
                            help=f"{about}(default {shown_default})".replace("%", "%%"))
-
-
-def _setting_default(kind: str, plugin: str, name: str) -> Any:
-    """The default a plugin gives its setting ``name``."""
-    settings = PLUGINS[kind][plugin].settings
-    return next(f.default for f in dataclasses.fields(settings) if f.name == name) \
-        if settings is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:
