@@ -57,13 +57,14 @@ if importlib.util.find_spec("torchvision") is None:
 import lightly  # noqa: E402
 from lightly.loss import (  # noqa: E402
     BarlowTwinsLoss,
+    DCLLoss,
     DINOLoss,
     NegativeCosineSimilarity,
     NTXentLoss,
     VICRegLoss,
 )
 
-from selfsup.losses import byol_loss, info_nce, nt_xent  # noqa: E402
+from selfsup.losses import byol_loss, info_nce, nt_xent, nt_xent_views  # noqa: E402
 from selfsup.methods.barlow import barlow_loss  # noqa: E402
 from selfsup.methods.dino import dino_loss  # noqa: E402
 from selfsup.methods.vicreg import vicreg_loss  # noqa: E402
@@ -106,6 +107,10 @@ def main() -> int:
         record("NT-Xent (SimCLR) vs NTXentLoss",
                compare("nt_xent", lambda x, y: nt_xent(x, y, 0.2),
                        NTXentLoss(temperature=0.2), za, zb))
+        record("DCL (SimCLR --decoupled) vs DCLLoss",
+               compare("dcl", lambda x, y: nt_xent_views(torch.cat((x, y)), 2, 0.2,
+                                                         decoupled=True),
+                       DCLLoss(temperature=0.2), za, zb))
         queue = F.normalize(rand(4 * n, d), dim=1)
         theirs = NTXentLoss(temperature=0.2, memory_bank_size=(4 * n, d))
         theirs.memory_bank.bank = queue.clone()  # (K, D); lightly reads it transposed

@@ -182,14 +182,14 @@ def test_float_images_above_one_are_refused(digits, tmp_path):
 
 
 def test_a_widened_encoder_loads_back_at_its_width(tmp_path, digits):
-    """feature_mult is read back from the run's config: the loaded encoder has 16 w features
-    and computes what was saved."""
-    run = _run_with(tmp_path, "fast_cnn", digits, feature_mult=16)
+    """feature_mult and pool are read back from the run's config: the loaded encoder has the
+    mean and maximum of 16 w channels as features and computes what was saved."""
+    run = _run_with(tmp_path, "fast_cnn", digits, feature_mult=16, pool="avgmax")
     saved = torch.load(run / "encoder.pt", weights_only=False)
-    enc = SmallCNN(4, pool_first=True, feature_mult=16)  # built apart from the config
+    enc = SmallCNN(4, pool_first=True, feature_mult=16, pool="avgmax")  # apart from the config
     enc.load_state_dict(saved["state_dict"])
     x = digits.test_x[:3]  # uint8
     got = load_encoder(run).embed(x)
-    assert got.shape == (3, 64)
+    assert got.shape == (3, 128)
     np.testing.assert_allclose(got, embed(enc.eval(), x, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]),
                                rtol=1e-5, atol=1e-5)

@@ -187,9 +187,10 @@ def test_byol_loss_bounds_scale_and_descent():
     assert float(byol_loss(p, z)) < first / 2
 
 
-def naive_nt_xent_views(z, views, tau):
+def naive_nt_xent_views(z, views, tau, decoupled=False):
     """NT-Xent over V views (multi-crop), written as loops: for each anchor and each other view
-    of its image, -log of the positive's exp over itself plus every other image's views."""
+    of its image, -log of the positive's exp over itself plus every other image's views; with
+    ``decoupled`` (DCL, Yeh et al. 2022, eq. 6) over the other images' views alone."""
     z = z.double()
     n = z.shape[0] // views
     sim = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm()))  # noqa: E731
@@ -200,7 +201,7 @@ def naive_nt_xent_views(z, views, tau):
                 continue
             neg = sum(math.exp(sim(z[i], z[j]) / tau) for j in range(views * n) if j % n != i % n)
             pos = math.exp(sim(z[i], z[p]) / tau)
-            total += -math.log(pos / (pos + neg))
+            total += -math.log(pos / (neg if decoupled else pos + neg))
             pairs += 1
     return total / pairs
 
@@ -212,19 +213,30 @@ def test_views_loss_matches_naive_loop(n, views, d, tau):
         naive_nt_xent_views(z, views, tau), rel=1e-5)
 
 
+@pytest.mark.parametrize("n,views,d,tau", [(4, 2, 5, 0.2), (3, 3, 4, 0.5), (2, 5, 3, 1.0)])
+def test_decoupled_loss_matches_naive_loop(n, views, d, tau):
+    """DCL: the positive out of the denominator, for the pair and for multi-crop; it is not
+    NT-Xent (which it would equal if the flag were ignored)."""
+    z = torch.randn(views * n, d, generator=torch.Generator().manual_seed(views + 10))
+    got = float(nt_xent_views(z, views, tau, decoupled=True))
+    assert got == pytest.approx(naive_nt_xent_views(z, views, tau, decoupled=True), rel=1e-5)
+    assert got < float(nt_xent_views(z, views, tau)) - 1e-3
+
+
 def test_views_loss_of_two_views_is_nt_xent():
     z1, z2 = torch.randn(9, 6), torch.randn(9, 6)
     assert float(nt_xent_views(torch.cat((z1, z2)), 2, 0.2)) == pytest.approx(
         float(nt_xent(z1, z2, 0.2)), rel=1e-6)
 
 
-def test_views_loss_rank_slices_match_the_global_loss():
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_views_loss_rank_slices_match_the_global_loss(decoupled):
     """Each of 2 'processes' passes its own images' rows (every view of them); the gather puts
     them among the other's: the mean of the two losses is the loss of the whole batch."""
     torch.manual_seed(0)
     views, n = 3, 4
     z = torch.randn(views, 2 * n, 5)  # (V, N, D) over both processes
-    full = nt_xent_views(z.reshape(-1, 5), views, 0.3)
+    full = nt_xent_views(z.reshape(-1, 5), views, 0.3, decoupled=decoupled)
     whole = torch.nn.functional.normalize(z, dim=2)
 
     def gather_for(r):
@@ -236,6 +248,6 @@ def test_views_loss_rank_slices_match_the_global_loss():
 
         return gather
 
-    parts = [nt_xent_views(z[:, n * r:n * r + n].reshape(-1, 5), views, 0.3, gather_for(r), r)
-             for r in range(2)]
+    parts = [nt_xent_views(z[:, n * r:n * r + n].reshape(-1, 5), views, 0.3, gather_for(r), r,
+                           decoupled) for r in range(2)]
     torch.testing.assert_close((parts[0] + parts[1]) / 2, full)

@@ -93,6 +93,31 @@ def test_simclr_multi_crop_views_and_its_loss_over_every_pair_of_an_image_s_view
     assert METHODS["simclr"].chance_loss(plain.cfg, 8) == (math.log(15), "log(2N-1): chance level")
 
 
+def test_simclr_decoupled_uses_the_decoupled_loss_and_its_chance_level():
+    """``--decoupled``: SimCLR's loss is DCL over the pair (and over multi-crop's views), its
+    chance level log(V(N-1)); off, the plain NT-Xent as before."""
+    import math
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    for local in (0, 2):
+        m = _method("simclr", decoupled=True, temperature=0.3, local_crops=local, local_size=8,
+                    view_size=16)
+        m.train()
+        v = m.views(x, torch.Generator().manual_seed(0))
+        views = 2 + local
+        with torch.no_grad():
+            z = m.online(v if local else v[0])
+            want = float(nt_xent_views(z, views, 0.3, decoupled=True))
+            assert float(m.loss(v, 0.0)) == pytest.approx(want, rel=1e-6)
+            assert abs(want - float(nt_xent_views(z, views, 0.3))) > 1e-3
+        assert METHODS["simclr"].chance_loss(m.cfg, 8) == (
+            math.log(views * 7), f"log({views}(N-1)): chance level (DCL)")
+        before = _state(m.encoder)
+        assert torch.isfinite(m.update(v, 0.1))
+        assert any(not torch.equal(before[k], w) for k, w in m.encoder.state_dict().items())
+
+
 def test_registry_names_what_is_evaluated_and_refuses_unknown_methods():
     assert {"simclr", "moco", "byol"} <= set(METHODS)
     assert "query encoder" in METHODS["moco"].evaluated

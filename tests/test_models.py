@@ -170,6 +170,27 @@ def test_vit_positions_are_in_image_coordinates():
     assert plain.grid == 0 and not torch.allclose(plain(x), enc(x))  # the encoder uses them
 
 
+def test_avgmax_pool_puts_the_last_map_s_mean_and_maximum_side_by_side():
+    """--pool avgmax: the features are the last convolution's map averaged and maxed over its
+    positions (2 m w of them), from the same weights as the mean alone (the default, which is
+    the network's output as before: its last map averaged)."""
+    from selfsup.config import make_config
+    from selfsup.models import init_encoder
+
+    for name in ("small_cnn", "fast_cnn"):
+        plain = init_encoder(make_config(None, {"model": name, "width": 8})).eval()
+        both = init_encoder(make_config(None, {"model": name, "width": 8, "pool": "avgmax"}))
+        both.eval()
+        assert plain.state_dict().keys() == both.state_dict().keys()
+        both.load_state_dict(plain.state_dict())
+        x = torch.randn(3, 3, 32, 32)
+        last = plain.features(x)  # (3, 64, 4, 4): a map with positions to pool over
+        assert last.shape[1:] == (64, 4, 4) and both.feature_dim == 128
+        torch.testing.assert_close(plain(x), torch.nn.functional.adaptive_avg_pool2d(last, 1)
+                                   .flatten(1))
+        torch.testing.assert_close(both(x), torch.cat([last.mean((2, 3)), last.amax((2, 3))], 1))
+
+
 def test_feature_mult_widens_the_last_convolution_only():
     """--feature-mult m: small_cnn and fast_cnn end in m w channels (m w features); the first
     three stages, and the default (8), stay as they were."""

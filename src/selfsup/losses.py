@@ -104,8 +104,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
 
 @fp32_loss
 def nt_xent_views(z: torch.Tensor, views: int, temperature: float,
-                  gather: Callable[[torch.Tensor], torch.Tensor] = _identity, rank: int = 0
-                  ) -> torch.Tensor:
+                  gather: Callable[[torch.Tensor], torch.Tensor] = _identity, rank: int = 0,
+                  decoupled: bool = False) -> torch.Tensor:
     """NT-Xent over V >= 2 views of each image (multi-crop; the form of the SwAV authors'
     library, which extends SimCLR's loss to every pair of an image's views).
 
@@ -118,6 +118,11 @@ def nt_xent_views(z: torch.Tensor, views: int, temperature: float,
     image. With V = 2 it is ``nt_xent`` (the denominator then holds the positive and the 2N-2
     views of the other images). Across processes as ``nt_xent``: each passes its own n images'
     rows, ``gather`` joins every process's rows view by view, ``rank`` places this process's.
+
+    ``decoupled``: the decoupled contrastive loss (DCL, Yeh et al. 2022, eq. 6): the positive
+    leaves the denominator, l(i, p) = -s_ip + log sum_{j of another image} exp(s_ij), which
+    removes the factor that shrinks the gradient when the positive is already the most similar
+    (their "negative-positive coupling"). It can be negative.
 
     Args:
         z: (V n, D) projections, view v of image k in row v n + k (views of any sizes).
@@ -139,7 +144,8 @@ def nt_xent_views(z: torch.Tensor, views: int, temperature: float,
     others = logits.clone()
     others[:, k, :, own] = float("-inf")  # the image's own views out of the negatives
     neg = torch.logsumexp(others.reshape(views, n, -1), dim=2).T  # (n, V): per anchor
-    terms = torch.logaddexp(pos, neg[:, :, None]) - pos  # (n, V, V): l for anchor a, positive b
+    # (n, V, V): l for anchor a, positive b
+    terms = (neg[:, :, None] if decoupled else torch.logaddexp(pos, neg[:, :, None])) - pos
     off = ~torch.eye(views, dtype=torch.bool, device=z.device)
     return terms[:, off].mean()
 

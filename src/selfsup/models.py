@@ -141,8 +141,8 @@ class SmallCNN(Encoder):
     values: the same parameters, a different function, and a faster training step on a CPU.
     """
 
-    def __init__(self, width: int = 32, pool_first: bool = False, feature_mult: int = 8
-                 ) -> None:
+    def __init__(self, width: int = 32, pool_first: bool = False, feature_mult: int = 8,
+                 pool: str = "avg") -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -150,12 +150,16 @@ class SmallCNN(Encoder):
             *_conv_bn_relu(w, 2 * w, True, pool_first),
             *_conv_bn_relu(2 * w, 4 * w, True, pool_first),
             *_conv_bn_relu(4 * w, feature_mult * w, False, pool_first),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.feature_dim = feature_mult * w
+        self.pool = pool
+        self.feature_dim = feature_mult * w * (2 if pool == "avgmax" else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # (B, feature_mult * w)
+        y = self.features(x)  # (B, feature_mult * w, h, w)
+        avg = y.mean((2, 3))
+        if self.pool == "avgmax":
+            return torch.cat([avg, y.amax((2, 3))], 1)  # (B, 2 feature_mult w)
+        return avg  # (B, feature_mult * w)
 
 
 class BasicBlock(nn.Module):
@@ -227,16 +231,19 @@ class CifarResNet(Encoder):
 class SmallCNNSettings:
     feature_mult: int = setting(8, "the last convolution's width as a multiple of --width (the "
                                 "features' dimension)", Range(1, 64))
+    pool: str = setting("avg", "how the last convolution's map becomes the features: its mean, "
+                        "or its mean and maximum side by side (twice the dimension)",
+                        choices=("avg", "avgmax"))
 
 
 @register("small_cnn", settings=SmallCNNSettings)
 def small_cnn(width: int, s: SmallCNNSettings) -> Encoder:
-    return SmallCNN(width, feature_mult=s.feature_mult)
+    return SmallCNN(width, feature_mult=s.feature_mult, pool=s.pool)
 
 
 @register("fast_cnn", settings=SmallCNNSettings)
 def fast_cnn(width: int, s: SmallCNNSettings) -> Encoder:
-    return SmallCNN(width, pool_first=True, feature_mult=s.feature_mult)
+    return SmallCNN(width, pool_first=True, feature_mult=s.feature_mult, pool=s.pool)
 
 
 @register("resnet18")
