@@ -29,7 +29,7 @@ class SimCLRSettings:
     local_crops: int = setting(0, LOCAL_CROPS_HELP, Range(0, 64))  # SimCLR's paper: none
     local_size: int = setting(0, LOCAL_SIZE_HELP, Range(0, 4096))
     local_scale_min: float = setting(0.05, LOCAL_SCALE_HELP, Range(0, 1, lo_open=True))
-    decoupled: bool = setting(False, "SimCLR: leave the positive out of the loss's denominator "
+    decoupled: bool = setting(False, "leave the positive out of the loss's denominator "
                               "(the decoupled contrastive loss, DCL)")
 
 
