@@ -133,7 +133,9 @@ def _conv_bn_relu(cin: int, cout: int, pool: bool, pool_first: bool) -> list[nn.
 
 class SmallCNN(Encoder):
     """A fast 4-stage CNN: conv-BN-ReLU at widths w, 2w, 4w, m w, max-pool after the first
-    three; m = ``feature_mult`` (8 by default) sets the features' dimension m w.
+    three; m = ``feature_mult`` (8 by default) sets the features' dimension m w: the last map's
+    mean over its positions, or with ``pool`` "avgmax" its mean and maximum side by side (2 m w;
+    the same weights; not better than the mean at equal work on an AVX2 host, BENCHMARKS.md).
 
     With w=32 and m=8 it has 0.39 M parameters and 256-d features; it is the default model.
     ``pool_first`` (the ``fast_cnn`` model, the ``cpu`` preset's) max-pools each of the first
