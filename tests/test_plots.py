@@ -52,8 +52,9 @@ def test_many_classes_give_a_readable_page(tmp_path):
 
 
 def test_each_method_draws_its_own_loss_name_and_chance_level(tmp_path, monkeypatch):
-    """SimCLR: NT-Xent and log(2N-1); MoCo: InfoNCE over the queue and log(K+1) (8.32 for a
-    4,096 queue); BYOL: its own loss and no chance line (its loss has none)."""
+    """SimCLR: NT-Xent and log(2N-1) (with --decoupled, DCL and log(2(N-1))); MoCo: InfoNCE
+    over the queue and log(K+1) (8.32 for a 4,096 queue); BYOL: its own loss and no chance line
+    (its loss has none)."""
     from selfsup.config import make_config
     from selfsup.methods import METHODS
 
@@ -67,14 +68,18 @@ def test_each_method_draws_its_own_loss_name_and_chance_level(tmp_path, monkeypa
         return Path(path)
 
     monkeypatch.setattr(plots, "_close_and_save", keep)
-    for name in ("simclr", "moco", "byol"):
-        cfg = make_config(None, {"method": name, "queue_size": 4096})
-        m = METHODS[name]
+    for name, over in (("simclr", {}), ("moco", {}), ("byol", {}), ("dcl", {"decoupled": True})):
+        method = "simclr" if name == "dcl" else name
+        cfg = make_config(None, {"method": method, "queue_size": 4096, **over})
+        m = METHODS[method]
         plots.loss_curve(np.linspace(5, 3, 120), tmp_path / f"{name}.png", 12,
-                         m.chance_loss(cfg, 256), loss_name=m.loss_name)
+                         m.chance_loss(cfg, 256), loss_name=m.loss_title(cfg))
     assert drawn["simclr"][0] == "Pretraining loss (NT-Xent)"
     assert "log(2N-1): chance level" in drawn["simclr"][1]
     assert np.isclose(drawn["simclr"][2][-1], np.log(511))
+    assert drawn["dcl"][0] == "Pretraining loss (DCL (decoupled NT-Xent))"  # --decoupled
+    assert "log(2(N-1)): chance level (DCL)" in drawn["dcl"][1]
+    assert np.isclose(drawn["dcl"][2][-1], np.log(510))
     assert drawn["moco"][0] == "Pretraining loss (InfoNCE over the queue)"
     assert "log(K+1): chance level" in drawn["moco"][1]
     assert np.isclose(drawn["moco"][2][-1], np.log(4097))  # 8.32

@@ -364,7 +364,7 @@ def _figures(run_dir: Path, cfg: Config, data: ImageData | None, metrics: dict[s
         method = METHODS[cfg.method]
         return loss_curve(losses, run_dir / "loss.png", steps_per_epoch,
                           method.chance_loss(cfg, batch), metrics.get("knn_history"),
-                          metrics.get("quality_history"), method.loss_name)
+                          metrics.get("quality_history"), method.loss_title(cfg))
 
     def confusion_figure() -> Path | None:
         if "confusion" not in metrics:

@@ -121,6 +121,12 @@ class Method:
         the loss figure's reference line); None where the loss has no such level."""
         return None
 
+    @classmethod
+    def loss_title(cls, cfg: Config) -> str:
+        """The loss a run of ``cfg`` trains with, for figures (``loss_name`` unless a setting
+        changes it)."""
+        return cls.loss_name
+
     # True when neither ``loss`` nor ``after_step`` reads ``progress``: a budgeted run can then
     # keep the first steps it timed (they do not depend on the total it fixes from them).
     progress_free: ClassVar[bool] = False

@@ -39,7 +39,7 @@ class SimCLR(MultiCrop):
     sees every process's projections (``dist.gather_with_grad``) and batch norm is global."""
 
     title = "SimCLR"
-    loss_name = "NT-Xent; with --decoupled, DCL"
+    loss_name = "NT-Xent"
 
     @classmethod
     def chance_loss(cls, cfg: Config, batch: int) -> tuple[float, str] | None:
@@ -51,6 +51,11 @@ class SimCLR(MultiCrop):
         if views == 2:
             return math.log(2 * batch - 1), "log(2N-1): chance level"
         return math.log(1 + views * (batch - 1)), f"log(1+{views}(N-1)): chance level"
+
+    @classmethod
+    def loss_title(cls, cfg: Config) -> str:
+        return "DCL (decoupled NT-Xent)" if cfg.of(SimCLRSettings).decoupled else cls.loss_name
+
     progress_free = True
     Settings = SimCLRSettings
     settings: SimCLRSettings
