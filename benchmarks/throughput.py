@@ -10,6 +10,7 @@ the data set's size stand in for the data (speed does not depend on pixel values
 
     python benchmarks/throughput.py --preset cpu
     python benchmarks/throughput.py --preset cpu --method dino --set prototypes=2048
+    python benchmarks/throughput.py --preset cpu --compile   # the network through torch.compile
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> None:
                          "--set local_crops=0")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="CUDA: let cuDNN time its convolution algorithms for these shapes")
+    ap.add_argument("--compile", action="store_true",
+                    help="the network (encoder and head) through torch.compile (default "
+                         "backend); its compile time is printed and not counted in the rates")
     args = ap.parse_args()
     over = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                               ("width", args.width), ("view_size", args.view_size),
@@ -94,6 +98,14 @@ def main() -> None:
                           generator=g, dtype=torch.uint8).to(device)
     method = build_method(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp, b)
     method.train()
+    compile_s = 0.0
+    if args.compile:
+        method.net = torch.compile(method.net)
+        t0 = time.perf_counter()
+        method.update(method.views(x_all[:b], torch.Generator(device=device).manual_seed(1)),
+                      1e-3)  # the first call compiles
+        sync(device)
+        compile_s = time.perf_counter() - t0
     gen = torch.Generator(device=device).manual_seed(0)
     ready = method.views(x_all[:b], gen)
     order = torch.randperm(args.images, device=device)
@@ -112,7 +124,8 @@ def main() -> None:
     print(describe_machine(device))
     print(f"preset {args.preset}: {cfg.model} width {cfg.width}, views "
           f"{cfg.view_size or args.image_size}px from {args.image_size}px, batch {b}, "
-          f"precision {why}{', cudnn.benchmark' if args.cudnn_benchmark else ''}")
+          f"precision {why}{', cudnn.benchmark' if args.cudnn_benchmark else ''}"
+          f"{f', torch.compile (first step {compile_s:.0f} s)' if args.compile else ''}")
     print(f"(a) model only        {rate['model']:8.0f} images/s")
     print(f"(b) augmentation only {rate['augment']:8.0f} images/s")
     print(f"(c) full step         {rate['full']:8.0f} images/s")
