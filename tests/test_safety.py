@@ -506,11 +506,11 @@ def test_classifier_fields_are_checked_at_load(run, tmp_path, capsys, change, ex
 
 @pytest.mark.slow
 def test_a_small_classifier_claiming_a_huge_network_allocates_nothing(run, tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads the child's peak memory from /proc (Linux)")
     saved = torch.load(run / "classifier_linear_0.1.pt", weights_only=True)
     saved["config"] = dict(saved["config"], model="resnet50", width=1024)
     files.save_torch(saved, tmp_path / "classifier_linear_0.1.pt")
-    if not Path("/proc/self/status").exists():
-        pytest.skip("reads the child's peak memory from /proc (Linux)")
     # The child's own peak (VmHWM), not getrusage's ru_maxrss: on Linux that carries the
     # parent's peak across exec, so it read 14 GB once the test process had been that large.
     code = ("import sys\nfrom selfsup import load_classifier\n"
