@@ -5,8 +5,8 @@ and layout (5,000 training, 8,000 test and 100,000 unlabeled 96x96 images of ran
 labels, class names and folds) into a folder, points the STL-10 reader's digest table at them
 (the one thing that differs from a real copy), and runs ``selfsup pretrain`` on them in a child
 process per setting, reporting its peak resident memory (the child's own ``VmHWM`` from
-``/proc/self/status``; where there is no ``/proc``, ``resource``'s ``ru_maxrss``, which on Linux
-would carry a large parent's peak across ``exec``) and the speed it printed.
+``/proc/self/status``: on Linux ``resource``'s ``ru_maxrss`` carries a large parent's peak across
+``exec``; it is read only where there is no ``/proc``) and the speed it printed.
 
     python benchmarks/stl10_scale.py --dir /tmp/stl10-synth [--steps 30]
 """
