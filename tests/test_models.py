@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,3 +210,48 @@ def test_feature_mult_widens_the_last_convolution_only():
         last = [k for k in ps if ps[k].dim() == 4][-1].rsplit(".", 1)[0]  # the last conv
         assert differ and all(k.startswith(last) or ws[k].shape[0] == 128 for k in differ)
         assert ws[f"{last}.weight"].shape == (128, 32, 3, 3)
+
+
+def test_benchmark_cnn_variants_make_the_named_layers_cheaper(monkeypatch):
+    """benchmarks/cnn_variants.py (a plugin for measuring cheaper layers) builds what it names:
+    fast_cnn's parameters and features, with the second and third convolutions strided and no
+    pooling after them, or a 1x1 last convolution; and fewer multiply-adds on 16 px views."""
+    from pathlib import Path
+
+    from selfsup import config, models, plugins
+
+    monkeypatch.setattr(models, "ENCODERS", dict(models.ENCODERS))  # the registry left as found
+    monkeypatch.setitem(config.PLUGINS, "model", dict(config.PLUGINS["model"]))
+    monkeypatch.delitem(sys.modules, "selfsup_plugin_cnn_variants", raising=False)
+    plugins._import_file(Path(__file__).parents[1] / "benchmarks" / "cnn_variants.py")
+
+    def macs(enc: nn.Module) -> int:
+        total = 0
+
+        def count(m, _inp, out):
+            nonlocal total
+            total += out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+
+        hooks = [m.register_forward_hook(count) for m in enc.modules() if isinstance(m, nn.Conv2d)]
+        enc(torch.randn(1, 3, 16, 16))
+        for h in hooks:
+            h.remove()
+        return total
+
+    base = build_encoder("fast_cnn", 8, {"feature_mult": 16})
+    convs = {}
+    for name in ("fcnn_s2", "fcnn_s3", "fcnn_k1", "fcnn_s2k1"):
+        enc = models.build_encoder(name, 8, {"feature_mult": 16})
+        assert enc.feature_dim == base.feature_dim == 128
+        assert enc(torch.randn(2, 3, 16, 16)).shape == (2, 128)
+        assert macs(enc) < macs(base)
+        convs[name] = [m for m in enc.modules() if isinstance(m, nn.Conv2d)]
+        pools = sum(isinstance(m, nn.MaxPool2d) for m in enc.modules())
+        strided = [m.stride == (2, 2) for m in convs[name]]
+        assert pools + sum(strided) == 3, name  # every variant halves the map three times
+    assert [c.stride for c in convs["fcnn_s2"]] == [(1, 1), (2, 2), (2, 2), (1, 1)]
+    assert [c.stride for c in convs["fcnn_s3"]] == [(1, 1), (1, 1), (2, 2), (1, 1)]
+    assert [c.kernel_size for c in convs["fcnn_k1"]] == [(3, 3)] * 3 + [(1, 1)]
+    assert [(c.stride, c.kernel_size) for c in convs["fcnn_s2k1"]][1:] == [
+        ((2, 2), (3, 3)), ((2, 2), (3, 3)), ((1, 1), (1, 1))]
+    assert "fcnn_s2" not in ENCODERS  # imported into the test's copy of the registry only
