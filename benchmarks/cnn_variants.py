@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from selfsup.models import Conv3x3, Encoder, SmallCNN, SmallCNNSettings, register
+from selfsup.models import Encoder, SmallCNN, SmallCNNSettings, _conv_bn_relu, register
 
 # per layer: "pool" (3x3 conv, 2x2 max-pool), "stride" (3x3 conv, stride 2), "last" (3x3 conv),
 # "k1" (1x1 conv); each followed by batch norm and ReLU
@@ -42,14 +42,11 @@ VARIANTS = {
 
 
 def _layer(cin: int, cout: int, kind: str) -> list[nn.Module]:
-    norm = [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-    if kind == "pool":
-        return [Conv3x3(cin, cout), nn.MaxPool2d(2), *norm]
-    if kind == "stride":
-        return [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), *norm]
-    if kind == "k1":
-        return [nn.Conv2d(cin, cout, 1, bias=False), *norm]
-    return [Conv3x3(cin, cout), *norm]  # "last"
+    if kind in ("pool", "last"):  # fast_cnn's own layers
+        return _conv_bn_relu(cin, cout, pool=kind == "pool", pool_first=True)
+    conv = (nn.Conv2d(cin, cout, 3, 2, 1, bias=False) if kind == "stride"
+            else nn.Conv2d(cin, cout, 1, bias=False))  # "k1"
+    return [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 def _builder(kinds: tuple[str, ...]) -> Callable[[int, SmallCNNSettings], Encoder]:

@@ -214,8 +214,8 @@ def test_feature_mult_widens_the_last_convolution_only():
 
 def test_benchmark_cnn_variants_make_the_named_layers_cheaper(monkeypatch):
     """benchmarks/cnn_variants.py (a plugin for measuring cheaper layers) builds what it names:
-    fast_cnn's parameters and features, with the second and third convolutions strided and no
-    pooling after them, or a 1x1 last convolution; and fewer multiply-adds on 16 px views."""
+    fast_cnn's feature dimension, with the second and third convolutions strided and no pooling
+    after them, or a 1x1 last convolution; and fewer multiply-adds on 16 px views."""
     from pathlib import Path
 
     from selfsup import config, models, plugins
