@@ -277,3 +277,35 @@ def test_saved_encoder_is_the_online_one_and_the_checkpoint_holds_the_target(dig
     assert any(not torch.equal(ck["encoder"][k], ck["target_encoder"][k])
                for k in ck["encoder"] if ck["encoder"][k].is_floating_point())
     assert ("queue" in ck) == (method == "moco")
+
+
+def test_compiled_training_pass_steps_as_the_eager_one_and_keeps_the_checkpoint_names(
+        monkeypatch):
+    """``--compile MODE``: the online networks' training pass goes through torch.compile in
+    that mode (traced and differentiated by it: the step's loss and weights equal the eager
+    step's at fp32 rounding), while what a checkpoint holds keeps its names and the encoder
+    that evaluation calls stays the plain module. The code generation itself is PyTorch's and
+    costs a minute on two cores: here the trace runs on its eager backend."""
+    real, modes = torch.compile, []
+
+    def traced(model, mode=None, **kw):
+        modes.append(mode)
+        return real(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", traced)
+    eager, compiled = _method("simclr"), _method("simclr", compile="reduce-overhead")
+    assert modes == ["reduce-overhead"]
+    assert type(compiled.net).__name__ == "OptimizedModule" and compiled.net is not eager.net
+    assert compiled.encoder is compiled.online.encoder and type(compiled.encoder) is type(
+        eager.encoder)
+    for m in (eager, compiled):
+        m.train()
+    v = _views()
+    losses = [float(m.update(v.clone(), 0.1)) for m in (eager, compiled)]
+    assert abs(losses[1] - losses[0]) < 1e-4 * abs(losses[0])
+    a, b = eager.state_dict(), compiled.state_dict()
+    assert a.keys() == b.keys()
+    for name in ("encoder", "head"):
+        assert a[name].keys() == b[name].keys()
+        for k, t in a[name].items():
+            assert torch.allclose(t.float(), b[name][k].float(), atol=1e-5), (name, k)

@@ -73,6 +73,9 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU)
+    # torch.compile the online networks' training pass (evaluation stays eager): off | default
+    # | reduce-overhead (CUDA graphs too); its first steps compile, inside a budget's time
+    compile: str = "off"
     seed: int = 0  # seeds model init, data order and augmentation
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
     sync_bn: bool = True  # several processes: batch-norm statistics over the global batch
@@ -113,6 +116,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "lars", "adamw"),
     "precision": ("auto", "fp32", "bf16"),
+    "compile": ("off", "default", "reduce-overhead"),
     "bad_images": ("skip", "fail"),
     "log": ("none", "tensorboard"),
 }

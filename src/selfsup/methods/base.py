@@ -202,6 +202,8 @@ class Method:
             dev = next(self.online.parameters()).device
             self.net = DistributedDataParallel(self.online, device_ids=[dev] if dev.type == "cuda"
                                                else None)
+        if self.cfg.compile != "off":  # the training pass; state dicts keep their names
+            self.net = torch.compile(self.net, mode=self.cfg.compile)  # type: ignore[assignment]
 
     def networks(self) -> dict[str, nn.Module]:
         """Every network and buffer a checkpoint holds, by name (``encoder`` and ``head`` first,
