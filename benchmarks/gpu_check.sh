@@ -9,8 +9,8 @@
 # order of worth (the run, the tests, the speeds), each under its own time limit and all of
 # them before DEADLINE_S seconds from the start (default 560), so a lease's limit never cuts the
 # log short; a failed stage does not stop the next. Logs and the run's metrics.json and
-# config.json go to OUT_DIR. BUDGET (default 120s) is the pretraining's --budget; RUN_ARGS adds
-# options to that run (e.g. RUN_ARGS="--method vicreg").
+# config.json go to OUT_DIR. BUDGET (in seconds, default 120s) is the pretraining's --budget;
+# RUN_ARGS adds options to that run (e.g. RUN_ARGS="--method vicreg").
 set -u
 tarball=${1:?the cifar10-jpg.tar.gz file}
 out=${2:?a folder for the logs}

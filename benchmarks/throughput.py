@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from selfsup.config import make_config
+from selfsup.config import choices_of, make_config
 from selfsup.hardware import (
     describe_machine,
     keep_freed_memory,
@@ -70,14 +70,14 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="CUDA: let cuDNN time its convolution algorithms for these shapes")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                    help="the network (encoder and head) through torch.compile in this mode "
+                    choices=[c for c in choices_of("compile") if c != "off"],
+                    help="the run's --compile MODE: the training pass through torch.compile "
                          "(default: 'default'; 'reduce-overhead' replays CUDA graphs on a GPU); "
                          "its compile time is printed and not counted in the rates")
     args = ap.parse_args()
     over = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                               ("width", args.width), ("view_size", args.view_size),
-                              ("method", args.method),
+                              ("method", args.method), ("compile", args.compile),
                               ("precision", args.precision), ("device", args.device))
             if v is not None}
     for item in args.set:
@@ -102,8 +102,7 @@ def main() -> None:
     method = build_method(cfg, device, args.image_size, [0.5] * 3, [0.25] * 3, 0.1, amp, b)
     method.train()
     compile_s = 0.0
-    if args.compile:
-        method.net = torch.compile(method.net, mode=args.compile)
+    if args.compile:  # the method compiled its training pass (Method._adopt)
         t0 = time.perf_counter()
         method.update(method.views(x_all[:b], torch.Generator(device=device).manual_seed(1)),
                       1e-3)  # the first call compiles
