@@ -144,7 +144,8 @@ def _fail_after(monkeypatch, calls_ok, exc):
 
 def test_disk_full_keeps_previous_checkpoint_and_says_so(digits, tmp_path, monkeypatch):
     cfg = config_from_dict(dict(dataset="digits", width=8, epochs=3, batch_size=256,
-                                proj_hidden=32, proj_dim=16, progress=False, knn_every=0))
+                                proj_hidden=32, proj_dim=16, progress=False, knn_every=0,
+                                checkpoint_every=1437 // 256))  # each epoch's end
     _fail_after(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(SelfsupError, match="no space left on the device.*previous file is "
                                            "unchanged"):
@@ -182,7 +183,8 @@ def test_nan_stops_names_step_keeps_last_good_checkpoint(digits, tmp_path, monke
     run = tmp_path / "runs" / "nan"
     code = main(["pretrain", "--dataset", "digits", "--width", "8", "--proj-hidden", "32",
                  "--proj-dim", "16", "--batch-size", "128", "--epochs", "3", "--no-progress",
-                 "--knn-every", "0", "--out-dir", str(tmp_path / "runs"), "--name", "nan"])
+                 "--knn-every", "0", "--checkpoint-every", "11", "--out-dir",
+                 str(tmp_path / "runs"), "--name", "nan"])
     assert code == 2
     err = capsys.readouterr().err
     assert "loss became nan at step 15" in err and "lower lr" in err and "fp32" in err

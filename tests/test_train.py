@@ -295,7 +295,37 @@ def test_the_allocator_keeps_freed_memory(how):
 def test_steps_for_budget_counts_checkpoints():
     assert train.steps_for_budget(100.0, 0.1, 10, 0.0) == 970
     assert train.steps_for_budget(100.0, 0.1, 10, 1.0) == 485  # a 1 s checkpoint every 10 steps
+    assert train.steps_for_budget(100.0, 0.1, 100, 1.0) == 881  # ... every 100
     assert train.steps_for_budget(0.01, 1.0, 10, 0.0) == 1
+
+
+def test_checkpoints_come_by_time_not_every_short_epoch(digits, tmp_path, monkeypatch):
+    """A checkpoint at an epoch's end once ``CHECKPOINT_SECONDS`` have passed since the last:
+    on a GPU an epoch took 2.4 s and a checkpoint every epoch 7 % of the run. The budget counts
+    the checkpoints the run will write (whole epochs of that length, or --checkpoint-every)."""
+    from selfsup.train import loop
+    from selfsup.train.budget import CHECKPOINT_SECONDS, checkpoint_steps
+
+    saved: list[int] = []
+    real = loop.Trainer.checkpoint
+
+    def record(self, at_step, gen_state):
+        saved.append(at_step)
+        real(self, at_step, gen_state)
+
+    monkeypatch.setattr(loop.Trainer, "checkpoint", record)
+    run = train.pretrain(_cfg(epochs=3), digits, tmp_path / "a")  # 11 steps an epoch, < 30 s
+    assert saved == [run.steps] == [33]  # the last step's only
+    saved.clear()
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)  # epochs that take the interval
+    train.pretrain(_cfg(epochs=3), digits, tmp_path / "b")
+    assert saved == [11, 22, 33]
+    saved.clear()
+    train.pretrain(_cfg(epochs=3, checkpoint_every=5), digits, tmp_path / "c")
+    assert saved == [5, 10, 15, 20, 25, 30, 33]
+    assert checkpoint_steps(0.025, 97, 0) == 97 * math.ceil(CHECKPOINT_SECONDS / 2.425)
+    assert checkpoint_steps(1.0, 97, 0) == 97  # epochs longer than the interval: each one
+    assert checkpoint_steps(0.025, 97, 500) == 500
 
 
 def test_a_replan_charges_the_monitor_checks_its_longer_run_crosses():

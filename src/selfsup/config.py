@@ -77,7 +77,8 @@ class Config:
     # | reduce-overhead (CUDA graphs too); its first steps compile, inside a budget's time
     compile: str = "off"
     seed: int = 0  # seeds model init, data order and augmentation
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    # steps between checkpoints; 0 = at the end of an epoch once 30 s have passed since the last
+    checkpoint_every: int = 0
     sync_bn: bool = True  # several processes: batch-norm statistics over the global batch
     dist_timeout: float = 300.0  # several processes: seconds before a silent peer is an error
     # --- evaluation ---
@@ -144,10 +145,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decay 1e-6, temperature 0.5, 10 warm-up epochs then cosine, colour jitter strength 0.5, no
     # blur, 1000 epochs. Differences: the projection head has one hidden layer of the feature
     # width (their code's default has two), and the augmentations are selfsup's batched ones.
+    # The monitors every 5 epochs: on an H200 the checks every epoch took 15 s of a 210-s
+    # budget (BENCHMARKS.md, "Today's code on the H200").
     "gpu": dict(auto_size=False, model="resnet18", width=64, batch_size=512, epochs=1000,
                 optimizer="lars", lr=1.0, weight_decay=1e-6, momentum=0.9, temperature=0.5,
                 warmup_epochs=10, crop_scale_min=0.08, jitter_strength=0.5, blur_p=0.0,
-                proj_hidden=512, proj_dim=128, eval_batch_size=1024),
+                proj_hidden=512, proj_dim=128, eval_batch_size=1024, knn_every=5),
 }
 
 SIZE_KEYS = ("model", "width", "view_size")  # what the budget's sizing chooses (auto_size)

@@ -34,20 +34,35 @@ TIMING_SECONDS = 20.0  # the budget times at most about this much of the run's f
 TIMING_SHARE = 0.05  # ... or this share of the budget, when that is less...
 TIMING_MAX_STEPS = 200  # ... and at most this many
 TIMING_MIN_STEPS = 11  # ... and at least this many; the mean is over the second half
+# Unless --checkpoint-every says otherwise, the loop checkpoints at the end of an epoch once
+# this many seconds have passed since the last: on a GPU an epoch of CIFAR-10 takes ~2.4 s and
+# a checkpoint every epoch (0.16-0.20 s) cost ~6 % of the run (BENCHMARKS.md, "Checkpoints by time").
+CHECKPOINT_SECONDS = 30.0
 
 # The loop's step: ``take_step(step, total, warmup)`` takes step ``step`` of ``total`` (its
 # batch, views, learning rate and update), appends its loss and returns the learning rate.
 StepFn = Callable[[int, int, int], float]
 
 
-def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int,
+def checkpoint_steps(step_s: float, steps_per_epoch: int, checkpoint_every: int) -> int:
+    """About how many steps a run takes between checkpoints: ``checkpoint_every``, or (0) the
+    whole epochs that last ``CHECKPOINT_SECONDS`` at ``step_s`` seconds a step (the loop
+    checkpoints at the first epoch's end that long after the last checkpoint)."""
+    if checkpoint_every:
+        return checkpoint_every
+    epoch_s = max(step_s * steps_per_epoch, 1e-9)
+    return max(1, steps_per_epoch) * max(1, math.ceil(CHECKPOINT_SECONDS / epoch_s))
+
+
+def steps_for_budget(budget_s: float, step_s: float, checkpoint_every: int,
                      checkpoint_s: float) -> int:
-    """The number of steps that fit ``budget_s``, counting one checkpoint per epoch.
+    """The number of steps that fit ``budget_s``, counting a checkpoint of ``checkpoint_s``
+    seconds every ``checkpoint_every`` steps.
 
     The steps are timed on the run itself, so a small margin (``BUDGET_MARGIN``) is enough for
     the drift of speed over a run; the replans take care of the rest.
     """
-    per_step = step_s + checkpoint_s / max(1, steps_per_epoch)
+    per_step = step_s + checkpoint_s / max(1, checkpoint_every)
     return max(1, int(BUDGET_MARGIN * budget_s / per_step))
 
 
@@ -69,18 +84,20 @@ def timed_mean(times: list[float]) -> float:
     return sum(kept) / len(kept)
 
 
-def monitored_steps(left: float, step_s: float, ckpt_s: float, steps_per_epoch: int,
-                    check_s: float, knn_every: int) -> tuple[int, int, int]:
+def monitored_steps(left: float, step_s: float, ckpt_s: float, ckpt_every: int,
+                    steps_per_epoch: int, check_s: float, knn_every: int
+                    ) -> tuple[int, int, int]:
     """Steps that fill ``left`` seconds with the monitor checks that will run among them.
 
     The checks are thinned (every 2, 4, ... times as many epochs) until they take at most
     ``MONITOR_SHARE`` of it: on a small data set an epoch is a step or two, and a check every
-    epoch would eat the budget.
+    epoch would eat the budget. A checkpoint of ``ckpt_s`` seconds comes every ``ckpt_every``
+    steps.
 
     Returns:
         The steps, the epochs between checks and the number of checks.
     """
-    steps = steps_for_budget(left, step_s, steps_per_epoch, ckpt_s)
+    steps = steps_for_budget(left, step_s, ckpt_every, ckpt_s)
     if not check_s:
         return steps, knn_every, 0
     while True:
@@ -89,7 +106,7 @@ def monitored_steps(left: float, step_s: float, ckpt_s: float, steps_per_epoch: 
         if checks * check_s <= MONITOR_SHARE * left or every >= steps:
             break
         knn_every *= 2
-    steps = steps_for_budget(left - checks * check_s, step_s, steps_per_epoch, ckpt_s)
+    steps = steps_for_budget(left - checks * check_s, step_s, ckpt_every, ckpt_s)
     return steps, knn_every, checks
 
 
@@ -183,8 +200,11 @@ def fit_budget(cfg: Config, method: Method, take_step: StepFn, gen: torch.Genera
     step, step_s = len(times), timed_mean(times)
     ckpt_s = _checkpoint_seconds(method, cfg, run_dir, main)
 
+    ckpt_every = checkpoint_steps(step_s, steps_per_epoch, cfg.checkpoint_every)
+
     def fit(left: float) -> tuple[int, int, int]:
-        return monitored_steps(left, step_s, ckpt_s, steps_per_epoch, check_s, cfg.knn_every)
+        return monitored_steps(left, step_s, ckpt_s, ckpt_every, steps_per_epoch, check_s,
+                               cfg.knn_every)
 
     more, knn_every, checks = fit(budget_s - (time.perf_counter() - t_start))
     total = step + more

@@ -33,7 +33,14 @@ from selfsup.methods import METHODS, build_method
 from selfsup.models import Encoder
 from selfsup.optim import lr_at, schedule_step
 from selfsup.sizing import choose_size
-from selfsup.train.budget import Replans, compare_sizing, fit_budget, lr_of, repeat_options
+from selfsup.train.budget import (
+    CHECKPOINT_SECONDS,
+    Replans,
+    compare_sizing,
+    fit_budget,
+    lr_of,
+    repeat_options,
+)
 from selfsup.train.monitors import Monitors
 from selfsup.train.progress import Progress, StopOnSignal
 from selfsup.train.resume import extension, load_resumable, restore
@@ -136,6 +143,7 @@ class Trainer:
                            self.world, self.device)
         self.losses: list[float] = []
         self.step = self.start_step = self.saved_step = 0
+        self.saved_at = 0.0  # time.perf_counter() of the last checkpoint (or the start)
         self.total = self.warmup = self.old_total = 0
         self.seconds_per_step = 0.0  # a resumed run's, from its checkpoint
         self.budget: dict[str, Any] = {}
@@ -150,8 +158,9 @@ class Trainer:
     # --- the run, top to bottom ---
 
     def run(self) -> PretrainResult:
-        """Pretrain; writes ``config.json`` (at start), ``checkpoint.pt`` (every epoch, on
-        Ctrl-C), ``encoder.pt`` and ``loss.npy`` (at the end) into the run folder.
+        """Pretrain; writes ``config.json`` (at start), ``checkpoint.pt`` (at an epoch's end
+        every ``CHECKPOINT_SECONDS`` or so, at the end, on Ctrl-C), ``encoder.pt`` and
+        ``loss.npy`` (at the end) into the run folder.
 
         Raises:
             CheckpointError: a resume without a checkpoint, or one that changes the run.
@@ -207,6 +216,7 @@ class Trainer:
         if self.resume:
             self.restore()
         self.start_step = self.saved_step = self.step
+        self.saved_at = time.perf_counter()
         self.log = RunLog(self.run_dir, self.step, self.cfg.log == "tensorboard", self.main)
         if self.monitors.active and self.step == 0:
             self.check_monitors(0)  # the starting point: the untrained encoder
@@ -313,8 +323,9 @@ class Trainer:
                             self.device, self.log)
 
     def check_and_save(self, stop: StopOnSignal, gen_state: torch.Tensor) -> None:
-        """After a step: the monitors when due, a checkpoint at an epoch's end (or every
-        ``checkpoint_every`` steps, at the last step, on a signal), then stop on a signal.
+        """After a step: the monitors when due, a checkpoint when due (at an epoch's end once
+        ``CHECKPOINT_SECONDS`` have passed since the last, or every ``checkpoint_every`` steps;
+        at the last step; on a signal), then stop on a signal.
 
         Raises:
             Interrupted: a signal came before the last step (after the checkpoint).
@@ -325,8 +336,12 @@ class Trainer:
         if self.monitors.active and Monitors.due(step, total, self.steps_per_epoch,
                                                  cfg.knn_every):
             self.check_monitors(step)  # embeds in eval mode, then restores train mode
-        periodic = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-        if step % self.steps_per_epoch == 0 or periodic or step == total or stop.requested:
+        if cfg.checkpoint_every:
+            due = step % cfg.checkpoint_every == 0
+        else:
+            due = step % self.steps_per_epoch == 0 \
+                and dist.any_true(time.perf_counter() - self.saved_at >= CHECKPOINT_SECONDS)
+        if due or step == total or stop.requested:
             self.checkpoint(step, gen_state)
         if stop.requested and step < total:
             raise Interrupted(stop.signum)
@@ -334,6 +349,7 @@ class Trainer:
     def checkpoint(self, at_step: int, gen_state: torch.Tensor) -> None:
         """Every process's state at ``at_step`` into ``checkpoint.pt`` (collective)."""
         self.saved_step = at_step
+        self.saved_at = time.perf_counter()
         gen_states = dist.gather_objects(gen_state)  # every process's stream
         rngs = dist.gather_objects(global_rng_state())
         if not self.main:
