@@ -386,8 +386,8 @@ def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_checkpoint(tmp_path
     real_open = open
     monkeypatch.setattr(logs, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), 15),
                         raising=False)
-    assert main(["pretrain", *DIGITS, "--epochs", "3", "--out-dir", str(tmp_path),
-                 "--name", "full"]) == 2
+    assert main(["pretrain", *DIGITS, "--epochs", "3", "--checkpoint-every", "11",
+                 "--out-dir", str(tmp_path), "--name", "full"]) == 2
     err = capsys.readouterr().err
     assert "no space left on the device" in err and "--resume" in err
     assert "Traceback" not in err
