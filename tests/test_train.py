@@ -301,8 +301,9 @@ def test_steps_for_budget_counts_checkpoints():
 
 def test_checkpoints_come_by_time_not_every_short_epoch(digits, tmp_path, monkeypatch):
     """A checkpoint at an epoch's end once ``CHECKPOINT_SECONDS`` have passed since the last:
-    on a GPU an epoch took 2.4 s and a checkpoint every epoch 7 % of the run. The budget counts
-    the checkpoints the run will write (whole epochs of that length, or --checkpoint-every)."""
+    on a GPU an epoch took 2.4 s and a checkpoint every epoch about 6 % of the run. The budget
+    counts the checkpoints the run will write (whole epochs of that length, or
+    --checkpoint-every)."""
     from selfsup.train import loop
     from selfsup.train.budget import CHECKPOINT_SECONDS, checkpoint_steps
 

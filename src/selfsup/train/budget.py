@@ -36,7 +36,8 @@ TIMING_MAX_STEPS = 200  # ... and at most this many
 TIMING_MIN_STEPS = 11  # ... and at least this many; the mean is over the second half
 # Unless --checkpoint-every says otherwise, the loop checkpoints at the end of an epoch once
 # this many seconds have passed since the last: on a GPU an epoch of CIFAR-10 takes ~2.4 s and
-# a checkpoint every epoch (0.16-0.20 s) cost ~6 % of the run (BENCHMARKS.md, "Checkpoints by time").
+# a checkpoint every epoch (0.16-0.20 s) cost ~6 % of the run (BENCHMARKS.md, "Checkpoints by
+# time").
 CHECKPOINT_SECONDS = 30.0
 
 # The loop's step: ``take_step(step, total, warmup)`` takes step ``step`` of ``total`` (its
@@ -199,7 +200,6 @@ def fit_budget(cfg: Config, method: Method, take_step: StepFn, gen: torch.Genera
                               min(TIMING_SECONDS, TIMING_SHARE * budget_s))
     step, step_s = len(times), timed_mean(times)
     ckpt_s = _checkpoint_seconds(method, cfg, run_dir, main)
-
     ckpt_every = checkpoint_steps(step_s, steps_per_epoch, cfg.checkpoint_every)
 
     def fit(left: float) -> tuple[int, int, int]:
